@@ -1,0 +1,7 @@
+"""Distillation methods; importing this package registers every method module found beside it."""
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    if _m.name != "base":
+        importlib.import_module(f"{__name__}.{_m.name}")

@@ -1,0 +1,95 @@
+"""The method interface: a method draws its batch, returns named losses, and knows how its student samples.
+
+The trainer (pipeline/trainer.py) owns optimisers, EMA, checkpoints and the loop; a method stays small
+(like minRF's rf.py). Methods register by name so new ones plug in without touching the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from pipeline.sampling import euler
+from pipeline.schedule import piecewise_sigmas
+from pipeline.teachers.base import sd3_velocity
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    import pipeline.methods  # noqa: F401  (imports every method module so they register)
+
+    if name not in METHODS:
+        raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+@dataclass
+class MethodContext:
+    """What a method may use. `data` is a pipeline.data.DataSource (cache, online rollouts, real data)."""
+    cfg: Any                      # schemas.config.RunConfig
+    teacher: Any                  # pipeline.teachers.base.Teacher (frozen)
+    data: Any                     # pipeline.data.DataSource
+    windows: torch.Tensor         # K + 1 window edges on the fixed grid, [1, ..., 0]
+    device: torch.device
+    generator: torch.Generator    # the method's RNG (seeded from (seed, rank); saved in checkpoints)
+    options: dict[str, Any]       # train.method_options[name]
+
+
+class Method:
+    name: ClassVar[str] = ""
+    uses_cache: ClassVar[bool] = False          # needs the trajectory store
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+
+    # --- the student network
+    def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
+        """The trainable student, initialised from the teacher (a deep copy by default)."""
+        import copy
+
+        return copy.deepcopy(teacher_transformer).train().requires_grad_(True)
+
+    @staticmethod
+    def velocity(student: torch.nn.Module, x, sigma, cond, **extra) -> torch.Tensor:
+        return sd3_velocity(student, x, sigma, cond)
+
+    # --- one training step
+    def batch(self, step: int) -> dict[str, Any]:
+        """Draw this step's batch (no grad): cached segments, online rollouts, real data."""
+        raise NotImplementedError
+
+    def generator_losses(self, student: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Named losses for the student; key 'loss' is the total that is back-propagated."""
+        raise NotImplementedError
+
+    def discriminator(self) -> torch.nn.Module | None:
+        """A trainable discriminator, if the method has one (the trainer gives it its own optimiser)."""
+        return None
+
+    def discriminator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def after_step(self, student: torch.nn.Module, step: int) -> None:
+        """Hook after the optimiser step (e.g. SCFlow's target EMA)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- sampling with the trained student (export, evaluate, `flowsteer sample`)
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, windows: int,
+               shift: float, callback=None) -> torch.Tensor:
+        """Default: guidance-free Euler on the piecewise grid (every window edge is a step point)."""
+        sigmas = piecewise_sigmas(nfe, windows, shift).to(noise.device)
+        return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

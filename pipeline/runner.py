@@ -1,0 +1,241 @@
+"""Units, completion records, and the interchangeable local and Ray executors.
+
+Contract (every stage): a unit writes its outputs first, then its completion record (temp file, fsync,
+rename). A rerun skips units with a `done` record and redoes the rest; `failed` records keep the error
+message for `flowsteer status`. The record is written by the process that ran the unit, so a driver crash
+never loses finished work.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str                                  # unique within a job, safe as a file name
+    params: dict[str, Any] = field(default_factory=dict)
+    size: int = 1                             # items (samples, steps) for the progress rate
+
+
+class Worker(Protocol):
+    def run(self, unit: Unit) -> dict[str, Any]:
+        """Do the unit's work and write its outputs; return facts to keep in the completion record."""
+
+
+@dataclass
+class Job:
+    """One stage's work in one output directory."""
+    stage: str
+    out_dir: Path
+    units: list[Unit]
+    make_worker: Callable[[], Worker]         # picklable: built once per process / Ray actor
+    prepare: Callable[[], None] | None = None  # driver side, before any unit (e.g. create the store)
+    num_cpus: float = 1
+    num_gpus: float = 0
+    max_retries: int = 2                      # infrastructure failures (actor/node death) only
+    item_name: str = "items"
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- atomic files and records
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via temp file + fsync + rename, so readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+
+def records_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "_records"
+
+
+def read_record(out_dir: Path, key: str) -> dict[str, Any] | None:
+    p = records_dir(out_dir) / f"{key}.json"
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_record(out_dir: Path, key: str, status: str, **info: Any) -> None:
+    atomic_write_json(records_dir(out_dir) / f"{key}.json",
+                      {"key": key, "status": status, "time": time.time(), "host": socket.gethostname(), **info})
+
+
+def drop_record(out_dir: Path, key: str) -> None:
+    (records_dir(out_dir) / f"{key}.json").unlink(missing_ok=True)
+
+
+def is_done(out_dir: Path, key: str) -> bool:
+    rec = read_record(out_dir, key)
+    return bool(rec) and rec["status"] == "done"
+
+
+def execute_unit(worker: Worker, out_dir: Path, unit: Unit) -> tuple[str, str]:
+    """Run one unit where the worker lives and commit its record; application errors become `failed`."""
+    t0 = time.time()
+    try:
+        info = worker.run(unit) or {}
+    except Exception as exc:  # an application error: recorded, shown by status, redone on rerun
+        msg = f"{type(exc).__name__}: {exc}"
+        write_record(out_dir, unit.key, "failed", message=msg, traceback=traceback.format_exc(limit=8))
+        return "failed", msg
+    write_record(out_dir, unit.key, "done", seconds=round(time.time() - t0, 3), **info)
+    return "done", ""
+
+
+def write_plan(job: Job) -> None:
+    """The plan as a Parquet table (unit key, size, params as JSON) beside the records."""
+    table = pa.table({"key": [u.key for u in job.units], "size": [u.size for u in job.units],
+                      "params": [json.dumps(u.params, sort_keys=True) for u in job.units]})
+    path = Path(job.out_dir) / "plan.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".plan.parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def job_status(job: Job) -> dict[str, Any]:
+    counts = {"done": 0, "failed": 0, "pending": 0}
+    errors = []
+    for u in job.units:
+        rec = read_record(job.out_dir, u.key)
+        state = rec["status"] if rec else "pending"
+        counts[state if state in counts else "pending"] += 1
+        if rec and state == "failed":
+            errors.append(f"{u.key}: {rec.get('message', '')}")
+    return {"stage": job.stage, "dir": str(job.out_dir), **counts, "errors": errors}
+
+
+# ---------------------------------------------------------------- executors
+def run_job(job: Job, executor: str = "local", address: str | None = None, workers: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Run every unit of `job` that has no `done` record; raise JobFailed if any unit failed."""
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    if job.prepare:
+        job.prepare()
+    write_plan(job)
+    pending = [u for u in job.units if not is_done(job.out_dir, u.key)]
+    skipped = len(job.units) - len(pending)
+    bar = tqdm(total=sum(u.size for u in pending), unit=f" {job.item_name}", disable=not progress or not pending,
+               desc=f"{job.stage} ({skipped}/{len(job.units)} units already done)", dynamic_ncols=True)
+    if pending:
+        if executor == "local":
+            _run_local(job, pending, bar)
+        elif executor == "ray":
+            _run_ray(job, pending, bar, address, workers)
+        else:
+            raise ValueError(f"unknown executor '{executor}' (use local or ray)")
+    bar.close()
+    status = job_status(job)
+    status["skipped"] = skipped
+    if status["failed"] or status["pending"]:
+        first = status["errors"][0] if status["errors"] else "units left pending"
+        raise JobFailed(f"{job.stage}: {status['failed']} unit(s) failed, {status['pending']} pending; "
+                        f"first: {first}")
+    return status
+
+
+def _run_local(job: Job, pending: list[Unit], bar) -> None:
+    worker = job.make_worker()
+    for unit in pending:
+        execute_unit(worker, job.out_dir, unit)
+        bar.update(unit.size)
+
+
+class _UnitActor:
+    """A Ray actor: builds the worker (e.g. loads the teacher) once, then takes units."""
+
+    def __init__(self, make_worker: Callable[[], Worker], out_dir: str):
+        self.worker = make_worker()
+        self.out_dir = Path(out_dir)
+
+    def run(self, unit: Unit) -> tuple[str, str]:
+        return execute_unit(self.worker, self.out_dir, unit)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    _ray_init(address)
+    per = max(job.num_gpus, 1e-9) if job.num_gpus else job.num_cpus
+    avail = ray.cluster_resources().get("GPU" if job.num_gpus else "CPU", 1)
+    n_actors = max(1, min(len(pending), workers or int(avail // per) or 1))
+    actor_cls = ray.remote(num_cpus=job.num_cpus, num_gpus=job.num_gpus,
+                           max_restarts=job.max_retries, max_task_retries=0)(_UnitActor)
+    actors = [actor_cls.remote(job.make_worker, str(job.out_dir)) for _ in range(n_actors)]
+    queue, attempts, running = list(pending), {u.key: 0 for u in pending}, {}
+    idle = list(actors)
+    while queue or running:
+        while queue and idle:
+            actor, unit = idle.pop(), queue.pop(0)
+            running[actor.run.remote(unit)] = (actor, unit)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        actor, unit = running.pop(ready[0])
+        try:
+            ray.get(ready[0])
+            bar.update(unit.size)
+            idle.append(actor)
+        except RayActorError as exc:  # infrastructure: the actor or its node died mid-unit
+            attempts[unit.key] += 1
+            if attempts[unit.key] > job.max_retries:
+                write_record(job.out_dir, unit.key, "failed",
+                             message=f"worker died {attempts[unit.key]} times: {type(exc).__name__}")
+            else:
+                queue.append(unit)
+            # Ray restarts the actor (bounded by max_restarts); a permanently dead one is replaced.
+            idle.append(actor if _alive(actor) else actor_cls.remote(job.make_worker, str(job.out_dir)))
+
+
+def _alive(actor) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.pid.remote(), timeout=120)
+        return True
+    except Exception:
+        return False

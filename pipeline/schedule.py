@@ -1,0 +1,88 @@
+"""Sigma schedules: the fixed FlowMatchEuler grid (ends at 0) and the diffusers-default one it replaces.
+
+Convention: x_sigma = (1 - sigma) x0 + sigma eps, sigma=1 noise, timestep = 1000 * sigma.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigma(u, shift: float):
+    """Static shift (SD3 eq. 23): s = a u / (1 + (a - 1) u)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def dynamic_shift_sigma(u, mu: float, power: float = 1.0):
+    """Resolution-dependent shift (diffusers time_shift 'exponential'): e^mu / (e^mu + (1/u - 1)^power)."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    out = math.exp(mu) / (math.exp(mu) + (1 / u.clamp_min(1e-12) - 1) ** power)
+    return torch.where(u > 0, out, torch.zeros_like(out))
+
+
+def fixed_sigmas(n: int, shift: float = 3.0, mu: float | None = None) -> torch.Tensor:
+    """FlowSteer's fix: sigma_i = shift(1 - i/n), i = 0..n, ending exactly at 0 (n + 1 values)."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    u = 1 - torch.arange(n + 1, dtype=torch.float64) / n
+    s = dynamic_shift_sigma(u, mu) if mu is not None else shift_sigma(u, shift)
+    s[-1] = 0.0
+    return s.float()
+
+
+def default_sigmas(n: int, shift: float = 3.0, mu: float | None = None) -> torch.Tensor:
+    """What diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(n) gives: a linspace from 1 to the
+    (already shifted) training sigma_min, shifted again, then a trailing 0 (the double shift of #13243)."""
+    if n < 1:
+        raise ValueError(f"number of steps must be >= 1, got {n}")
+    train = torch.linspace(1, NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, dtype=torch.float64).flip(0)
+    train = train / NUM_TRAIN_TIMESTEPS
+    if mu is None:
+        train = shift_sigma(train, shift)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    u = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
+    s = dynamic_shift_sigma(u, mu) if mu is not None else shift_sigma(u, shift)
+    return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def make_sigmas(n: int, shift: float = 3.0, kind: str = "fixed", mu: float | None = None) -> torch.Tensor:
+    if kind == "fixed":
+        return fixed_sigmas(n, shift, mu)
+    if kind == "default":
+        return default_sigmas(n, shift, mu)
+    raise ValueError(f"unknown schedule '{kind}' (use fixed or default)")
+
+
+def check_aligned(teacher_steps: int, windows: int) -> None:
+    """The teacher's M-step grid must contain the K window boundaries (every M/K-th point)."""
+    if windows < 1 or teacher_steps % windows:
+        raise ValueError(f"teacher steps ({teacher_steps}) must be a multiple of the number of windows "
+                         f"({windows}) so every window boundary is a teacher grid point")
+
+
+def window_boundaries(windows: int, shift: float) -> torch.Tensor:
+    """The K + 1 window edges on the fixed grid: [1, ..., 0]."""
+    return fixed_sigmas(windows, shift)
+
+
+def piecewise_sigmas(n: int, windows: int, shift: float) -> torch.Tensor:
+    """A student's n-step grid over K windows: every window edge it crosses is a step point.
+
+    n >= K: window k gets n//K steps (+1 for the first n%K windows), evenly spaced in unshifted time;
+    n < K: n must divide K and each step spans K/n windows. With K | n this equals fixed_sigmas(n)."""
+    if n >= windows:
+        per = [n // windows + (k < n % windows) for k in range(windows)]
+        u = [torch.tensor([1.0], dtype=torch.float64)]
+        for k, m in enumerate(per):
+            a, b = 1 - k / windows, 1 - (k + 1) / windows
+            u.append(a + (b - a) * torch.arange(1, m + 1, dtype=torch.float64) / m)
+        s = shift_sigma(torch.cat(u), shift)
+    else:
+        if windows % n:
+            raise ValueError(f"{n} steps cannot keep {windows} window edges: use a divisor or multiple of {windows}")
+        s = fixed_sigmas(n, shift).double()
+    s[-1] = 0.0
+    return s.float()

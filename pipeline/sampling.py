@@ -28,14 +28,16 @@ def cfg(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> Vel
 @torch.no_grad()
 def euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, cond: dict,
           callback: Callback | None = None) -> torch.Tensor:
-    """Euler on the probability-flow ODE: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i)."""
+    """Euler on the probability-flow ODE: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i).
+
+    `sigmas` is one grid [n+1] or one grid per sample [n+1, B] (rows in different windows)."""
     sigmas = sigmas.to(x.device)
     for i in range(len(sigmas) - 1):
         s = sigmas[i].expand(x.shape[0])
         v = model(x, s, cond)
         if callback is not None:
             callback(i, x, sigmas[i], v)
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        x = x + (sigmas[i + 1] - sigmas[i]).reshape(-1, *[1] * (x.ndim - 1)) * v  # [n+1] or [n+1, B] grids
     if callback is not None:
         callback(len(sigmas) - 1, x, sigmas[-1], None)
     return x

@@ -58,7 +58,9 @@ def make_sigmas(n: int, shift: float = 3.0, kind: str = "fixed", mu: float | Non
 
 def check_aligned(teacher_steps: int, windows: int) -> None:
     """The teacher's M-step grid must contain the K window boundaries (every M/K-th point)."""
-    if windows < 1 or teacher_steps % windows:
+    if windows < 1 or teacher_steps < 1:
+        raise ValueError(f"teacher steps ({teacher_steps}) and windows ({windows}) must both be >= 1")
+    if teacher_steps % windows:
         raise ValueError(f"teacher steps ({teacher_steps}) must be a multiple of the number of windows "
                          f"({windows}) so every window boundary is a teacher grid point")
 
@@ -73,6 +75,8 @@ def piecewise_sigmas(n: int, windows: int, shift: float) -> torch.Tensor:
 
     n >= K: window k gets n//K steps (+1 for the first n%K windows), evenly spaced in unshifted time;
     n < K: n must divide K and each step spans K/n windows. With K | n this equals fixed_sigmas(n)."""
+    if n < 1 or windows < 1:
+        raise ValueError(f"steps ({n}) and windows ({windows}) must both be >= 1")
     if n >= windows:
         per = [n // windows + (k < n % windows) for k in range(windows)]
         u = [torch.tensor([1.0], dtype=torch.float64)]

@@ -33,6 +33,7 @@ class EmbeddedTeacher(Section):
     ema_decay: float = 0.995
     weak_checkpoint_step: int = 300     # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
     classifier_epochs: int = 6
+    checkpoint_every: int = 250         # resumable teacher training: a checkpoint every N steps
 
 
 class TeacherConfig(Section):
@@ -54,9 +55,9 @@ class TeacherConfig(Section):
 
 class ScheduleConfig(Section):
     """The fixed FlowMatchEuler grid shared by teacher sub-steps, training windows and student sampling."""
-    shift: float = 3.0
-    teacher_steps: int = 32             # M
-    windows: int = 4                    # K; M % K must be 0 so every window boundary is a grid point
+    shift: float = Field(3.0, gt=0)
+    teacher_steps: int = Field(32, ge=1)    # M
+    windows: int = Field(4, ge=1)           # K; M % K must be 0 so every window boundary is a grid point
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -112,9 +113,10 @@ class EvaluateConfig(Section):
     n_samples: int = 1000
     seeds: list[int] = Field(default_factory=lambda: [0])
     guidance: float = 4.0               # teacher CFG scale at evaluation
-    features: Literal["classifier", "inception"] = "classifier"
+    features: Literal["classifier", "inception", "pixels"] = "classifier"
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
+    reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
     batch_size: int = 250
 
 
@@ -147,7 +149,8 @@ class RunConfig(Section):
             parts["train"] = tr
             parts["method"] = method
         if stage == "evaluate":
-            parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size"})
+            # nfes and seeds only choose units (each unit's key holds its nfe and seed): adding one reuses the rest
+            parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds"})
         return fingerprint(parts)
 
     def stage_dir(self, stage: str, method: str | None = None) -> Path:

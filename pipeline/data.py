@@ -1,0 +1,214 @@
+"""Training data for every method: cached teacher segments, online teacher rollouts, real data, noise.
+
+Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
+teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
+carry the w their trajectory was generated with (the store's `guidance`); online, noise and real rows draw
+w ~ U[generate.guidance] from the method generator, the same law generate used.
+
+Every random choice comes from the method generator (seeded from (seed, rank), saved in checkpoints), and
+the real-data cursor is an explicit position (epoch, offset), so a resumed run draws the same batches.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.sampling import cfg as guided, euler
+from pipeline.schedule import fixed_sigmas
+
+
+class DataSource:
+    """Batches for a method, drawn with `generator` on the CPU and moved to `device`."""
+
+    def __init__(self, cfg, teacher, store, device, generator: torch.Generator):
+        self.cfg, self.teacher, self.store = cfg, teacher, store
+        self.device = torch.device(device)
+        self.generator = generator
+        M, K = cfg.schedule.teacher_steps, cfg.schedule.windows
+        self.per_window = M // K
+        # The teacher's fixed M-step grid; window edges are every (M/K)-th point of it, so teacher
+        # sub-steps, training windows and student steps share exactly the same sigmas.
+        self.grid = fixed_sigmas(M, cfg.schedule.shift)
+        self.windows = self.grid[::self.per_window].clone()
+        self.num_windows = K
+        self.guidance_range = tuple(cfg.generate.guidance)
+        self.wait_seconds = 0.0          # reading cached / real data (the data-wait of the loop)
+        self.teacher_seconds = 0.0       # teacher solves done for data (online rollouts, window targets)
+        self._real_pos = [0, 0]          # (epoch, offset) into the real-data permutation
+        self._null = None
+        self._real = None
+        if store is not None:
+            self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
+            self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
+            self.num_prompts = int(store.prompt_embeds.shape[0])
+        else:
+            self.num_prompts = 0
+
+    # ------------------------------------------------------------ small draws
+    def _randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), generator=self.generator)
+
+    def _guidance(self, n: int) -> torch.Tensor:
+        lo, hi = self.guidance_range
+        return lo + (hi - lo) * torch.rand(n, generator=self.generator)
+
+    def _windows(self, n: int, probs) -> torch.Tensor:
+        if probs is None:
+            return self._randint(self.num_windows, n)
+        p = torch.as_tensor(probs, dtype=torch.float64)
+        if len(p) != self.num_windows:
+            raise ValueError(f"window_probs has {len(p)} entries for {self.num_windows} windows")
+        return torch.multinomial(p, n, replacement=True, generator=self.generator)
+
+    def _prompts(self, n: int) -> torch.Tensor:
+        if not self.num_prompts:
+            raise RuntimeError("drawing prompts needs the trajectory store (its prompt embeddings)")
+        return self._randint(self.num_prompts, n)
+
+    def _cond(self, prompt_index: torch.Tensor) -> dict:
+        cond = self.store.cond(prompt_index.numpy())
+        return {k: torch.as_tensor(np.asarray(v)).to(self.device, torch.float32) for k, v in cond.items()}
+
+    def noise_like(self, n: int) -> torch.Tensor:
+        return torch.randn(n, *self.teacher.sample_shape, generator=self.generator).to(self.device)
+
+    # ------------------------------------------------------------ public draws
+    def null_cond(self, n: int) -> dict:
+        """The unconditional ("" prompt) condition, n rows."""
+        if self._null is None:
+            null = self.store.null_cond(1) if self.store is not None else self.teacher.encode([""])
+            self._null = {k: v[:1].to(self.device, torch.float32) for k, v in null.items()}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
+
+    def noise(self, n: int) -> dict[str, Any]:
+        """Fresh noise with a random prompt and teacher guidance per row."""
+        t0 = time.perf_counter()
+        p = self._prompts(n)
+        out = {"noise": self.noise_like(n), "cond": self._cond(p), "guidance": self._guidance(n).to(self.device),
+               "prompt_index": p}
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def segments(self, n: int, window_probs=None, online_fraction: float = 0.0) -> dict[str, Any]:
+        """n window segments (z at edge k, teacher's z at edge k+1): cached rows first, then online rows."""
+        n_online = int(round(n * online_fraction))
+        n_cached = n - n_online
+        k = self._windows(n, window_probs)
+        t0 = time.perf_counter()
+        parts = []
+        if n_cached:
+            idx = self._randint(self.store.num_samples, n_cached)
+            z0, z1 = self.store.segments(idx.numpy(), k[:n_cached].numpy())
+            p = self._store_prompt[idx]
+            parts.append((torch.as_tensor(np.asarray(z0)), torch.as_tensor(np.asarray(z1)), p,
+                          self._store_guidance[idx]))
+        if n_online:
+            p = self._prompts(n_online)
+            parts.append((self.noise_like(n_online).cpu(), None, p, self._guidance(n_online)))
+        z_start = torch.cat([q[0] for q in parts]).to(self.device, torch.float32)
+        prompt = torch.cat([q[2] for q in parts])
+        guidance = torch.cat([q[3] for q in parts]).to(self.device)
+        cond = self._cond(prompt)
+        self.wait_seconds += time.perf_counter() - t0
+        z_end = torch.empty_like(z_start)
+        if n_cached:
+            z_end[:n_cached] = parts[0][1].to(self.device, torch.float32)
+        if n_online:
+            sl = slice(n_cached, n)
+            z_start[sl], z_end[sl] = self.rollout(z_start[sl], k[sl].to(self.device),
+                                                  {c: v[sl] for c, v in cond.items()}, guidance[sl])
+        kd = k.to(self.device)
+        online = torch.zeros(n, dtype=torch.bool, device=self.device)
+        online[n_cached:] = True
+        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.windows.to(self.device)[kd],
+                "sigma_end": self.windows.to(self.device)[kd + 1], "k": kd, "cond": cond,
+                "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
+
+    def real(self, n: int) -> dict[str, Any]:
+        """Clean samples x0 with their prompt: real MNIST digits (embedded) or the store's final samples."""
+        t0 = time.perf_counter()
+        if self.cfg.teacher.kind == "embedded":
+            images, labels = self._real_data()
+            idx = self._next_real(len(images), n)
+            from pipeline.digits import prompt_for
+
+            x0 = images[idx]
+            enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
+            cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
+            guidance = self._guidance(n)
+        else:
+            idx = self._next_real(self.store.num_samples, n)
+            last = np.full(n, self.num_windows - 1)
+            x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
+            cond = self._cond(self._store_prompt[idx])
+            guidance = self._store_guidance[idx]
+        out = {"x0": x0.to(self.device, torch.float32), "cond": cond, "guidance": guidance.to(self.device)}
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------ teacher solves
+    def _window_grid(self, k: torch.Tensor) -> torch.Tensor:
+        """Per-row sub-grids [M/K + 1, B] of the teacher's fixed grid covering window k."""
+        cols = k.cpu().long()[None, :] * self.per_window + torch.arange(self.per_window + 1)[:, None]
+        return self.grid[cols]
+
+    @torch.no_grad()
+    def teacher_window(self, z: torch.Tensor, k, cond: dict, guidance) -> torch.Tensor:
+        """The teacher with CFG over window k (M/K Euler sub-steps from edge k to k+1); k int or per row."""
+        t0 = time.perf_counter()
+        k = torch.as_tensor(k).expand(z.shape[0])
+        g = torch.as_tensor(guidance, dtype=torch.float32, device=z.device).expand(z.shape[0])
+        model = guided(self.teacher.velocity, self.null_cond(z.shape[0]), g)
+        out = euler(model, z, self._window_grid(k).to(z.device), cond)
+        self.teacher_seconds += time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, k: torch.Tensor, cond: dict, guidance: torch.Tensor):
+        """OTA start points: the teacher from noise (sigma=1) to edge k, then through window k.
+
+        Rows share one batched call per window: at window j only rows with k >= j are still moving."""
+        z, z_start, z_end = noise.clone(), noise.clone(), noise.clone()
+        for j in range(int(k.max()) + 1 if len(k) else 0):
+            at = k == j
+            z_start[at] = z[at]
+            live = k >= j
+            sub = {c: v[live] for c, v in cond.items()}
+            z[live] = self.teacher_window(z[live], j, sub, guidance[live])
+            z_end[at] = z[at]
+        return z_start, z_end
+
+    # ------------------------------------------------------------ real data and its position
+    def _real_data(self):
+        if self._real is None:
+            from pipeline.digits import load_digits
+
+            images, labels = load_digits()
+            held_out = 1000  # the classifier's held-out split stays unseen by training
+            self._real = (torch.as_tensor(images[:-held_out]), torch.as_tensor(labels[:-held_out]))
+        return self._real
+
+    def _next_real(self, size: int, n: int) -> torch.Tensor:
+        """n indices walking an epoch-seeded permutation; the walk's position is checkpointed."""
+        out = []
+        while len(out) < n:
+            epoch, offset = self._real_pos
+            g = torch.Generator().manual_seed((self.generator.initial_seed() + 1_000_003 * (epoch + 1)) % (1 << 63))
+            perm = torch.randperm(size, generator=g)
+            take = perm[offset:offset + n - len(out)].tolist()
+            out += take
+            offset += len(take)
+            self._real_pos = [epoch + 1, 0] if offset >= size else [epoch, offset]
+        return torch.tensor(out, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"real_pos": list(self._real_pos), "wait_seconds": self.wait_seconds,
+                "teacher_seconds": self.teacher_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._real_pos = list(state["real_pos"])
+        self.wait_seconds = state.get("wait_seconds", 0.0)
+        self.teacher_seconds = state.get("teacher_seconds", 0.0)

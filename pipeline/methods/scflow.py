@@ -1,0 +1,248 @@
+"""SCFlow: Self-Corrected Flow Distillation (Dao et al., AAAI 2025), on flowsteer's cached teacher trajectories.
+
+Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (METHODS.md, SCFlow):
+  z_m = z_t - dn v_T,  z_p = z_t + up v_T                 teacher Euler skips, CFG at the row's w, no grad
+  tgt_m = f_ema(z_m, t - dn),  tgt_p = f_ema(z_p, t + up)  from the target EMA (decay 0.9) of the student
+  tgt_m := z0 where t - dn < tau                           truncated consistency (ground truth at small t)
+  L = PH(f(z_t,t), tgt_m) + 0.1[s>w_rf] L_rf + 0.1[s>w_gan] L_G + 0.1[s>w_bi] PH(f(z_t,t), tgt_p)
+with the reflow loss on the student's own one-step output and a GAN on that output. The GAN is a choice:
+flowsteer's discriminator (the teacher's first blocks + token head, spectral norm) with hinge losses, on
+clean samples (sigma = 0), real = cached final teacher samples, fake = the one-step output; SCFlow's
+non-saturating loss + R1 would need a double backward through attention on every D step.
+
+Where z_t comes from (a choice): ON the cached teacher trajectory, not on the reflow line (1-t) z0 + t eps.
+A row draws a window k (DataSource.segments), u uniform inside the window in unshifted time and
+t = shift(u), and z_t on the chord between the window's two cached boundary states (as PeRFlow does); so
+t over all rows follows the SD3 shifted-uniform density and every z_t lies within one window of the
+teacher's own trajectory. Ground truth z0 = that trajectory's final cached state: for last-window rows
+it is the segment's end; other rows that need it are rolled on by the teacher's windows from the
+segment's end (DataSource.teacher_window), which is deterministic and so reproduces the cached final
+state (rarely needed: with tau=0.4, shift 3 and 4 windows only last-window rows truncate).
+
+Pitfalls of the public code that this file avoids (tests/test_scflow.py checks them):
+  * the teacher is never a copy of a resumed student: the method only reads ctx.teacher (frozen);
+  * the target EMA is made in make_student, i.e. AFTER the student was initialised from the teacher,
+    and it is saved in state_dict / restored by load_state_dict, so a resume continues the same target.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.methods.base import Method, register
+from pipeline.methods.discriminator import TransformerDiscriminator, hinge_d_loss, hinge_g_loss
+from pipeline.methods.flowsteer import frozen
+from pipeline.methods.perflow import chord_point, chord_times, chord_velocity
+from pipeline.sampling import cfg, euler
+from pipeline.schedule import fixed_sigmas
+
+DEFAULTS: dict[str, Any] = {
+    "delta": 0.1,           # largest teacher skip (SCFlow init_threshold)
+    "tau": 0.4,             # truncation threshold t_trunc (the T2I script uses 0.1)
+    "huber_c": 0.01,        # pseudo-Huber constant
+    "target_decay": 0.9,    # target-EMA decay
+    "lambda_rf": 0.1, "lambda_gan": 0.1, "lambda_bi": 0.1,
+    "warmup_rf": 50, "warmup_gan": 0, "warmup_bi": 50,   # scaled down from CelebA's 1000 for short runs
+}
+
+
+def method_options(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`train.method_options.<name>` over the defaults; an unknown key is a user error."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise UserError(f"train.method_options.{name}: unknown option(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(defaults))})")
+    return {**defaults, **given}
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """Elementwise pseudo-Huber sqrt((a-b)^2 + c^2) - c, averaged (iCT / SCFlow consistency metric)."""
+    return (torch.sqrt((a - b).square() + c * c) - c).mean()
+
+
+def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row scalar [B] shaped to broadcast over a batch like `like`."""
+    return t.reshape(-1, *[1] * (like.ndim - 1)).to(like.dtype)
+
+
+def consistency(velocity, z: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """f(z, t) = z - t v(z, t): the x0 estimate of a velocity model (SCFlow eq. for f_theta)."""
+    return z - bcast(t, z) * velocity(z, t, cond)
+
+
+def truncated_target(tgt_m: torch.Tensor, z0: torch.Tensor, t_minus: torch.Tensor, tau: float) -> torch.Tensor:
+    """Truncated consistency: below tau the target is the ground truth z0, not the EMA's estimate."""
+    return torch.where(bcast(t_minus < tau, tgt_m).bool(), z0, tgt_m)
+
+
+def on_trajectory_points(seg: dict, shift: float, generator: torch.Generator):
+    """t uniform in unshifted time inside the row's window; z_t on the chord of its two cached states."""
+    s0, s1 = seg["sigma_start"], seg["sigma_end"]
+    t = chord_times(s0, s1, shift, generator).to(s0)
+    return t, chord_point(seg["z_start"], chord_velocity(seg["z_start"], seg["z_end"], s0, s1), s0, t)
+
+
+def uniform(n: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """n draws of U[0, 1) from the method generator, on `like`'s device and dtype."""
+    return torch.rand(n, generator=generator, device=generator.device).to(like)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the EMA tracks the plain module)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+@register
+class SCFlow(Method):
+    name = "scflow"
+    uses_cache = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.opt = method_options(self.name, ctx.options, DEFAULTS)
+        self.target: torch.nn.Module | None = None     # made in make_student (after init from the teacher)
+        self._pending_target: dict | None = None       # a state loaded before make_student ran
+        self._disc = None
+
+    # --- student and target EMA
+    def make_student(self, teacher_transformer):
+        student = super().make_student(teacher_transformer)
+        self.target = copy.deepcopy(student).eval().requires_grad_(False)
+        if self._pending_target is not None:
+            self.target.load_state_dict(self._pending_target)
+            self._pending_target = None
+        return student
+
+    @torch.no_grad()
+    def after_step(self, student, step):
+        """Target EMA: theta- <- d theta- + (1 - d) theta (decay 0.9, SCFlow's target network)."""
+        d = self.opt["target_decay"]
+        src = unwrap(student).state_dict()
+        for name, p in self.target.state_dict().items():
+            q = src[name].to(p.dtype)
+            p.lerp_(q, 1 - d) if p.is_floating_point() else p.copy_(q)
+
+    def state_dict(self):
+        state = {}
+        if self.target is not None:
+            state["target"] = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state):
+        if "target" not in state:
+            return
+        if self.target is None:
+            self._pending_target = state["target"]
+        else:
+            self.target.load_state_dict(state["target"])
+
+    # --- GAN on the one-step output (H5's discriminator and hinge losses: one way to do each thing)
+    def discriminator(self):
+        if self.opt["lambda_gan"] <= 0:
+            return None
+        if self._disc is None:
+            blocks = self.ctx.cfg.train.adversarial.disc_blocks
+            self._disc = TransformerDiscriminator(self.ctx.teacher.transformer, blocks).to(self.ctx.device)
+        return self._disc
+
+    # --- one step
+    @torch.no_grad()
+    def batch(self, step):
+        data, n = self.ctx.data, self.ctx.cfg.train.batch_size
+        seg = data.segments(n)
+        t, z_t = on_trajectory_points(seg, self.ctx.cfg.schedule.shift, self.ctx.generator)
+        out = {"z_t": z_t, "t": t, "k": seg["k"], "z_end": seg["z_end"], "cond": seg["cond"],
+               "guidance": seg["guidance"], "null_cond": data.null_cond(n), "z1": data.noise(n)["noise"]}
+        if self.discriminator() is not None:
+            real = data.segments(n, window_probs=[0.0] * (len(self.ctx.windows) - 2) + [1.0])
+            out.update(real=real["z_end"], real_cond=real["cond"])     # cached final samples
+        return out
+
+    @torch.no_grad()
+    def _final_states(self, z_end, k, cond, guidance, need):
+        """Each needed row's final cached state: its segment end in the last window, else the teacher rolled
+        on from there through the remaining windows (deterministic, so it reproduces the cached state)."""
+        z0 = z_end.clone()
+        for j in range(int(k[need].min()) + 1, len(self.ctx.windows) - 1):
+            rows = need & (k < j)                  # rows whose trajectory still has window j to go
+            sub = {c: v[rows] for c, v in cond.items()}
+            z0[rows] = self.ctx.data.teacher_window(z0[rows], j, sub, guidance[rows])
+        return z0
+
+    def generator_losses(self, student, batch, step):
+        o, vel = self.opt, lambda m: (lambda x, s, c: self.velocity(m, x, s, c))
+        z_t, t, cond, w = batch["z_t"], batch["t"], batch["cond"], batch["guidance"]
+        with torch.no_grad():
+            g = self.ctx.generator
+            u1, u2 = uniform(len(t), g, t), uniform(len(t), g, t)
+            dn, up = u1 * torch.clamp(t, max=o["delta"]), u2 * torch.clamp(1 - t, max=o["delta"])
+            v_T = cfg(self.ctx.teacher.velocity, batch["null_cond"], w)(z_t, t, cond)
+            z_m, z_p = z_t - bcast(dn, z_t) * v_T, z_t + bcast(up, z_t) * v_T
+            tgt = consistency(vel(self.target), torch.cat([z_m, z_p]), torch.cat([t - dn, t + up]),
+                              {k: torch.cat([v, v]) for k, v in cond.items()})
+            tgt_m, tgt_p = tgt.chunk(2)
+            need = (t - dn) < o["tau"]
+            if need.any():
+                tgt_m = truncated_target(tgt_m, self._final_states(batch["z_end"], batch["k"], cond, w, need),
+                                         t - dn, o["tau"])
+        f_t = consistency(vel(student), z_t, t, cond)
+        losses = {"con": pseudo_huber(f_t, tgt_m, o["huber_c"])}
+        total = losses["con"]
+        if step > o["warmup_bi"] and o["lambda_bi"] > 0:
+            losses["bi"] = pseudo_huber(f_t, tgt_p, o["huber_c"])
+            total = total + o["lambda_bi"] * losses["bi"]
+        use_rf = step > o["warmup_rf"] and o["lambda_rf"] > 0
+        use_gan = step > o["warmup_gan"] and self.discriminator() is not None
+        if use_rf or use_gan:
+            z1 = batch["z1"]
+            ones = torch.ones(len(z1), device=z1.device)
+            x0_one = consistency(vel(student), z1, ones, cond)          # one-step output, with grad
+            batch["fake"] = x0_one.detach()                            # for the discriminator step
+            if use_rf:
+                losses["rf"] = self.reflow_loss(student, x0_one.detach(), z1, cond)
+                total = total + o["lambda_rf"] * losses["rf"]
+            if use_gan:
+                with frozen(self._disc):                               # G's loss must not train D
+                    losses["gan"] = hinge_g_loss(self._disc_logits(x0_one, cond))
+                total = total + o["lambda_gan"] * losses["gan"]
+        losses["loss"] = total
+        return losses
+
+    def reflow_loss(self, student, x0_one, z1, cond):
+        """L_rf = MSE(f(z~, t), sg(x0_one)), z~ = (1-t) sg(x0_one) + t z1: straightens the student's own pairs."""
+        t = uniform(len(z1), self.ctx.generator, z1)
+        z = (1 - bcast(t, z1)) * x0_one + bcast(t, z1) * z1
+        return F.mse_loss(consistency(lambda x, s, c: self.velocity(student, x, s, c), z, t, cond), x0_one)
+
+    def _disc_logits(self, x, cond):
+        """D on clean samples (sigma = 0): the one-step output is a final sample, as the cached reals are."""
+        return self._disc(x, torch.zeros(len(x), device=x.device), cond)
+
+    def discriminator_losses(self, student, batch, step):
+        """Hinge D loss: real = cached final teacher samples, fake = the student's one-step output."""
+        if step <= self.opt["warmup_gan"] or self.discriminator() is None:
+            return None
+        fake = batch.get("fake")
+        if fake is None:
+            with torch.no_grad():
+                ones = torch.ones(len(batch["z1"]), device=batch["z1"].device)
+                fake = consistency(lambda x, s, c: self.velocity(student, x, s, c), batch["z1"], ones, batch["cond"])
+        d_real, d_fake = self._disc_logits(batch["real"], batch["real_cond"]), self._disc_logits(fake, batch["cond"])
+        return {"loss": hinge_d_loss(d_real, d_fake), "d_real": d_real.mean().detach(),
+                "d_fake": d_fake.mean().detach()}
+
+    # --- sampling
+    @classmethod
+    @torch.no_grad()
+    def sample(cls, student, noise, cond, nfe, windows, shift, callback=None):
+        """Euler with the student velocity on fixed_sigmas(nfe, shift), any nfe (windows unused).
+
+        This IS deterministic multistep consistency sampling: with x0^ = f(x_t, t) = x_t - t v and
+        eps^ = x_t + (1 - t) v, the re-noised (1 - s) x0^ + s eps^ = x_t + (s - t) v, one Euler step."""
+        sigmas = fixed_sigmas(nfe, shift).to(noise.device)
+        return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

@@ -1,0 +1,69 @@
+"""Prompt alignment: does the sample show what its prompt asked for?
+
+- Embedded default: the digit classifier's accuracy on the prompted digit (10 classes, chance = 10%).
+- Real teachers: CLIP score (Hessel et al. 2021), 100 * max(cos(E_img, E_txt), 0), with a local CLIP
+  directory (transformers CLIPModel / CLIPProcessor, loaded offline).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def digit_labels(prompts: list[str]) -> list[int] | None:
+    """The digit each prompt asks for (index in DIGIT_PROMPTS), or None if any prompt is not a digit prompt."""
+    from pipeline.digits import DIGIT_PROMPTS
+
+    index = {p: i for i, p in enumerate(DIGIT_PROMPTS)}
+    return [index[p] for p in prompts] if all(p in index for p in prompts) else None
+
+
+@torch.no_grad()
+def prompt_hits(classifier, images01: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Per sample: 1.0 where the classifier reads the prompted digit, else 0.0 (mean = prompt accuracy)."""
+    preds = torch.cat([classifier.predict(images01[i:i + batch]).cpu() for i in range(0, len(images01), batch)])
+    return (preds == labels.cpu()).float()
+
+
+class ClipScorer:
+    """CLIP score per (image, prompt) pair from a local transformers CLIP directory."""
+
+    def __init__(self, path: str | Path, device="cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise UserError(f"evaluate.clip_path {p} is not a directory (expected a transformers CLIP model dir "
+                            f"with config.json, weights and the processor files)")
+        try:
+            self.model = CLIPModel.from_pretrained(str(p), local_files_only=True).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(str(p), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load CLIP from {p}: {str(exc).splitlines()[0]}") from None
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), batch):
+            imgs = images01[i:i + batch].float().clamp(0, 1)
+            if imgs.shape[1] == 1:
+                imgs = imgs.expand(-1, 3, -1, -1)   # grey samples: CLIP wants RGB
+            inputs = self.processor(text=prompts[i:i + batch], images=list(imgs.cpu()), return_tensors="pt",
+                                    padding=True, truncation=True, do_rescale=False)
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            txt = self.model.get_text_features(input_ids=inputs["input_ids"],
+                                               attention_mask=inputs.get("attention_mask"))
+            img, txt = _embeds(img), _embeds(txt)
+            cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+            out.append(100 * cos.clamp_min(0).cpu())
+        return torch.cat(out)
+
+
+def _embeds(x) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers < 5) or an output object with pooler_output (>= 5)."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output

@@ -1,0 +1,97 @@
+"""`flowsteer sample`: a PNG grid (one row per prompt) from the teacher or an exported student.
+
+The teacher runs Euler with CFG on the fixed or the diffusers-default grid (to see the schedule's effect);
+a student runs its own method's guidance-free sampler. Column c of every row starts from the same noise,
+`noise_for((seed << 20) + c)`, so rows differ only by prompt and a teacher grid and a student grid made
+with the same seed start from the same noise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+SEED_STRIDE = 1 << 20           # seeds s and s+1 get disjoint noise for up to 2**20 images per prompt
+
+
+def resolve_export(cfg, checkpoint: str) -> Path:
+    """A method name -> its exported student under the train stage; otherwise a path to an export dir."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    from pipeline.methods.base import METHODS, get_method
+
+    try:
+        get_method(checkpoint)
+    except KeyError:
+        raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(sorted(METHODS))}) "
+                        "or an export directory") from None
+    export = cfg.stage_dir("train", checkpoint) / "export"
+    if not export.is_dir():
+        raise UserError(f"no exported student for '{checkpoint}' at {export}: run `flowsteer train -m {checkpoint}` first")
+    return export
+
+
+def default_prompts(cfg) -> list[str]:
+    if cfg.teacher.kind != "embedded":
+        raise UserError("give the prompts to sample with --prompt (only the embedded teacher has a default set)")
+    from pipeline.digits import DIGIT_PROMPTS
+
+    return list(DIGIT_PROMPTS)
+
+
+@torch.no_grad()
+def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str = "fixed",
+                guidance: float | None = None, prompts: list[str] | None = None, per_prompt: int = 8,
+                seed: int = 0, out: str | Path = "samples.png") -> Path:
+    """Sample `per_prompt` images for each prompt and save them as a grid (rows = prompts); returns the path."""
+    from torchvision.utils import save_image
+
+    from pipeline.sampling import sample
+    from pipeline.schedule import make_sigmas
+    from pipeline.teachers import load_teacher
+
+    if steps < 1 or per_prompt < 1:
+        raise UserError(f"--steps ({steps}) and --per-prompt ({per_prompt}) must be >= 1")
+    is_teacher = checkpoint == "teacher"
+    if is_teacher:
+        sigmas = make_sigmas(steps, cfg.schedule.shift, schedule)     # ValueError names a bad schedule
+        guidance = cfg.evaluate.guidance if guidance is None else guidance
+    elif schedule != "fixed" or guidance is not None:
+        raise UserError("--schedule and --guidance apply to the teacher only (students sample guidance-free "
+                        "on their method's grid)")
+    export = None if is_teacher else resolve_export(cfg, checkpoint)
+    prompts = list(prompts) if prompts else default_prompts(cfg)
+
+    teacher = load_teacher(cfg)                      # students reuse its prompt encoder and decoder
+    student = None
+    if export is not None:
+        from pipeline.student import load_student
+
+        student = load_student(export, teacher.device)
+    from pipeline.store import noise_for            # the noise evaluate and generate use too
+
+    dtype = getattr(teacher, "dtype", torch.float32)
+    shape = tuple(teacher.sample_shape)
+    column_noise = torch.stack([noise_for(seed * SEED_STRIDE + c, shape) for c in range(per_prompt)])
+
+    rows = [p for p in prompts for _ in range(per_prompt)]
+    images = []
+    for i in range(0, len(rows), cfg.evaluate.batch_size):
+        batch = rows[i:i + cfg.evaluate.batch_size]
+        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device, dtype)
+        cond = teacher.encode(batch)
+        if student is not None:
+            x = student.sample(noise, cond, steps)
+        elif guidance == 1.0:                        # w = 1 is the conditional model: skip the null pass
+            x = sample(teacher.velocity, noise, sigmas, cond)
+        else:
+            x = sample(teacher.velocity, noise, sigmas, cond, teacher.encode([""] * len(batch)), guidance)
+        images.append(teacher.decode(x).float().clamp(0, 1).cpu())
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat(images), out, nrow=per_prompt, padding=2, pad_value=1.0)
+    return out

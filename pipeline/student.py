@@ -1,0 +1,64 @@
+"""Exported students: a diffusers-style directory that plain diffusers can load, plus flowsteer's sampler.
+
+    <dir>/transformer/     the (EMA, LoRA-merged) student via Method.save_student (SD3: save_pretrained)
+    <dir>/scheduler/       FixedFlowMatchEulerScheduler config (the fixed grid; drop-in for SD3 pipelines)
+    <dir>/flowsteer.json   {method, windows, teacher_steps, shift, fingerprint, sample_shape}
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.methods.base import get_method
+
+META = "flowsteer.json"
+
+
+def export_student(directory, method_name: str, student_module: torch.nn.Module, cfg,
+                   sample_shape: tuple[int, ...] | None = None) -> Path:
+    """Write the export into a temp dir and rename it into place, so `directory` is whole or absent."""
+    from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
+
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    get_method(method_name).save_student(student_module, tmp / "transformer")
+    FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
+    meta = {"method": method_name, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
+            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", method_name),
+            "sample_shape": list(sample_shape) if sample_shape else None}
+    (tmp / META).write_text(json.dumps(meta, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
+
+
+@dataclass
+class Student:
+    """A loaded export: `.module` is the network, `.sample` runs its method's few-step sampler."""
+    module: torch.nn.Module
+    method: Any                   # the Method class (its `sample` classmethod)
+    meta: dict[str, Any]
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: dict, nfe: int, callback=None) -> torch.Tensor:
+        return self.method.sample(self.module, noise, cond, nfe, self.meta["windows"], self.meta["shift"],
+                                  callback=callback)
+
+
+def load_student(directory, device="cpu") -> Student:
+    directory = Path(directory)
+    if not (directory / META).is_file():
+        raise UserError(f"{directory} is not an exported student (no {META}); run `flowsteer train` first")
+    meta = json.loads((directory / META).read_text())
+    method = get_method(meta["method"])
+    return Student(method.load_student(directory / "transformer", device), method, meta)

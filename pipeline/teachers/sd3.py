@@ -1,0 +1,84 @@
+"""SD3 teacher from a local diffusers pipeline directory (offline: `from_pretrained(..., local_files_only=True)`).
+
+Prompts go through the pipeline's own `encode_prompt` (CLIP-L + CLIP-G, plus T5 when the dir has it), the
+velocity through `sd3_velocity`, and latents back to images through the VAE. `teacher.kwargs` may set
+`dtype` (float32 | float16 | bfloat16), `max_sequence_length` (T5 tokens) and `use_t5` (false skips T5).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.teachers.base import TransformerTeacher
+
+REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_sd3_dir(path) -> Path:
+    """The directory must be a saved SD3 pipeline: model_index.json and every component folder it needs."""
+    if not path:
+        raise UserError("teacher.path is empty: point it at a local diffusers SD3 pipeline directory")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"teacher.path {p} does not exist (expected a local diffusers SD3 pipeline directory, "
+                        f"e.g. one written by StableDiffusion3Pipeline.save_pretrained)")
+    if not (p / "model_index.json").is_file():
+        raise UserError(f"teacher.path {p} has no model_index.json: not a diffusers pipeline directory")
+    missing = [c for c in REQUIRED if not (p / c).is_dir()]
+    if missing:
+        raise UserError(f"teacher.path {p} lacks component folder(s) {', '.join(missing)}")
+    return p
+
+
+def _has_t5(p: Path) -> bool:
+    index = json.loads((p / "model_index.json").read_text())
+    entry = index.get("text_encoder_3") or [None, None]
+    return entry[0] is not None and (p / "text_encoder_3").is_dir() and (p / "tokenizer_3").is_dir()
+
+
+def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_length: int = 256,
+                     use_t5: bool = True, **unknown) -> TransformerTeacher:
+    """A frozen SD3 teacher: sample_shape = (in_channels, sample_size, sample_size) latents."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if unknown:
+        raise UserError(f"unknown teacher.kwargs for sd3: {', '.join(sorted(unknown))} "
+                        f"(known: dtype, max_sequence_length, use_t5)")
+    if dtype not in DTYPES:
+        raise UserError(f"teacher.kwargs.dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    p = check_sd3_dir(path)
+    extra = {} if use_t5 and _has_t5(p) else {"text_encoder_3": None, "tokenizer_3": None}
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(p), local_files_only=True,
+                                                        dtype=DTYPES[dtype], **extra)
+    except Exception as exc:  # corrupt or partial dirs fail deep inside diffusers/transformers
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"teacher.path {p} cannot be loaded as an SD3 pipeline: {type(exc).__name__}: "
+                        f"{first[:200]}") from None
+    pipe = pipe.to(device)
+    for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+        if module is not None:
+            module.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        # SD3's unconditional condition is the encoding of "" (its default negative prompt), so "" needs no case.
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                  device=torch.device(device), do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    tc = pipe.transformer.config
+    teacher = TransformerTeacher(pipe.transformer, encode, decode, (tc.in_channels, tc.sample_size, tc.sample_size))
+    teacher.pipeline = pipe            # the loaded components, e.g. for a CLIP score with the same tokenizer
+    return teacher

@@ -1,0 +1,242 @@
+"""The distillation loop (EDM2 style): the trainer owns optimisers, EMA, seeds, logging and checkpoint state;
+a registered Method (pipeline/methods) owns the batch and the losses.
+
+Per step: batch = method.batch(step); if the method has a discriminator, one D step (own AdamW, disc_lr) on
+`discriminator_losses`; then one G step (AdamW, weight decay, grad clip) on `generator_losses`; `after_step`;
+EMA of the student. Every non-finite loss stops the run before any weight changes.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import all_finite, rng_state, set_rng_state
+from pipeline.data import DataSource
+from pipeline.errors import UserError
+from pipeline.methods.base import MethodContext, get_method
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+class NonFiniteLoss(UserError):
+    """A loss or gradient became NaN/inf: training stops and the last good checkpoint stays."""
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, e.g. (seed, rank, step): independent streams, reproducible on resume."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (with LoRA: of the adapters only)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for n, p in module.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for n, p in module.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n])
+
+
+def add_lora(student: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """LoRA adapters (peft) on the attention projections; the base weights are frozen."""
+    from peft import LoraConfig
+
+    student.requires_grad_(False)
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    return student
+
+
+class Trainer:
+    """One method's training state on one rank; `world > 1` averages gradients over the process group."""
+
+    def __init__(self, cfg, method_name: str, teacher, store, device, rank: int = 0, world: int = 1,
+                 log_path: Path | None = None):
+        self.method_name, self.rank, self.world = method_name, rank, world
+        self.device = torch.device(device)
+        tc = cfg.train
+        if tc.batch_size % world:
+            raise UserError(f"train.batch_size ({tc.batch_size}) must be a multiple of train.workers ({world})")
+        # A method draws cfg.train.batch_size rows; with N workers each rank draws its own 1/N share.
+        self.cfg = cfg if world == 1 else cfg.model_copy(
+            update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
+        if not hasattr(teacher, "transformer"):
+            raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
+        generator = torch.Generator().manual_seed(derive_seed(tc.seed, "method", rank))
+        self.data = DataSource(self.cfg, teacher, store, self.device, generator)
+        ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, windows=self.data.windows.to(self.device),
+                            device=self.device, generator=generator, options=dict(tc.method_options.get(method_name, {})))
+        # Same initial weights on every rank (LoRA and discriminator heads are random-init).
+        torch.manual_seed(derive_seed(tc.seed, "init"))
+        self.method = get_method(method_name)(ctx)
+        self.student = self.method.make_student(teacher.transformer).to(self.device)
+        if tc.lora_rank > 0:
+            add_lora(self.student, tc.lora_rank)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.disc = self.method.discriminator()
+        self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if self.disc is not None else []
+        self.disc_opt = (torch.optim.AdamW(self.disc_params, lr=tc.adversarial.disc_lr, weight_decay=tc.weight_decay)
+                         if self.disc is not None else None)
+        self.ema = EMA(self.student, tc.ema_decay)
+        self.step = 0
+        self.log_path = Path(log_path) if log_path is not None and rank == 0 else None
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Shared weights and optimisers, plus each rank's own streams (collective when world > 1)."""
+        own = {"method": self.method.state_dict(), "generator": self.data.generator.get_state(),
+               "data": self.data.state_dict(), "rng": rng_state()}
+        ranks = [own]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, own)
+        return {"method_name": self.method_name, "world": self.world, "student": self.student.state_dict(),
+                "ema": self.ema.shadow, "opt": self.opt.state_dict(),
+                "disc": self.disc.state_dict() if self.disc is not None else None,
+                "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.ema.shadow = {n: t.to(self.device) for n, t in state["ema"].items()}
+        self.opt.load_state_dict(state["opt"])
+        if self.disc is not None:
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+        # A different worker count resumes with rank r's streams from rank r % old world (no longer exact).
+        own = state["ranks"][self.rank % len(state["ranks"])]
+        self.method.load_state_dict(own["method"])
+        self.data.generator.set_state(own["generator"])
+        self.data.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
+        self.step = int(state["step"])
+        self.trim_log()
+
+    def weights_finite(self) -> bool:
+        tensors = [*self.student.state_dict().values(), *self.ema.shadow.values()]
+        if self.disc is not None:
+            tensors += list(self.disc.state_dict().values())
+        return all_finite(tensors)
+
+    # ------------------------------------------------------------ one step
+    def _check(self, losses: dict[str, torch.Tensor], step: int, prefix: str = "") -> dict[str, float]:
+        values = {(k if k.startswith(prefix) else prefix + k): float(v.detach()) for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"{self.method_name} step {step}: loss '{bad[0]}' is {values[bad[0]]}; training "
+                                f"stopped, the last good checkpoint is kept (lower train.lr or check the data)")
+        return values
+
+    def _sync_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average gradients over ranks (what DDP does), keeping the student a plain module for the method."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def _update(self, opt, params, loss: torch.Tensor, step: int, clip: float, name: str) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self._sync_grads(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
+            raise NonFiniteLoss(f"{self.method_name} step {step}: gradient norm of '{name}' is {float(norm)}; "
+                                f"training stopped, the last good checkpoint is kept")
+        opt.step()
+        return float(norm)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns the named loss values (D losses prefixed 'd_')."""
+        step, tc = self.step + 1, self.cfg.train
+        torch.manual_seed(derive_seed(tc.seed, self.rank, step))   # global RNG (dropout etc.) per step
+        with torch.no_grad():
+            batch = self.method.batch(self.step)
+        values: dict[str, float] = {}
+        if self.disc is not None:
+            d_losses = self.method.discriminator_losses(self.student, batch, self.step)
+            if d_losses is not None:
+                values.update(self._check(d_losses, step, "d_"))
+                self._update(self.disc_opt, self.disc_params, d_losses["loss"], step, 0.0, "d_loss")
+            for p in self.disc_params:
+                p.requires_grad_(False)       # the G step needs gradients through D, not of D
+        try:
+            g_losses = self.method.generator_losses(self.student, batch, self.step)
+            values.update(self._check(g_losses, step))
+            values["grad_norm"] = self._update(self.opt, self.params, g_losses["loss"], step, tc.grad_clip, "loss")
+        finally:
+            for p in self.disc_params:
+                p.requires_grad_(True)
+        self.method.after_step(self.student, self.step)
+        self.ema.update(self.student)
+        self.step = step
+        if self.world > 1:                    # log the mean over ranks
+            import torch.distributed as dist
+
+            keys = sorted(values)
+            t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t)
+            values = dict(zip(keys, (t / self.world).tolist()))
+        return values
+
+    def train_until(self, boundary: int) -> dict[str, float]:
+        """Steps until `boundary` steps are done; logs every train.log_every steps; returns the last losses."""
+        last: dict[str, float] = {}
+        while self.step < boundary:
+            t0, w0, s0 = time.perf_counter(), self.data.wait_seconds, self.data.teacher_seconds
+            last = self.train_step()
+            if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
+                self.log({"step": self.step, **last, "data_wait_s": self.data.wait_seconds - w0,
+                          "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
+        return last
+
+    # ------------------------------------------------------------ logging and export
+    def log(self, row: dict[str, Any]) -> None:
+        if self.log_path is None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def trim_log(self) -> None:
+        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""
+        if self.log_path is None or not self.log_path.exists():
+            return
+        rows = [line for line in self.log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= self.step]
+        self.log_path.write_text("".join(r + "\n" for r in rows))
+
+    def ema_student(self) -> torch.nn.Module:
+        """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""
+        net = copy.deepcopy(self.student)
+        self.ema.copy_to(net)
+        if self.cfg.train.lora_rank > 0:
+            net.fuse_lora(lora_scale=1.0)
+            net.unload_lora()
+        return net.eval().requires_grad_(False)

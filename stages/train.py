@@ -1,0 +1,199 @@
+"""Train stage: one sequential job per method; units are training segments, then the export.
+
+Units of `<root>/train/<method>-<fp>/`: `steps-000100`, `steps-000200`, ... (each trains up to its step
+boundary and commits ONE checkpoint file before its record), then `export` (the EMA student as a diffusers
+dir in `export/`). Every start resumes from the latest committed checkpoint, so a killed run loses at most
+the steps since it. Losses go to `losses.jsonl`. With `train.workers > 1` a segment runs on Ray Train's
+TorchTrainer (N ranks, gradients averaged, gloo on CPU); otherwise in the unit's own process.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+from pipeline.runner import Job, Unit
+
+LOSSES = "losses.jsonl"
+
+
+def store_path(cfg) -> Path:
+    """The trajectory store: this run's generate output, or `train.store` (another run's store or its dir)."""
+    return Path(cfg.train.store) if cfg.train.store else cfg.stage_dir("generate")
+
+
+# What a store must share with the training config: the teacher and the grid its states lie on. The
+# prompts, sample count and guidance range may differ (training from a bigger or other prompt set is fine).
+MUST_MATCH = ("format", "teacher", "schedule")
+
+
+def open_store(cfg):
+    """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
+    from pipeline.store import TrajectoryStore, meta_differences, store_meta
+
+    store = TrajectoryStore.open(store_path(cfg))
+    expected = store_meta(cfg)
+    diff = meta_differences({k: store.meta.get(k) for k in MUST_MATCH}, {k: expected[k] for k in MUST_MATCH})
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UserError(f"trajectory store {store.path} was made for another teacher or grid ({'; '.join(diff[:3])}"
+                        f"{more}); set train.store to a matching store or run `flowsteer generate`")
+    return store
+
+
+def build_trainer(cfg, method: str, out_dir: Path, device=None, rank: int = 0, world: int = 1):
+    """A Trainer at the latest committed checkpoint of `out_dir` (or at step 0)."""
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.teachers import load_teacher, resolve_device
+    from pipeline.trainer import Trainer
+
+    dev = resolve_device(str(device or cfg.device))
+    trainer = Trainer(cfg, method, load_teacher(cfg, dev), open_store(cfg), dev, rank, world,
+                      log_path=Path(out_dir) / LOSSES)
+    state = load_checkpoint(out_dir)
+    if state is not None:
+        trainer.load_state_dict(state)
+    else:
+        trainer.trim_log()
+    return trainer
+
+
+def train_segment(trainer, out_dir: Path, until: int) -> dict[str, Any]:
+    """Train to `until` steps and commit the checkpoint (never one with non-finite weights)."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.trainer import NonFiniteLoss
+
+    last = trainer.train_until(until)
+    if not trainer.weights_finite():
+        raise NonFiniteLoss(f"{trainer.method_name} step {trainer.step}: weights are not finite; not committed, "
+                            f"the last good checkpoint is kept")
+    state = trainer.state_dict()          # collective under several ranks: every rank calls it
+    if trainer.rank == 0:
+        save_checkpoint(out_dir, trainer.step, state)
+    return {"step": trainer.step, **{k: round(v, 6) for k, v in last.items()}}
+
+
+class TrainWorker:
+    """Runs one method's units in order, keeping the trainer in memory between consecutive segments."""
+
+    def __init__(self, cfg, method: str, out_dir: str):
+        self.cfg, self.method, self.out_dir = cfg, method, Path(out_dir)
+        self.trainer = None
+
+    def _trainer(self):
+        from pipeline.checkpoint import latest_step
+
+        # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
+        if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
+            self.trainer = None
+            self.trainer = build_trainer(self.cfg, self.method, self.out_dir)
+        return self.trainer
+
+    def run(self, unit: Unit) -> dict[str, Any]:
+        if unit.params["kind"] == "export":
+            return self._export()
+        until = unit.params["until"]
+        if self.cfg.train.workers > 1:
+            return train_distributed(self.cfg, self.method, self.out_dir, until)
+        trainer = self._trainer()
+        if trainer.step >= until:         # committed earlier, its record was lost
+            return {"step": trainer.step}
+        try:
+            return train_segment(trainer, self.out_dir, until)
+        except BaseException:
+            self.trainer = None           # uncommitted steps: the next unit reloads the checkpoint
+            raise
+
+    def _export(self) -> dict[str, Any]:
+        from pipeline.student import export_student
+
+        trainer = self._trainer()
+        if trainer.step < self.cfg.train.steps:
+            raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
+        path = export_student(self.out_dir / "export", self.method, trainer.ema_student(), self.cfg,
+                              trainer.data.teacher.sample_shape)
+        return {"export": str(path), "step": trainer.step}
+
+
+# ---------------------------------------------------------------- Ray Train (train.workers > 1)
+def _ray_train_loop(config: dict) -> None:
+    """Each Ray Train worker: rank-derived seeds, its own share of every batch, averaged gradients."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg, out_dir = config["cfg"], Path(config["out_dir"])
+    device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
+    trainer = build_trainer(cfg, config["method"], out_dir, device, rank, world)
+    if trainer.step < config["until"]:
+        train_segment(trainer, out_dir, config["until"])
+
+
+def train_distributed(cfg, method: str, out_dir: Path, until: int) -> dict[str, Any]:
+    from ray.train import RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.checkpoint import latest_step
+    from pipeline.runner import _ray_init
+
+    _ray_init(None)
+    gpu = cfg.device.startswith("cuda")
+    trainer = TorchTrainer(
+        _ray_train_loop, train_loop_config={"cfg": cfg, "method": method, "out_dir": str(out_dir), "until": until},
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RayRunConfig(name=f"steps-{until:06d}", storage_path=str(Path(out_dir).resolve() / "ray")))
+    trainer.fit()
+    step = latest_step(out_dir)
+    if step < until:
+        raise RuntimeError(f"Ray Train finished but the latest checkpoint is step {step}, not {until}")
+    return {"step": step, "workers": cfg.train.workers}
+
+
+# ---------------------------------------------------------------- the stage
+def segment_boundaries(steps: int, every: int) -> list[int]:
+    every = max(1, min(every, steps))
+    return sorted({*range(every, steps + 1, every), steps})
+
+
+def _check_store(cfg) -> None:
+    open_store(cfg)
+
+
+def jobs(cfg, methods=None) -> list[Job]:
+    from pipeline.methods.base import get_method
+
+    names = list(methods or cfg.train.methods)
+    for name in names:
+        try:
+            get_method(name)
+        except KeyError as exc:
+            raise UserError(exc.args[0]) from None
+    out = []
+    for name in names:
+        out_dir = cfg.stage_dir("train", name)
+        bounds = segment_boundaries(cfg.train.steps, cfg.train.checkpoint_every)
+        units = [Unit(f"steps-{b:06d}", {"kind": "segment", "until": b}, size=b - a)
+                 for a, b in zip([0, *bounds], bounds)]
+        units.append(Unit("export", {"kind": "export"}, size=1))
+        distributed = cfg.train.workers > 1
+        out.append(Job(stage="train", out_dir=out_dir, units=units,
+                       make_worker=functools.partial(TrainWorker, cfg, name, str(out_dir)),
+                       prepare=functools.partial(_check_store, cfg), sequential=True, item_name="steps",
+                       # the Ray Train workers hold the CPUs; the unit's actor only orchestrates them
+                       num_cpus=0 if distributed else 1,
+                       num_gpus=0 if distributed else (1 if cfg.device.startswith("cuda") else 0)))
+    return out
+
+
+def verify_unit(job: Job, unit: Unit) -> str | None:
+    """A finished segment must still have a loadable checkpoint at or past its step; the export its files."""
+    from pipeline.checkpoint import latest_step
+
+    if unit.params["kind"] == "export":
+        missing = [p for p in ("transformer", "scheduler", "flowsteer.json") if not (job.out_dir / "export" / p).exists()]
+        return f"export is missing {', '.join(missing)}" if missing else None
+    if latest_step(job.out_dir) < unit.params["until"]:
+        return f"no committed checkpoint at step {unit.params['until']}"
+    return None

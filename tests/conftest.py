@@ -1,0 +1,96 @@
+"""Shared test setup: Ray env, tiny configs (toy byo teacher; embedded teacher trained a few steps)."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+# Ray in tests: local cluster only, no auth prompt. Set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TOY_PROMPTS = ["a red square", "a blue circle", "a green triangle"]
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """`base` with `extra` laid over it, section by section (nested dicts merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def write_config(path, **sections) -> Path:
+    """Write a YAML run config made of the given top-level keys/sections; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def toy_sections(tmp_path) -> dict:
+    """Tiny settings on the toy byo teacher (1x8x8, random init): plumbing tests in seconds."""
+    tmp_path = Path(tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TOY_PROMPTS) + "\n")
+    return {
+        "root": str(tmp_path / "runs"),
+        "device": "cpu",
+        "teacher": {"kind": "byo", "factory": "pipeline.teachers.toy:make_toy_teacher", "kwargs": {}},
+        "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
+        "generate": {"prompts": str(prompts), "samples_per_prompt": 2, "shard_size": 4, "batch_size": 4},
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        "evaluate": {"n_samples": 8, "nfes": [1, 2, 4], "teacher_nfe": 8, "batch_size": 8},
+    }
+
+
+@pytest.fixture
+def toy_config(tmp_path) -> Path:
+    """Path of a YAML config for the toy byo teacher with tiny settings (root under tmp_path)."""
+    return write_config(tmp_path / "toy.yaml", **toy_sections(tmp_path))
+
+
+@pytest.fixture
+def make_toy_config(tmp_path):
+    """Factory: make_toy_config(name="x.yaml", **overrides) -> path; overrides deep-merge over the toy config."""
+    def make(name: str = "toy.yaml", **overrides) -> Path:
+        return write_config(tmp_path / name, **deep_merge(toy_sections(tmp_path), overrides))
+    return make
+
+
+# The embedded teacher at its real shape (1x32x32 digits, MiniLM prompts) but trained only a few steps,
+# with one transformer layer and one classifier epoch: tests that need its files run in seconds.
+EMBEDDED_TINY = {"num_layers": 1, "train_steps": 12, "batch_size": 16, "weak_checkpoint_step": 4,
+                 "classifier_epochs": 1, "checkpoint_every": 5}
+
+
+def embedded_sections(root) -> dict:
+    return {
+        "root": str(root),
+        "device": "cpu",
+        "teacher": {"kind": "embedded", "embedded": dict(EMBEDDED_TINY)},
+        "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
+        "generate": {"samples_per_prompt": 1, "shard_size": 5, "batch_size": 10},
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        "evaluate": {"n_samples": 20, "nfes": [1, 2, 4], "teacher_nfe": 8, "batch_size": 20},
+    }
+
+
+@pytest.fixture(scope="session")
+def embedded_tiny(tmp_path_factory):
+    """(config path, RunConfig) of an embedded run whose teacher stage has already run (tiny, few steps)."""
+    from pipeline.cli import run_stage
+    from schemas.config import load_config
+
+    base = tmp_path_factory.mktemp("embedded")
+    path = write_config(base / "embedded.yaml", **embedded_sections(base / "runs"))
+    cfg = load_config(path)
+    run_stage("teacher", cfg, "local")
+    return path, cfg

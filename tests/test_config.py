@@ -1,0 +1,94 @@
+"""Config: every user mistake is one line on stderr with exit code 2; defaults and fingerprints behave."""
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import write_config
+from pipeline.cli import EXAMPLE, app
+from schemas.config import ConfigError, RunConfig, load_config
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("sections, needles", [
+    ({"train": {"step": 10}}, ["unknown key", "train.step"]),                       # typo of train.steps
+    ({"teacher": {"kind": "embedded", "embeded": {}}}, ["unknown key", "teacher.embeded"]),
+    ({"train": {"steps": "many"}}, ["train.steps", "integer"]),                     # wrong type
+    ({"executor": "slurm"}, ["executor"]),                                          # not one of the choices
+    ({"schedule": {"teacher_steps": 10, "windows": 4}}, ["multiple of", "windows"]),
+    ({"teacher": {"kind": "sd3"}}, ["teacher.path is required"]),
+    ({"teacher": {"kind": "byo", "factory": "no_colon"}}, ["module:function"]),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path, sections, needles):
+    path = write_config(tmp_path / "bad.yaml", root=str(tmp_path / "runs"), **sections)
+    assert_one_line_error(run_cli("teacher", "--config", path), str(path), *needles)
+    assert not (tmp_path / "runs").exists()          # nothing ran
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(run_cli("status", "--config", tmp_path / "nope.yaml"), "not found", "nope.yaml")
+
+
+def test_bad_yaml_reports_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("root: runs\ntrain:\n  steps: [1, 2\n  lr: 0.1\n")
+    assert_one_line_error(run_cli("status", "--config", path), "not valid YAML", "line")
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    assert_one_line_error(run_cli("status", "-c", path), "mapping")
+
+
+def test_example_yaml_spells_out_every_default():
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    assert raw == RunConfig().model_dump(mode="json")      # every key present, every value the default
+    assert load_config(EXAMPLE) == RunConfig()
+
+
+def test_overrides_are_checked_like_the_file(tmp_path):
+    path = write_config(tmp_path / "c.yaml", root=str(tmp_path))
+    assert load_config(path, {"train.lr": 0.5}).train.lr == 0.5
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(path, {"train.lr": "fast"})
+
+
+def test_init_writes_a_loadable_config(tmp_path):
+    target = tmp_path / "flowsteer.yaml"
+    result = run_cli("init", target)
+    assert result.exit_code == 0, result.output
+    assert load_config(target) == RunConfig()
+    assert_one_line_error(run_cli("init", target), "exists")           # no silent overwrite
+    assert run_cli("init", target, "--force").exit_code == 0
+
+
+def test_stage_dirs_follow_the_sections_that_decide_them(tmp_path):
+    base = load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)))
+    new_lr = base.model_copy(update={"train": base.train.model_copy(update={"lr": 1e-5})})
+    for stage in ("teacher", "generate", "evaluate"):
+        assert new_lr.stage_dir(stage) == base.stage_dir(stage)      # a train.lr change keeps cached work
+    assert new_lr.stage_dir("train", "perflow") != base.stage_dir("train", "perflow")
+    # How work is spread (workers, methods list) does not change what a method's run produces.
+    more_workers = base.model_copy(update={"train": base.train.model_copy(update={"workers": 4})})
+    assert more_workers.stage_dir("train", "perflow") == base.stage_dir("train", "perflow")
+
+    teacher = base.teacher.model_copy(update={"seed": 1})
+    new_teacher = base.model_copy(update={"teacher": teacher})
+    for stage in ("teacher", "generate", "evaluate"):
+        assert new_teacher.stage_dir(stage) != base.stage_dir(stage)
+    assert new_teacher.stage_dir("train", "perflow") != base.stage_dir("train", "perflow")
+    assert base.stage_dir("train", "perflow").name.startswith("perflow-")

@@ -1,0 +1,256 @@
+"""Generate stage: plan, contents, determinism across executors / worker counts / kill-and-resume, faults."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.runner import JobFailed, job_status, read_record, run_job
+from pipeline.store import TrajectoryStore, noise_for, store_meta, store_path
+from schemas.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = str(REPO / "tests")
+SLOW = "test_generate:make_slow_toy_teacher"   # importable where PYTHONPATH has tests/ (Ray workers, CLI)
+
+
+def make_slow_toy_teacher(device="cpu", delay: float = 0.0, fail: bool = False, **kw):
+    """The toy teacher with a pause per forward call (so tests can strike mid-unit), or one that raises."""
+    from pipeline.teachers.toy import make_toy_teacher
+
+    teacher = make_toy_teacher(device=device, **kw)
+    forward = teacher.velocity
+
+    def velocity(x, sigma, cond):
+        if fail:
+            raise RuntimeError("teacher exploded on purpose")
+        time.sleep(delay)
+        return forward(x, sigma, cond)
+    teacher.velocity = velocity
+    return teacher
+
+
+@pytest.fixture
+def tests_on_path(monkeypatch):
+    """Child processes (Ray workers, the CLI) can import this module's teacher factory."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+def gen_config(make_toy_config, name="toy.yaml", delay=None, **generate):
+    over = {"generate": {"samples_per_prompt": 2, "shard_size": 2, "batch_size": 2, **generate}}
+    if delay is not None:
+        over["teacher"] = {"kind": "byo", "factory": SLOW, "kwargs": {"delay": delay}}
+    return load_config(make_toy_config(name, **over))
+
+
+def generate(cfg, executor="local", workers=None):
+    from stages.generate import jobs
+
+    [job] = jobs(cfg)
+    return job, run_job(job, executor, workers=workers, progress=False)
+
+
+def states_of(cfg) -> np.ndarray:
+    return np.asarray(TrajectoryStore.open(store_path(cfg)).states[:])
+
+
+# ---------------------------------------------------------------- contents
+def test_store_holds_the_teacher_trajectory(make_toy_config):
+    from pipeline.sampling import sample
+    from pipeline.schedule import fixed_sigmas
+    from pipeline.teachers import load_teacher
+
+    cfg = gen_config(make_toy_config, samples_per_prompt=3, shard_size=4, batch_size=3, record_every_step=True)
+    job, st = generate(cfg)
+    assert (st["done"], st["skipped"], len(job.units)) == (3, 0, 3)        # 9 samples in shards 4, 4, 1
+    store = TrajectoryStore.open(store_path(cfg), store_meta(cfg))
+    assert store.states.shape == (9, 5, 1, 8, 8) and store.steps.shape == (9, 9, 1, 8, 8)
+    assert np.array_equal(store.prompt_index, np.arange(9) % 3)
+    lo, hi = cfg.generate.guidance
+    assert ((store.guidance >= lo) & (store.guidance <= hi)).all() and len(set(store.guidance.tolist())) == 9
+    # Edge 0 is the sample's own noise; the window edges are every (M/K)-th teacher step.
+    assert torch.equal(torch.from_numpy(store.states[:, 0]), noise_for(store.seed, (1, 8, 8)))
+    assert np.array_equal(store.states[:], store.steps[:, ::2])
+    # The final edge is the teacher's CFG sample from that noise with that w (recomputed independently).
+    teacher = load_teacher(cfg)
+    i = np.array([1, 5, 8])
+    prompts = [store.prompts[p] for p in store.prompt_index[i]]
+    ref = sample(teacher.velocity, noise_for(store.seed[i], (1, 8, 8)), fixed_sigmas(8, 3.0),
+                 teacher.encode(prompts), teacher.encode([""] * 3), torch.from_numpy(store.guidance[i]))
+    assert torch.allclose(torch.from_numpy(store.states[i, -1]), ref, atol=1e-5)
+    assert torch.equal(store.cond(store.prompt_index[i])["encoder_hidden_states"], teacher.encode(prompts)["encoder_hidden_states"])
+    # Records carry the shard checksum; the per-sample plan table sits beside the store.
+    assert read_record(job.out_dir, "shard-00000")["checksum"]
+    import pyarrow.parquet as pq
+    assert pq.read_table(job.out_dir / "samples.parquet").num_rows == 9
+
+
+def test_rerun_skips_and_local_batches_do_not_matter_for_plan(make_toy_config):
+    cfg = gen_config(make_toy_config)
+    job, _ = generate(cfg)
+    before = {u.key: read_record(job.out_dir, u.key)["time"] for u in job.units}
+    _, st = generate(cfg)
+    assert st["skipped"] == len(job.units)
+    assert {u.key: read_record(job.out_dir, u.key)["time"] for u in job.units} == before
+
+
+# ---------------------------------------------------------------- faults
+def test_store_of_another_config_is_refused(make_toy_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    a = gen_config(make_toy_config, "a.yaml")
+    generate(a)
+    b_path = make_toy_config("b.yaml", schedule={"teacher_steps": 16},
+                             generate={"samples_per_prompt": 2, "shard_size": 2, "batch_size": 2})
+    b = load_config(b_path)
+    # train.store pointing at a store of another grid.
+    with pytest.raises(UserError, match=r"another config \(schedule.teacher_steps: store 8, config 16"):
+        TrajectoryStore.open(store_path(a), store_meta(b))
+    # A directory reused by another config: generate refuses it instead of mixing trajectories.
+    shutil.copytree(store_path(a), store_path(b))
+    res = CliRunner().invoke(app, ["generate", "--config", str(b_path)])
+    assert res.exit_code == 2 and "error: trajectory store" in res.output and "teacher_steps" in res.output
+    assert np.array_equal(states_of(a), np.asarray(TrajectoryStore.open(store_path(b), check_complete=False).states[:]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_shard_found_by_status_verify_and_redone(make_toy_config, damage):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = make_toy_config(generate={"samples_per_prompt": 2, "shard_size": 2, "batch_size": 2})
+    cfg = load_config(path)
+    job, _ = generate(cfg)
+    good = states_of(cfg)
+    shard_file = store_path(cfg) / "states" / "c" / "1" / "0" / "0" / "0" / "0"     # shard 1 of [S, K+1, C, H, W]
+    data = shard_file.read_bytes()
+    shard_file.write_bytes(data[: len(data) // 2] if damage == "truncate"
+                           else data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    res = CliRunner().invoke(app, ["status", "--config", str(path), "--verify"])
+    assert "corrupt: generate/shard-00001" in res.output, res.output
+    assert "corrupt: generate/shard-00000" not in res.output
+    assert job_status(job)["pending"] == 1
+    _, st = generate(cfg)
+    assert (st["done"], st["skipped"]) == (3, 2)
+    assert np.array_equal(states_of(cfg), good)
+
+
+def test_application_error_recorded_as_failed(make_toy_config, tests_on_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = make_toy_config(teacher={"kind": "byo", "factory": SLOW, "kwargs": {"fail": True}},
+                           generate={"samples_per_prompt": 1, "shard_size": 2})
+    with pytest.raises(JobFailed, match="teacher exploded on purpose"):
+        generate(load_config(path))
+    res = CliRunner().invoke(app, ["status", "--config", str(path)])
+    assert "failed shard-00000: RuntimeError: teacher exploded on purpose" in res.output
+
+
+def test_killed_cli_resumes_without_redoing_units(make_toy_config, tests_on_path):
+    """kill -9 the real CLI after its first unit record; the rerun finishes the rest, bit-identical."""
+    ref = gen_config(make_toy_config, "ref.yaml", shard_size=1, batch_size=1)
+    generate(ref)
+    slow_path = make_toy_config("slow.yaml", teacher={"kind": "byo", "factory": SLOW, "kwargs": {"delay": 0.03}},
+                                generate={"samples_per_prompt": 2, "shard_size": 1, "batch_size": 1})
+    cfg = load_config(slow_path)
+    records = cfg.stage_dir("generate") / "_records"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "generate", "--config", str(slow_path)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (records.is_dir() and any(records.glob("*.json"))) and time.time() < deadline:
+            assert proc.poll() is None, "generate exited before its first record"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = {p.name: p.read_bytes() for p in records.glob("*.json")}
+    assert 1 <= len(first) < 6, f"{len(first)} units done before the kill"
+    job, st = generate(cfg)
+    assert st["done"] == 6 and st["skipped"] == len(first)
+    assert all((records / name).read_bytes() == body for name, body in first.items())   # none written twice
+    assert np.array_equal(states_of(cfg), states_of(ref))
+
+
+# ---------------------------------------------------------------- Ray
+@pytest.fixture
+def ray_local(tests_on_path):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _kill_first_running_actor(stop: threading.Event, killed: list):
+    """Kill -9 the first Ray actor process seen inside a unit (`ray::_UnitActor.run`)."""
+    import psutil
+
+    while not stop.is_set() and not killed:
+        for p in psutil.process_iter(["cmdline"]):
+            if any("ray::_UnitActor.run" in c for c in (p.info["cmdline"] or [])):
+                p.send_signal(signal.SIGKILL)
+                killed.append(p.pid)
+                return
+        time.sleep(0.02)
+
+
+def test_ray_matches_local_for_any_worker_count_and_actor_death(make_toy_config, ray_local):
+    ref = gen_config(make_toy_config, "ref.yaml")
+    generate(ref)
+    for workers in (1, 2):
+        cfg = gen_config(make_toy_config, f"ray{workers}.yaml", delay=0.05 if workers == 2 else 0.0)
+        stop, killed = threading.Event(), []
+        watcher = threading.Thread(target=_kill_first_running_actor, args=(stop, killed))
+        if workers == 2:
+            watcher.start()
+        _, st = generate(cfg, "ray", workers=workers)
+        stop.set()
+        if workers == 2:
+            watcher.join()
+            assert killed, "no actor was caught mid-unit"
+        assert st["done"] == 3
+        assert np.array_equal(states_of(cfg), states_of(ref))
+
+
+def test_ray_cluster_survives_losing_a_worker_node(make_toy_config, tests_on_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ref = gen_config(make_toy_config, "ref.yaml", samples_per_prompt=4)
+    generate(ref)
+    cfg = gen_config(make_toy_config, "cluster.yaml", delay=0.05, samples_per_prompt=4)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        worker_node = cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False)
+        records = cfg.stage_dir("generate") / "_records"
+
+        def remove_after_first_record():
+            while not (records.is_dir() and any(records.glob("*.json"))):
+                time.sleep(0.02)
+            cluster.remove_node(worker_node)
+        t = threading.Thread(target=remove_after_first_record)
+        t.start()
+        _, st = generate(cfg, "ray", workers=2)
+        t.join()
+        assert st["done"] == 6
+        assert np.array_equal(states_of(cfg), states_of(ref))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

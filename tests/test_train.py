@@ -1,0 +1,232 @@
+"""Train stage: exact resume, non-finite stop, DataSource rows, export loadable by plain diffusers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import deep_merge, toy_sections, write_config
+from pipeline.checkpoint import latest_step, load_checkpoint
+from pipeline.cli import run_stage
+from pipeline.runner import JobFailed, read_record, run_job
+from schemas.config import load_config
+
+TRAIN = {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "online_fraction": 0.5,
+         "adversarial": {"disc_blocks": 1}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory):
+    """A generated toy trajectory store (one generate for the whole module) and its run's sections."""
+    base = tmp_path_factory.mktemp("train")
+    sections = deep_merge(toy_sections(base), {"train": TRAIN})
+    cfg = load_config(write_config(base / "gen.yaml", **sections))
+    run_stage("generate", cfg, "local")
+    return base, sections, cfg
+
+
+def config_at(toy_store, name: str, **train):
+    """A config with its own root that reads the module's store through `train.store`."""
+    base, sections, gen_cfg = toy_store
+    over = {"root": str(base / name), "train": {**train, "store": str(gen_cfg.stage_dir("generate"))}}
+    return load_config(write_config(base / f"{name}.yaml", **deep_merge(sections, over)))
+
+
+def train_job(cfg, method):
+    from stages.train import jobs
+
+    (job,) = jobs(cfg, methods=[method])
+    return job
+
+
+def losses(cfg, method):
+    path = cfg.stage_dir("train", method) / "losses.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    # timings differ run to run; everything else must not
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+
+@pytest.mark.parametrize("method", ["perflow", "flowsteer"])
+def test_resume_is_exact(toy_store, monkeypatch, method):
+    """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run."""
+    from pipeline.trainer import Trainer
+
+    whole = config_at(toy_store, f"whole-{method}")
+    run_job(train_job(whole, method), progress=False)
+
+    cut = config_at(toy_store, f"cut-{method}")
+    job = train_job(cut, method)
+    run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)     # steps 1, 2 committed
+    original = Trainer.train_step
+
+    def killed_after_three(self):
+        if self.step == 3:
+            raise RuntimeError("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_after_three)
+    with pytest.raises(JobFailed, match="simulated kill"):
+        run_job(train_job(cut, method), progress=False)
+    assert latest_step(cut.stage_dir("train", method)) == 2
+    assert [r["step"] for r in losses(cut, method)] == [1, 2, 3]          # step 3 was logged, not committed
+    monkeypatch.setattr(Trainer, "train_step", original)
+    torch.manual_seed(1234)                                                 # a fresh process's RNG
+    np.random.seed(1234)
+    run_job(train_job(cut, method), progress=False)
+
+    a, b = losses(whole, method), losses(cut, method)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert a == b
+    sa, sb = load_checkpoint(whole.stage_dir("train", method)), load_checkpoint(cut.stage_dir("train", method))
+    assert sa["step"] == sb["step"] == 4
+    for key in sa["student"]:
+        assert torch.equal(sa["student"][key], sb["student"][key]), key
+    assert (cut.stage_dir("train", method) / "export" / "flowsteer.json").is_file()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypatch):
+    from pipeline.methods.base import get_method
+
+    cfg = config_at(toy_store, "nan")
+    ota = get_method("ota")
+    original = ota.generator_losses
+
+    def poisoned(self, student, batch, step):
+        out = original(self, student, batch, step)
+        if step == 2:                         # the 3rd step (0-based index 2)
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ota, "generator_losses", poisoned)
+    with pytest.raises(JobFailed) as err:
+        run_job(train_job(cfg, "ota"), progress=False)
+    out_dir = cfg.stage_dir("train", "ota")
+    rec = read_record(out_dir, "steps-000004")
+    assert rec["status"] == "failed"
+    assert "NonFiniteLoss" in rec["message"] and "step 3" in rec["message"] and "'loss' is nan" in rec["message"]
+    assert "step 3" in str(err.value)
+    assert latest_step(out_dir) == 2
+    state = load_checkpoint(out_dir)
+    assert all(torch.isfinite(t).all() for t in state["student"].values())
+    assert not (out_dir / "export").exists()
+
+
+def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store):
+    """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment."""
+    from pipeline.data import DataSource
+    from pipeline.store import noise_for
+    from pipeline.teachers import load_teacher
+    from stages.train import open_store
+
+    _, _, cfg = toy_store
+    store = open_store(cfg)
+    teacher = load_teacher(cfg)
+    data = DataSource(cfg, teacher, store, "cpu", torch.Generator().manual_seed(0))
+    idx = np.arange(min(4, store.num_samples))
+    seeds = np.asarray(store.seed[:])[idx]
+    noise = torch.stack([torch.as_tensor(noise_for(int(s), teacher.sample_shape)) for s in seeds]).float()
+    k = torch.tensor([3, 1, 0, 2])[:len(idx)]
+    prompt = torch.as_tensor(np.asarray(store.prompt_index[:])[idx])
+    cond = {c: torch.as_tensor(np.asarray(v)).float() for c, v in store.cond(prompt.numpy()).items()}
+    w = torch.as_tensor(np.asarray(store.guidance[:])[idx]).float()
+    z_start, z_end = data.rollout(noise, k, cond, w)
+    c_start, c_end = store.segments(idx, k.numpy())
+    torch.testing.assert_close(z_start, torch.as_tensor(np.asarray(c_start)).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_end, torch.as_tensor(np.asarray(c_end)).float(), atol=1e-4, rtol=1e-4)
+
+    batch = data.segments(10, window_probs=(0.0, 0.0, 1.0, 0.0), online_fraction=0.3)
+    assert batch["online_mask"].tolist() == [False] * 7 + [True] * 3
+    assert (batch["k"] == 2).all()
+    assert torch.equal(batch["sigma_start"], data.windows[2].expand(10))
+    assert torch.equal(batch["sigma_end"], data.windows[3].expand(10))
+    # one teacher window from a cached start lands on the cached end
+    torch.testing.assert_close(data.teacher_window(batch["z_start"][:7], 2, {c: v[:7] for c, v in batch["cond"].items()},
+                                                   batch["guidance"][:7]), batch["z_end"][:7], atol=1e-4, rtol=1e-4)
+
+
+def test_export_loads_in_plain_diffusers_and_sd3_pipeline(toy_store, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
+    from pipeline.student import export_student, load_student
+    from pipeline.teachers import load_teacher
+    from stages.train import build_trainer, train_segment
+
+    # a LoRA student, trained 2 steps: the export merges the adapters into plain SD3 weights
+    cfg = config_at(toy_store, "lora", lora_rank=2, steps=2, checkpoint_every=2)
+    out_dir = cfg.stage_dir("train", "ota")
+    trainer = build_trainer(cfg, "ota", out_dir)
+    trainable = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n in trainable)
+    train_segment(trainer, out_dir, 2)
+    export = export_student(tmp_path / "export", "ota", trainer.ema_student(), cfg, (1, 8, 8))
+    plain = SD3Transformer2DModel.from_pretrained(export / "transformer")
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    teacher = load_teacher(cfg)
+    changed = [n for n, p in plain.named_parameters() if "attn" in n and not torch.equal(p, teacher.transformer.state_dict()[n])]
+    assert changed, "the merged LoRA update must change the attention weights"
+    student = load_student(export)
+    cond = teacher.encode(["a red square", "a blue circle"])
+    x = student.sample(torch.randn(2, 1, 8, 8), cond, nfe=4)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    assert json.loads((export / "flowsteer.json").read_text())["windows"] == 4
+
+    # a plain SD3 student export drives a StableDiffusion3Pipeline with the exported fixed scheduler
+    tiny = pytest.importorskip("tiny_sd3")
+    pipe_dir = tiny.build_tiny_sd3_pipeline(tmp_path / "tiny")
+    pipe = tiny.load_tiny_sd3_pipeline(pipe_dir)
+    export2 = export_student(tmp_path / "export2", "ota", pipe.transformer, cfg)
+    pipe.transformer = SD3Transformer2DModel.from_pretrained(export2 / "transformer")
+    pipe.scheduler = FixedFlowMatchEulerScheduler.from_pretrained(export2 / "scheduler")
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=1.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape[0] == 1 and np.isfinite(image).all()
+    assert pipe.scheduler.sigmas.tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
+
+
+def test_train_stage_rejects_store_of_another_teacher(toy_store):
+    from pipeline.errors import UserError
+    from stages.train import jobs
+
+    cfg = config_at(toy_store, "other", )
+    base, sections, gen_cfg = toy_store
+    other = load_config(write_config(base / "other.yaml", **deep_merge(sections, {
+        "root": str(base / "other"), "teacher": {"kwargs": {"seed": 7}},
+        "train": {"store": str(gen_cfg.stage_dir("generate"))}})))
+    (job,) = jobs(other, methods=["ota"])
+    with pytest.raises(UserError, match="store"):
+        job.prepare()
+    with pytest.raises(UserError, match="unknown method"):
+        jobs(cfg, methods=["nope"])
+
+
+def test_ray_train_two_workers_average_gradients(toy_store):
+    """train.workers=2: Ray Train runs the loop on 2 gloo ranks, each with its own seeds and batch share."""
+    import ray
+
+    cfg = config_at(toy_store, "ray", workers=2, steps=2, checkpoint_every=2)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        run_job(train_job(cfg, "ota"), progress=False)
+    finally:
+        ray.shutdown()
+    out_dir = cfg.stage_dir("train", "ota")
+    state = load_checkpoint(out_dir)
+    assert state["step"] == 2 and state["world"] == 2
+    r0, r1 = state["ranks"]
+    assert not torch.equal(r0["generator"], r1["generator"])          # rank-derived streams
+    assert all(torch.isfinite(t).all() for t in state["student"].values())
+    assert [json.loads(line)["step"] for line in (out_dir / "losses.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out_dir / "export" / "transformer").is_dir()

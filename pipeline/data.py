@@ -44,6 +44,10 @@ class DataSource:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
             self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
             self.num_prompts = int(store.prompt_embeds.shape[0])
+            # Prompt conditions are read on every batch: keep them in memory when they are small (the
+            # embedded digits: 10 prompts), else read the rows each batch needs from the store.
+            nbytes = sum(int(np.prod(a.shape)) * 4 for a in (store.prompt_embeds, store.pooled_embeds))
+            self._cond_cache = store.cond(np.arange(self.num_prompts)) if nbytes <= 64 << 20 else None
         else:
             self.num_prompts = 0
 
@@ -69,7 +73,10 @@ class DataSource:
         return self._randint(self.num_prompts, n)
 
     def _cond(self, prompt_index: torch.Tensor) -> dict:
-        cond = self.store.cond(prompt_index.numpy())
+        if self._cond_cache is not None:
+            cond = {k: v[prompt_index] for k, v in self._cond_cache.items()}
+        else:
+            cond = self.store.cond(prompt_index.numpy())
         return {k: torch.as_tensor(np.asarray(v)).to(self.device, torch.float32) for k, v in cond.items()}
 
     def noise_like(self, n: int) -> torch.Tensor:

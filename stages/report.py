@@ -1,13 +1,11 @@
 """Report stage: <root>/report/report.md and report.html with the ablation table, plots and image grids.
 
 Reads only files on disk: the evaluate stage's scores.parquet and grids, the run's completion records
-(timings). One unit, keyed by a hash of the scores and the selection, so the report is rewritten exactly
-when the scores (or the chosen methods) change.
+(timings). One unit (so `flowsteer status` shows it), redone on every run: it takes seconds.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import html
 import json
 import time
@@ -18,7 +16,7 @@ import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.runner import Job, Unit
+from pipeline.runner import Job, Unit, drop_record
 from schemas.config import RunConfig
 
 # metric -> (title, better, what it measures)
@@ -53,9 +51,10 @@ def jobs(cfg: RunConfig, methods=None) -> list[Job]:
     if not path.is_file():
         raise UserError(f"no scores at {path}: run `flowsteer evaluate` first")
     methods = list(methods or cfg.train.methods)
-    key = hashlib.sha256(path.read_bytes() + json.dumps(methods).encode()).hexdigest()[:12]
     worker = functools.partial(ReportWorker, cfg.model_dump(mode="json"), methods)
-    return [Job("report", report_dir(cfg), [Unit(f"report-{key}", {"methods": methods})], worker)]
+    # Rewritten on every run (a few seconds): scores, timings and the chosen methods may all have changed.
+    return [Job("report", report_dir(cfg), [Unit("report", {"methods": methods})], worker,
+                prepare=functools.partial(drop_record, report_dir(cfg), "report"))]
 
 
 def after(cfg: RunConfig, methods=None) -> str:
@@ -273,7 +272,8 @@ def timings_table(cfg: RunConfig, methods: list[str], rows: pd.DataFrame) -> str
         cols = sorted({int(n) for _, n in per.index})
         lines += ["", "Generation time per 1000 samples in seconds (this machine; teacher with CFG):", "",
                   "| checkpoint | " + " | ".join(f"{n} steps" for n in cols) + " |", "|---|" + "---:|" * len(cols)]
-        for c in dict.fromkeys(c for c, _ in per.index):
+        present = {c for c, _ in per.index}
+        for c in [c for c in ["teacher", *methods] if c in present]:
             cells = [f"{1000 * per.loc[(c, n), 'sampling_seconds'] / max(per.loc[(c, n), 'n'], 1):.1f}"
                      if (c, n) in per.index else "" for n in cols]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")

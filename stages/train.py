@@ -190,10 +190,28 @@ def jobs(cfg, methods=None) -> list[Job]:
 def verify_unit(job: Job, unit: Unit) -> str | None:
     """A finished segment must still have a loadable checkpoint at or past its step; the export its files."""
     from pipeline.checkpoint import latest_step
+    from pipeline.runner import is_done
 
+    if not is_done(job.out_dir, unit.key):
+        return None
     if unit.params["kind"] == "export":
         missing = [p for p in ("transformer", "scheduler", "flowsteer.json") if not (job.out_dir / "export" / p).exists()]
         return f"export is missing {', '.join(missing)}" if missing else None
     if latest_step(job.out_dir) < unit.params["until"]:
         return f"no committed checkpoint at step {unit.params['until']}"
     return None
+
+
+def after(cfg, methods=None) -> str | None:
+    """Where each method's export and loss log are, with its last logged loss."""
+    import json
+
+    lines = []
+    for name in methods or cfg.train.methods:
+        out_dir = cfg.stage_dir("train", name)
+        log = out_dir / LOSSES
+        rows = log.read_text().splitlines() if log.exists() else []
+        last = json.loads(rows[-1]) if rows else {}
+        loss = f", loss {last['loss']:.4g} at step {last['step']}" if "loss" in last else ""
+        lines.append(f"train: {name}: export {out_dir / 'export'}{loss}")
+    return "\n".join(lines) or None

@@ -91,6 +91,34 @@ def test_missing_inception_weights_is_a_user_error(tmp_path):
         fidlib.inception_space(tmp_path, "cpu")
 
 
+class _FakeInception(torch.nn.Module):
+    """A torchscript module shaped like clean-fid's inception-2015-12-05.pt: `.layers` maps [B,3,299,299] -> 2048."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.AdaptiveAvgPool2d(16),
+                                          torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 2048))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_inception_space_matches_cleanfid_wrapper_on_299_inputs(tmp_path):
+    """Local weights: our extractor equals clean-fid's InceptionV3W (no download) on its 299x299 inputs."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    torch.jit.script(_FakeInception()).save(str(tmp_path / fidlib.INCEPTION_FILE))
+    space = fidlib.inception_space(tmp_path / fidlib.INCEPTION_FILE, "cpu")
+    assert space.resize is None                      # clean-fid's own bicubic resize to 299 is used
+    batch = torch.rand(2, 3, 299, 299) * 255
+    expected = InceptionV3W(str(tmp_path), download=False)(batch)
+    torch.testing.assert_close(space.extract(batch), expected)
+    feats = fidlib.folder_features(fidlib.write_png_folder(_blobs(6, 0).clamp(0, 1), tmp_path / "x"), space,
+                                   batch_size=6)
+    assert feats.shape == (6, 2048)
+
+
 def test_cli_missing_inception_exits_2_with_one_line(make_toy_config, tmp_path):
     from pipeline.cli import app
 

@@ -189,14 +189,15 @@ def test_resume_keeps_the_teacher_and_restores_the_exact_target_ema(toy):
     for _ in range(2):
         run.train_step()
     state = copy.deepcopy({**run.state_dict(), "step": run.step})
-    saved_target = state["method"]["target"]
+    saved_target = state["ranks"][0]["method"]["target"]
     assert any(not torch.equal(v, original[k]) for k, v in saved_target.items())   # the EMA moved
 
     resumed = Trainer(cfg, "scflow", teacher, store, "cpu")
     resumed.load_state_dict(state)
     assert all(torch.equal(v, original[k]) for k, v in teacher.transformer.state_dict().items())
     assert all(torch.equal(v, saved_target[k]) for k, v in resumed.method.target.state_dict().items())
-    assert resumed.method.target is not resumed.student and resumed.method.ctx.teacher.transformer is teacher.transformer
+    assert resumed.method.target is not resumed.student
+    assert resumed.method.ctx.teacher.transformer is teacher.transformer
     # the next step is identical in the original run and the resumed one
     a, b = run.train_step(), resumed.train_step()
     assert a == pytest.approx(b, rel=1e-5)
@@ -236,3 +237,20 @@ def test_sampler_is_euler_on_the_fixed_grid_and_equals_multistep_consistency(toy
                 v = vel(x, t.expand(3), cond)
                 x = (1 - s) * (x - t * v) + s * (x + (1 - t) * v)
         assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_lora_student_gets_a_matching_target_and_resumes_it(toy):
+    from pipeline.trainer import Trainer
+
+    _, teacher, store = toy
+    cfg = toy_cfg(lora_rank=2, lr=1e-2, method_options={"scflow": {"lambda_gan": 0.0}})
+    run = Trainer(cfg, "scflow", teacher, store, "cpu")
+    run.train_step()
+    keys = run.student.state_dict().keys()
+    assert run.method.target.state_dict().keys() == keys and any("lora" in k for k in keys)
+    state = copy.deepcopy({**run.state_dict(), "step": run.step})
+    resumed = Trainer(cfg, "scflow", teacher, store, "cpu")
+    resumed.load_state_dict(state)
+    assert run.train_step() == pytest.approx(resumed.train_step(), rel=1e-5)
+    for k, v in run.method.target.state_dict().items():
+        assert torch.allclose(v, resumed.method.target.state_dict()[k], atol=1e-6), k

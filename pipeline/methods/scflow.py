@@ -112,15 +112,23 @@ class SCFlow(Method):
     # --- student and target EMA
     def make_student(self, teacher_transformer):
         student = super().make_student(teacher_transformer)
-        self.target = copy.deepcopy(student).eval().requires_grad_(False)
-        if self._pending_target is not None:
+        self._sync_target(student)        # a copy of the student AFTER its init from the teacher
+        return student
+
+    def _sync_target(self, student):
+        """Keep the target a copy of the student's structure: LoRA adapters are added after make_student,
+        so the first call after that (before any update) re-copies it; a loaded state is applied here."""
+        net = unwrap(student)
+        if self.target is None or self.target.state_dict().keys() != net.state_dict().keys():
+            self.target = copy.deepcopy(net).eval().requires_grad_(False)
+        if self._pending_target is not None and self._pending_target.keys() == self.target.state_dict().keys():
             self.target.load_state_dict(self._pending_target)
             self._pending_target = None
-        return student
 
     @torch.no_grad()
     def after_step(self, student, step):
         """Target EMA: theta- <- d theta- + (1 - d) theta (decay 0.9, SCFlow's target network)."""
+        self._sync_target(student)
         d = self.opt["target_decay"]
         src = unwrap(student).state_dict()
         for name, p in self.target.state_dict().items():
@@ -128,18 +136,17 @@ class SCFlow(Method):
             p.lerp_(q, 1 - d) if p.is_floating_point() else p.copy_(q)
 
     def state_dict(self):
-        state = {}
-        if self.target is not None:
-            state["target"] = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
-        return state
+        if self._pending_target is not None:
+            return {"target": self._pending_target}
+        return {"target": {k: v.detach().clone() for k, v in self.target.state_dict().items()}} if self.target else {}
 
     def load_state_dict(self, state):
         if "target" not in state:
             return
-        if self.target is None:
-            self._pending_target = state["target"]
-        else:
+        if self.target is not None and state["target"].keys() == self.target.state_dict().keys():
             self.target.load_state_dict(state["target"])
+        else:                             # before make_student, or before LoRA reshaped the student
+            self._pending_target = state["target"]
 
     # --- GAN on the one-step output (H5's discriminator and hinge losses: one way to do each thing)
     def discriminator(self):
@@ -157,7 +164,8 @@ class SCFlow(Method):
         seg = data.segments(n)
         t, z_t = on_trajectory_points(seg, self.ctx.cfg.schedule.shift, self.ctx.generator)
         out = {"z_t": z_t, "t": t, "k": seg["k"], "z_end": seg["z_end"], "cond": seg["cond"],
-               "guidance": seg["guidance"], "null_cond": data.null_cond(n), "z1": data.noise(n)["noise"]}
+               "guidance": seg["guidance"], "null_cond": data.null_cond(n),
+               "z1": torch.randn(z_t.shape, generator=self.ctx.generator, device=self.ctx.generator.device).to(z_t)}
         if self.discriminator() is not None:
             real = data.segments(n, window_probs=[0.0] * (len(self.ctx.windows) - 2) + [1.0])
             out.update(real=real["z_end"], real_cond=real["cond"])     # cached final samples
@@ -175,6 +183,7 @@ class SCFlow(Method):
         return z0
 
     def generator_losses(self, student, batch, step):
+        self._sync_target(student)
         o, vel = self.opt, lambda m: (lambda x, s, c: self.velocity(m, x, s, c))
         z_t, t, cond, w = batch["z_t"], batch["t"], batch["cond"], batch["guidance"]
         with torch.no_grad():

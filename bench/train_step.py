@@ -62,7 +62,8 @@ def main() -> None:
     teacher, store = load_teacher(cfg), open_store(cfg)
     frac = cfg.train.online_fraction
     variants = {"perflow": ("perflow", frac), "ota cache only": ("ota", 0.0),
-                f"ota online {frac:g}": ("ota", frac), "ota online 1.0": ("ota", 1.0)}
+                f"ota online {frac:g}": ("ota", frac), "ota online 1.0": ("ota", 1.0),
+                f"flowsteer online {frac:g}": ("flowsteer", frac)}
     trainers = {}
     for name, (method, f) in variants.items():
         c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"online_fraction": f})})

@@ -201,46 +201,79 @@ def _ray_init(address: str | None) -> None:
 
 
 def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None) -> None:
+    """Actors take units one at a time. A dead actor is killed and replaced by the runner (not restarted by
+    Ray) and a new actor gets work only once it is up, so a replacement that cannot be placed (its node is
+    gone, no capacity left) never holds a unit while live actors finish the queue."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     _ray_init(address)
     per = max(job.num_gpus, 1e-9) if job.num_gpus else job.num_cpus
     avail = ray.cluster_resources().get("GPU" if job.num_gpus else "CPU", 1)
     n_actors = 1 if job.sequential else max(1, min(len(pending), workers or int(avail // per) or 1))
-    actor_cls = ray.remote(num_cpus=job.num_cpus, num_gpus=job.num_gpus,
-                           max_restarts=job.max_retries, max_task_retries=0)(_UnitActor)
-    actors = [actor_cls.remote(job.make_worker, str(job.out_dir)) for _ in range(n_actors)]
-    queue, attempts, running = list(pending), {u.key: 0 for u in pending}, {}
-    idle = list(actors)
-    while queue or running:
-        while queue and idle:
-            actor, unit = idle.pop(), queue.pop(0)
-            running[actor.run.remote(unit)] = (actor, unit)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        actor, unit = running.pop(ready[0])
-        try:
-            state, _ = ray.get(ready[0])
-            bar.update(unit.size)
-            idle.append(actor)
-            if state == "failed" and job.sequential:
-                queue.clear()                 # later units build on this one: leave them pending
-        except RayActorError as exc:  # infrastructure: the actor or its node died mid-unit
-            attempts[unit.key] += 1
-            if attempts[unit.key] > job.max_retries:
-                write_record(job.out_dir, unit.key, "failed",
-                             message=f"worker died {attempts[unit.key]} times: {type(exc).__name__}")
-            else:
-                queue.append(unit)
-            # Ray restarts the actor (bounded by max_restarts); a permanently dead one is replaced.
-            idle.append(actor if _alive(actor) else actor_cls.remote(job.make_worker, str(job.out_dir)))
+    actor_cls = ray.remote(num_cpus=job.num_cpus, num_gpus=job.num_gpus, max_restarts=0,
+                           max_task_retries=0)(_UnitActor)
+    queue, attempts = list(pending), {u.key: 0 for u in pending}
+    running: dict[Any, tuple[Any, Unit]] = {}       # task ref -> (actor, unit)
+    starting: dict[Any, Any] = {}                   # readiness ref -> actor still being built
+    idle, spawned = [], []
+    start_failures, last_error = 0, ""
 
+    def start_actor() -> None:
+        actor = actor_cls.remote(job.make_worker, str(job.out_dir))
+        spawned.append(actor)
+        starting[actor.pid.remote()] = actor
 
-def _alive(actor) -> bool:
-    import ray
-
+    for _ in range(n_actors):
+        start_actor()
     try:
-        ray.get(actor.pid.remote(), timeout=120)
-        return True
-    except Exception:
-        return False
+        while queue or running:
+            while queue and idle:
+                actor, unit = idle.pop(), queue.pop(0)
+                running[actor.run.remote(unit)] = (actor, unit)
+            if not running and not starting:    # every worker failed to start: nothing left to run units
+                for unit in queue:
+                    write_record(job.out_dir, unit.key, "failed", message=f"no worker could start: {last_error}")
+                break
+            ready, _ = ray.wait(list(running) + list(starting), num_returns=1)
+            ref = ready[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayActorError as exc:    # make_worker raised (e.g. teacher missing) or it died starting
+                    start_failures += 1
+                    last_error = _short_error(exc)
+                    if queue and start_failures <= job.max_retries:
+                        start_actor()
+                continue
+            actor, unit = running.pop(ref)
+            try:
+                state, _ = ray.get(ref)
+                bar.update(unit.size)
+                idle.append(actor)
+                if state == "failed" and job.sequential:
+                    queue.clear()             # later units build on this one: leave them pending
+            except (RayActorError, RayTaskError) as exc:  # infrastructure: the actor or its node died mid-unit
+                attempts[unit.key] += 1
+                ray.kill(actor)
+                if is_done(job.out_dir, unit.key):        # it died after committing the record: keep that
+                    bar.update(unit.size)
+                elif attempts[unit.key] > job.max_retries:
+                    write_record(job.out_dir, unit.key, "failed",
+                                 message=f"worker died {attempts[unit.key]} times: {_short_error(exc)}")
+                else:
+                    queue.append(unit)
+                if queue:
+                    start_actor()             # bounded: every death mid-unit uses up one of that unit's tries
+    finally:
+        for actor in spawned:                 # free the CPUs/GPUs now, not when the handles are collected
+            ray.kill(actor)
+
+
+def _short_error(exc: BaseException) -> str:
+    """The most telling line of a Ray error (its root cause when Ray carries one)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    causes = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception", "Exit"))]
+    return (causes[-1] if causes else lines[0] if lines else type(exc).__name__)[:300]

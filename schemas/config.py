@@ -90,14 +90,14 @@ class AdversarialConfig(Section):
 
 class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
-    steps: int = 300
+    steps: int = 150                    # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
     batch_size: int = 32
     lr: float = 2e-4
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     online_fraction: float = 0.25       # share of each OTA batch from fresh online teacher rollouts
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
     workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)

@@ -161,6 +161,7 @@ def test_application_error_recorded_as_failed(make_toy_config, tests_on_path):
     assert "failed shard-00000: RuntimeError: teacher exploded on purpose" in res.output
 
 
+@pytest.mark.timeout(240)
 def test_killed_cli_resumes_without_redoing_units(make_toy_config, tests_on_path):
     """kill -9 the real CLI after its first unit record; the rerun finishes the rest, bit-identical."""
     ref = gen_config(make_toy_config, "ref.yaml", shard_size=1, batch_size=1)
@@ -210,6 +211,7 @@ def _kill_first_running_actor(stop: threading.Event, killed: list):
         time.sleep(0.02)
 
 
+@pytest.mark.timeout(240)
 def test_ray_matches_local_for_any_worker_count_and_actor_death(make_toy_config, ray_local):
     ref = gen_config(make_toy_config, "ref.yaml")
     generate(ref)
@@ -228,6 +230,7 @@ def test_ray_matches_local_for_any_worker_count_and_actor_death(make_toy_config,
         assert np.array_equal(states_of(cfg), states_of(ref))
 
 
+@pytest.mark.timeout(240)
 def test_ray_cluster_survives_losing_a_worker_node(make_toy_config, tests_on_path):
     import ray
     from ray.cluster_utils import Cluster

@@ -231,6 +231,7 @@ def test_flowsteer_gradients_reach_only_their_own_player():
     method, student, _ = flowsteer_setup()
     disc = method.discriminator()
     batch = method.batch(step=0)
+    assert len(batch["adv_rows"]) == 2                              # adv_fraction 0.5 of a batch of 4
     losses = method.generator_losses(student, batch, step=0)
     assert set(losses) >= {"loss", "distill", "adv", "fm", "online_share"}
     losses["loss"].backward()

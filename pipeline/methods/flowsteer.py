@@ -7,7 +7,8 @@ which is exactly the step the student takes at K-NFE inference, so the GAN (and 
 perceptual loss here since real and fake share their start) trains the jump that is actually sampled.
 Adversarial rows are resampled from OTA's batch so their windows follow train.adversarial.window_probs
 while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is exactly ota, and the GAN
-costs no teacher calls beyond OTA's.
+costs no teacher calls beyond OTA's. Only `method_options.flowsteer.adv_fraction` (default 0.5) of a batch's
+size is drawn for the GAN, which bounds its extra student and discriminator work per step.
 """
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class FlowSteer(OTA):
                             f"non-negative numbers (one per window of schedule.windows)")
         self.window_probs = probs / probs.sum()
         self.lambda_adv, self.lambda_fm = adv.lambda_adv, adv.lambda_fm
+        # share of the batch that gets a one-step jump + D calls: half keeps the GAN's cost per step small
+        self.adv_fraction = float(ctx.options.get("adv_fraction", 0.5))
+        if not 0 < self.adv_fraction <= 1:
+            raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {self.adv_fraction}")
         transformer = getattr(ctx.teacher, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
             raise UserError("flowsteer's discriminator is built from the teacher's SD3 transformer blocks; "
@@ -78,7 +83,8 @@ class FlowSteer(OTA):
     @torch.no_grad()
     def batch(self, step: int) -> dict:
         batch = super().batch(step)
-        batch["adv_rows"] = resample_windows(batch["k"], self.window_probs, len(batch["k"]), self.ctx.generator)
+        n = max(1, round(len(batch["k"]) * self.adv_fraction))
+        batch["adv_rows"] = resample_windows(batch["k"], self.window_probs, n, self.ctx.generator)
         return batch
 
     def one_step_jump(self, student, z_start, sigma_start, sigma_end, cond) -> torch.Tensor:

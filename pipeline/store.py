@@ -224,7 +224,8 @@ class TrajectoryStore:
     def shard_checksum(self, shard: int) -> str:
         """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
         lo, hi = self.shard_range(shard)
-        return checksum(np.asarray(self.states[lo:hi]), np.asarray(self.steps[lo:hi]) if self.steps is not None else None)
+        steps = np.asarray(self.steps[lo:hi]) if self.steps is not None else None
+        return checksum(np.asarray(self.states[lo:hi]), steps)
 
     def _shard_states(self, shard: int) -> np.ndarray:
         if shard in self._cache:
@@ -240,6 +241,12 @@ class TrajectoryStore:
     # ------------------------------------------------------------ reader API
     def segment(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(z at edge k, z at edge k+1) of sample i: window k of its teacher trajectory."""
+        if self._shard_bytes > self._cache_bytes or i // self.shard_size not in self._cache:
+            if not (0 <= i < self.num_samples and 0 <= k < self.windows):
+                raise IndexError(f"segment ({i}, {k}) out of range "
+                                 f"({self.num_samples} samples, {self.windows} windows)")
+            pair = np.asarray(self.states[int(i), int(k):int(k) + 2])   # one chunk read, no whole shard
+            return pair[0], pair[1]
         z0, z1 = self.segments([i], [k])
         return z0[0], z1[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ class GenerateWorker:
 
                 sample(self.velocity, noise, self.grid, cond, null, w, record)
         digest = st.write_shard(unit.params["shard"], states, steps)
-        return {"checksum": digest, "samples": hi - lo}
+        return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid()}
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:

@@ -24,10 +24,12 @@ TESTS = str(REPO / "tests")
 SLOW = "test_generate:make_slow_toy_teacher"   # importable where PYTHONPATH has tests/ (Ray workers, CLI)
 
 
-def make_slow_toy_teacher(device="cpu", delay: float = 0.0, fail: bool = False, **kw):
+def make_slow_toy_teacher(device="cpu", delay: float = 0.0, fail: bool = False, fail_load_if: str = "", **kw):
     """The toy teacher with a pause per forward call (so tests can strike mid-unit), or one that raises."""
     from pipeline.teachers.toy import make_toy_teacher
 
+    if fail_load_if and os.path.exists(fail_load_if):
+        raise RuntimeError("teacher weights unreadable on purpose")
     teacher = make_toy_teacher(device=device, **kw)
     forward = teacher.velocity
 
@@ -88,7 +90,8 @@ def test_store_holds_the_teacher_trajectory(make_toy_config):
     ref = sample(teacher.velocity, noise_for(store.seed[i], (1, 8, 8)), fixed_sigmas(8, 3.0),
                  teacher.encode(prompts), teacher.encode([""] * 3), torch.from_numpy(store.guidance[i]))
     assert torch.allclose(torch.from_numpy(store.states[i, -1]), ref, atol=1e-5)
-    assert torch.equal(store.cond(store.prompt_index[i])["encoder_hidden_states"], teacher.encode(prompts)["encoder_hidden_states"])
+    key = "encoder_hidden_states"
+    assert torch.equal(store.cond(store.prompt_index[i])[key], teacher.encode(prompts)[key])
     # Records carry the shard checksum; the per-sample plan table sits beside the store.
     assert read_record(job.out_dir, "shard-00000")["checksum"]
     import pyarrow.parquet as pq
@@ -212,22 +215,36 @@ def _kill_first_running_actor(stop: threading.Event, killed: list):
 
 
 @pytest.mark.timeout(240)
-def test_ray_matches_local_for_any_worker_count_and_actor_death(make_toy_config, ray_local):
+def test_ray_one_worker_killed_mid_unit_matches_local(make_toy_config, ray_local, tmp_path):
     ref = gen_config(make_toy_config, "ref.yaml")
     generate(ref)
-    for workers in (1, 2):
-        cfg = gen_config(make_toy_config, f"ray{workers}.yaml", delay=0.05 if workers == 2 else 0.0)
-        stop, killed = threading.Event(), []
-        watcher = threading.Thread(target=_kill_first_running_actor, args=(stop, killed))
-        if workers == 2:
-            watcher.start()
-        _, st = generate(cfg, "ray", workers=workers)
+    cfg = gen_config(make_toy_config, "ray.yaml", delay=0.05)
+    stop, killed = threading.Event(), []
+    watcher = threading.Thread(target=_kill_first_running_actor, args=(stop, killed))
+    watcher.start()
+    try:
+        job, st = generate(cfg, "ray", workers=1)
+    finally:
         stop.set()
-        if workers == 2:
-            watcher.join()
-            assert killed, "no actor was caught mid-unit"
-        assert st["done"] == 3
-        assert np.array_equal(states_of(cfg), states_of(ref))
+        watcher.join()
+    assert killed, "no actor was caught mid-unit"
+    assert st["done"] == 3
+    pids = {read_record(job.out_dir, u.key)["worker_pid"] for u in job.units}
+    assert killed[0] not in pids                 # the killed actor committed nothing; its replacement did
+    assert np.array_equal(states_of(cfg), states_of(ref))
+
+    # A worker that cannot even start (its teacher fails to load on the actor): units fail with the cause.
+    flag = tmp_path / "broken"
+    bad = load_config(make_toy_config("bad.yaml", teacher={"kind": "byo", "factory": SLOW,
+                                                            "kwargs": {"fail_load_if": str(flag)}},
+                                      generate={"max_retries": 0}))
+    from stages.generate import jobs
+
+    [job] = jobs(bad)
+    job.prepare()                                # the driver builds the store while the teacher still loads
+    flag.touch()
+    with pytest.raises(JobFailed, match="no worker could start: RuntimeError: teacher weights unreadable"):
+        run_job(job, "ray", progress=False)
 
 
 @pytest.mark.timeout(240)
@@ -235,25 +252,62 @@ def test_ray_cluster_survives_losing_a_worker_node(make_toy_config, tests_on_pat
     import ray
     from ray.cluster_utils import Cluster
 
-    ref = gen_config(make_toy_config, "ref.yaml", samples_per_prompt=4)
+    ref = gen_config(make_toy_config, "ref.yaml", samples_per_prompt=6)
     generate(ref)
-    cfg = gen_config(make_toy_config, "cluster.yaml", delay=0.05, samples_per_prompt=4)
+    cfg = gen_config(make_toy_config, "cluster.yaml", delay=0.1, samples_per_prompt=6)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         worker_node = cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
         records = cfg.stage_dir("generate") / "_records"
 
-        def remove_after_first_record():
-            while not (records.is_dir() and any(records.glob("*.json"))):
+        stop, removed = threading.Event(), []
+
+        def remove_when_both_actors_work():
+            # Both actors have committed a unit, so each is now inside its next one: the node dies mid-unit.
+            while not stop.is_set():
+                if len({read_record(records.parent, p.stem)["worker_pid"] for p in records.glob("*.json")}) >= 2:
+                    cluster.remove_node(worker_node)
+                    removed.append(True)
+                    return
                 time.sleep(0.02)
-            cluster.remove_node(worker_node)
-        t = threading.Thread(target=remove_after_first_record)
+        t = threading.Thread(target=remove_when_both_actors_work)
         t.start()
-        _, st = generate(cfg, "ray", workers=2)
-        t.join()
-        assert st["done"] == 6
+        try:
+            _, st = generate(cfg, "ray", workers=2)
+        finally:
+            stop.set()
+            t.join()
+        assert removed, "the run ended before both actors worked"
+        assert st["done"] == 9
+        assert len({read_record(records.parent, p.stem)["worker_pid"] for p in records.glob("*.json")}) >= 2
         assert np.array_equal(states_of(cfg), states_of(ref))
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_embedded_default_prompts_and_conditions(embedded_tiny):
+    """The embedded teacher: the ten digit prompts, their MiniLM conditions cached per prompt in the store."""
+    from pipeline.digits import DIGIT_PROMPTS
+    from pipeline.teachers import load_teacher
+
+    _, cfg = embedded_tiny
+    generate(cfg)
+    store = TrajectoryStore.open(store_path(cfg), store_meta(cfg))
+    assert store.prompts == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
+    enc = load_teacher(cfg).encode(DIGIT_PROMPTS)
+    got = store.cond(np.arange(10))
+    assert all(torch.equal(got[k], enc[k].float()) for k in enc)
+    assert np.isfinite(store.states[:]).all() and np.abs(store.states[:, -1]).max() < 10
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    import yaml
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(fillout_defaults(cluster))       # what `ray up` checks before launching anything
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types and any("g5" in t["node_config"]["InstanceType"] for t in types.values())
+    assert any("pip install" in c and "-e ." in c for c in cluster["setup_commands"])

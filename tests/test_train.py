@@ -200,7 +200,7 @@ def test_train_stage_rejects_store_of_another_teacher(toy_store):
     from pipeline.errors import UserError
     from stages.train import jobs
 
-    cfg = config_at(toy_store, "other", )
+    cfg = config_at(toy_store, "other")
     base, sections, gen_cfg = toy_store
     other = load_config(write_config(base / "other.yaml", **deep_merge(sections, {
         "root": str(base / "other"), "teacher": {"kwargs": {"seed": 7}},

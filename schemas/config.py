@@ -26,14 +26,14 @@ class EmbeddedTeacher(Section):
     attention_head_dim: int = 32
     num_attention_heads: int = 4
     max_tokens: int = 8                 # MiniLM tokens kept per prompt
-    train_steps: int = 1500
-    batch_size: int = 128
-    lr: float = 1e-3
+    train_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
     prompt_dropout: float = 0.1         # CFG training: empty prompt 10% of the time
     ema_decay: float = 0.995
-    weak_checkpoint_step: int = 300     # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
+    weak_checkpoint_step: int = 200     # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
     classifier_epochs: int = 6
-    checkpoint_every: int = 250         # resumable teacher training: a checkpoint every N steps
+    checkpoint_every: int = 100         # resumable teacher training: a checkpoint every N steps
 
 
 class TeacherConfig(Section):

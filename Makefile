@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-CONFIG  ?= configs/demo.yaml
+CONFIG  ?=              # empty = the packaged embedded default (schemas/example.yaml)
 
 .PHONY: setup demo test bench clean
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flowsteer demo --config $(CONFIG)
+	$(BIN)/flowsteer demo $(if $(CONFIG),--config $(CONFIG))
 
 test: $(STAMP)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests

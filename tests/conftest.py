@@ -94,3 +94,13 @@ def embedded_tiny(tmp_path_factory):
     cfg = load_config(path)
     run_stage("teacher", cfg, "local")
     return path, cfg
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (opt in with pytestmark usefixtures("one_thread")):
+    on a shared 2-core machine, spinning OpenMP threads make tiny steps 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

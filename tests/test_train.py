@@ -18,13 +18,7 @@ TRAIN = {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1, "on
          "adversarial": {"disc_blocks": 1}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,27 +11,11 @@ from pipeline.errors import UserError
 from pipeline.methods import ayf
 from pipeline.methods.ayf import FlowMapTransformer, flow_map, jvp_fd, jvp_torch, normalised_tangent
 from pipeline.methods.base import get_method
-from pipeline.teachers.toy import make_toy_teacher
-from tests.test_scflow import PROMPTS, build_store, toy_cfg
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = toy_cfg()
-    teacher = make_toy_teacher("cpu")
-    return cfg, teacher, build_store(tmp_path_factory.mktemp("store"), cfg, teacher)
+from tests.test_scflow import PROMPTS, make_method, toy, toy_cfg  # noqa: F401 (toy: shared fixture)
 
 
 def make_ayf(cfg, teacher, store, options=None, seed=0):
-    from pipeline.data import DataSource
-    from pipeline.methods.base import MethodContext
-
-    gen = torch.Generator().manual_seed(seed)
-    data = DataSource(cfg, teacher, store, "cpu", gen)
-    ctx = MethodContext(cfg=cfg, teacher=teacher, data=data, windows=data.windows, device=torch.device("cpu"),
-                        generator=gen, options=options or {})
-    return get_method("ayf-emd")(ctx)
+    return make_method("ayf-emd", cfg, teacher, store, options, seed)
 
 
 def trained_looking(teacher, seed=1):

@@ -60,12 +60,17 @@ def toy(tmp_path_factory):
     return cfg, teacher, build_store(tmp_path_factory.mktemp("store"), cfg, teacher)
 
 
-def make_scflow(cfg, teacher, store, options=None, seed=0):
+def make_method(name, cfg, teacher, store, options=None, seed=0):
+    """A registered method on the toy store, with its own seeded generator (shared with test_ayf)."""
     gen = torch.Generator().manual_seed(seed)
     data = DataSource(cfg, teacher, store, "cpu", gen)
     ctx = MethodContext(cfg=cfg, teacher=teacher, data=data, windows=data.windows, device=torch.device("cpu"),
                         generator=gen, options=options or {})
-    return get_method("scflow")(ctx)
+    return get_method(name)(ctx)
+
+
+def make_scflow(cfg, teacher, store, options=None, seed=0):
+    return make_method("scflow", cfg, teacher, store, options, seed)
 
 
 # ---------------------------------------------------------------- loss pieces on hand values

@@ -7,6 +7,9 @@ w ~ U[generate.guidance] from the method generator, the same law generate used.
 
 Every random choice comes from the method generator (seeded from (seed, rank), saved in checkpoints), and
 the real-data cursor is an explicit position (epoch, offset), so a resumed run draws the same batches.
+Real data is sharded across ranks: every rank walks the same per-epoch permutation (seeded from
+`shared_seed`, equal on all ranks) and takes its own slice of each global batch, so within an epoch no two
+ranks draw the same image.
 """
 from __future__ import annotations
 
@@ -23,8 +26,12 @@ from pipeline.schedule import fixed_sigmas
 class DataSource:
     """Batches for a method, drawn with `generator` on the CPU and moved to `device`."""
 
-    def __init__(self, cfg, teacher, store, device, generator: torch.Generator):
+    def __init__(self, cfg, teacher, store, device, generator: torch.Generator, rank: int = 0, world: int = 1,
+                 shared_seed: int | None = None):
         self.cfg, self.teacher, self.store = cfg, teacher, store
+        self.rank, self.world = rank, world
+        # Seeds the real-data permutation; the same on every rank (defaults to this rank's generator seed).
+        self.shared_seed = generator.initial_seed() if shared_seed is None else int(shared_seed)
         self.device = torch.device(device)
         self.generator = generator
         M, K = cfg.schedule.teacher_steps, cfg.schedule.windows
@@ -37,7 +44,7 @@ class DataSource:
         self.guidance_range = tuple(cfg.generate.guidance)
         self.wait_seconds = 0.0          # reading cached / real data (the data-wait of the loop)
         self.teacher_seconds = 0.0       # teacher solves done for data (online rollouts, window targets)
-        self._real_pos = [0, 0]          # (epoch, offset) into the real-data permutation
+        self._real_pos = [0, 0]          # (epoch, offset) of the global cursor into the real-data permutation
         self._null = None
         self._real = None
         if store is not None:
@@ -199,17 +206,20 @@ class DataSource:
         return self._real
 
     def _next_real(self, size: int, n: int) -> torch.Tensor:
-        """n indices walking an epoch-seeded permutation; the walk's position is checkpointed."""
-        out = []
-        while len(out) < n:
+        """This rank's n indices of the next global batch (n * world) on an epoch-seeded permutation.
+
+        All ranks advance the same global cursor, which is checkpointed; rank r keeps positions
+        [r n, (r + 1) n) of each global batch."""
+        glob = []
+        while len(glob) < n * self.world:
             epoch, offset = self._real_pos
-            g = torch.Generator().manual_seed((self.generator.initial_seed() + 1_000_003 * (epoch + 1)) % (1 << 63))
+            g = torch.Generator().manual_seed((self.shared_seed + 1_000_003 * (epoch + 1)) % (1 << 63))
             perm = torch.randperm(size, generator=g)
-            take = perm[offset:offset + n - len(out)].tolist()
-            out += take
+            take = perm[offset:offset + n * self.world - len(glob)].tolist()
+            glob += take
             offset += len(take)
             self._real_pos = [epoch + 1, 0] if offset >= size else [epoch, offset]
-        return torch.tensor(out, dtype=torch.long)
+        return torch.tensor(glob[self.rank * n:(self.rank + 1) * n], dtype=torch.long)
 
     def state_dict(self) -> dict[str, Any]:
         return {"real_pos": list(self._real_pos), "wait_seconds": self.wait_seconds,

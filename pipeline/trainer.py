@@ -79,7 +79,8 @@ class Trainer:
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
         generator = torch.Generator().manual_seed(derive_seed(tc.seed, "method", rank))
-        self.data = DataSource(self.cfg, teacher, store, self.device, generator)
+        self.data = DataSource(self.cfg, teacher, store, self.device, generator, rank, world,
+                               shared_seed=derive_seed(tc.seed, "method", 0))
         ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, windows=self.data.windows.to(self.device),
                             device=self.device, generator=generator, options=dict(tc.method_options.get(method_name, {})))
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).

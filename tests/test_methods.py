@@ -145,6 +145,24 @@ def test_perflow_window_start_interpolates_real_data_and_window_end_is_the_teach
     assert torch.allclose(batch["sigma_end"], fixed_sigmas(4, 3.0)[k + 1])
 
 
+def test_real_data_is_sharded_across_ranks_and_one_rank_draws_the_global_batch():
+    from pipeline.data import DataSource
+
+    cfg, teacher = toy_cfg(), make_toy_teacher("cpu")
+
+    def source(rank, world):          # each rank has its own generator, as in the trainer; the permutation is shared
+        gen = torch.Generator().manual_seed(100 + rank)
+        return DataSource(cfg, teacher, None, "cpu", gen, rank, world, shared_seed=7)
+
+    size, n = 10, 3                   # 3 rows per rank per step: a global batch of 6 on a 10-image epoch
+    ranks, single = [source(0, 2), source(1, 2)], source(0, 1)
+    for _ in range(4):                # 24 draws: crosses two epoch boundaries
+        drawn = [d._next_real(size, n) for d in ranks]
+        assert torch.equal(torch.cat(drawn), single._next_real(size, 2 * n))
+        assert all(d._real_pos == single._real_pos for d in ranks)
+    epoch0 = sorted(torch.cat([source(r, 2)._next_real(size, 5) for r in range(2)]).tolist())
+    assert epoch0 == list(range(size))    # one global batch = one whole epoch: every image once, no overlap
+
 # ---------------------------------------------------------------- OTA
 def test_ota_takes_authentic_segments_with_the_online_share_and_logs_it():
     cfg = toy_cfg(online_fraction=0.5)

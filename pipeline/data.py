@@ -30,7 +30,9 @@ class DataSource:
                  shared_seed: int | None = None):
         self.cfg, self.teacher, self.store = cfg, teacher, store
         self.rank, self.world = rank, world
-        # Seeds the real-data permutation; the same on every rank (defaults to this rank's generator seed).
+        # Seeds the real-data permutation and must be the same on every rank; alone, a rank may use its own seed.
+        if shared_seed is None and world > 1:
+            raise ValueError("DataSource with world > 1 needs a shared_seed equal on every rank")
         self.shared_seed = generator.initial_seed() if shared_seed is None else int(shared_seed)
         self.device = torch.device(device)
         self.generator = generator

@@ -162,6 +162,8 @@ def test_real_data_is_sharded_across_ranks_and_one_rank_draws_the_global_batch()
         assert all(d._real_pos == single._real_pos for d in ranks)
     epoch0 = sorted(torch.cat([source(r, 2)._next_real(size, 5) for r in range(2)]).tolist())
     assert epoch0 == list(range(size))    # one global batch = one whole epoch: every image once, no overlap
+    with pytest.raises(ValueError, match="shared_seed"):      # ranks with their own seeds would overlap
+        DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(1), 1, 2)
 
 # ---------------------------------------------------------------- OTA
 def test_ota_takes_authentic_segments_with_the_online_share_and_logs_it():

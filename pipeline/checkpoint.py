@@ -8,7 +8,6 @@ the pointer moves.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.runner import atomic_write_json
+from pipeline.files import atomic_write_json, atomic_write_stream
 
 POINTER = "latest.json"
 
@@ -45,12 +44,8 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int
     ckpt_dir = directory / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step-{step:06d}.pt"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:     # streamed, not via bytes: checkpoints of real students are large
-        torch.save({"step": step, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # streamed, not via bytes: checkpoints of real students are large
+    atomic_write_stream(path, lambda f: torch.save({"step": step, **state}, f))
     atomic_write_json(directory / POINTER, {"step": step, "file": str(path.relative_to(directory))})
     for old in sorted(ckpt_dir.glob("step-*.pt"))[:-keep]:
         if old != path:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
+
+from pipeline.files import atomic_write_json, atomic_write_parquet
 
 
 @dataclass(frozen=True)
@@ -52,28 +53,7 @@ class JobFailed(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------- atomic files and records
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via temp file + fsync + rename, so readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
-
-
+# ---------------------------------------------------------------- completion records
 def records_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "_records"
 
@@ -117,11 +97,7 @@ def write_plan(job: Job) -> None:
     """The plan as a Parquet table (unit key, size, params as JSON) beside the records."""
     table = pa.table({"key": [u.key for u in job.units], "size": [u.size for u in job.units],
                       "params": [json.dumps(u.params, sort_keys=True) for u in job.units]})
-    path = Path(job.out_dir) / "plan.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".plan.parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write_parquet(Path(job.out_dir) / "plan.parquet", table)
 
 
 def job_status(job: Job) -> dict[str, Any]:

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 from pipeline.methods.base import get_method
 
 META = "flowsteer.json"
@@ -24,22 +23,22 @@ META = "flowsteer.json"
 def export_student(directory, method_name: str, student_module: torch.nn.Module, cfg,
                    sample_shape: tuple[int, ...] | None = None) -> Path:
     """Write the export into a temp dir and rename it into place, so `directory` is whole or absent."""
+    directory = Path(directory)
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        _write_export(tmp, method_name, student_module, cfg, sample_shape)
+    return directory
+
+
+def _write_export(tmp: Path, method_name: str, student_module: torch.nn.Module, cfg, sample_shape) -> None:
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
 
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     get_method(method_name).save_student(student_module, tmp / "transformer")
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
     meta = {"method": method_name, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
             "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", method_name),
             "sample_shape": list(sample_shape) if sample_shape else None}
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    return directory
 
 
 @dataclass

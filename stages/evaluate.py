@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UserError
-from pipeline.runner import Job, Unit, atomic_write_bytes, is_done
+from pipeline.files import atomic_path, atomic_write_bytes, temp_name
+from pipeline.runner import Job, Unit, is_done
 from schemas.config import RunConfig
 
 NOISE_SEED_OFFSET = 1 << 40     # evaluation noise never coincides with the training trajectories' seeds
@@ -142,12 +143,9 @@ def prepare_reference(cfg: RunConfig) -> None:
     from pipeline.metrics.fid import write_png_folder
 
     images, _ = load_digits()
-    tmp = out.with_name(".digits.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_png_folder((images + 1) / 2, tmp)
-    (tmp / "_complete").write_text(f"{len(images)}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_path(out) as tmp:
+        write_png_folder((images + 1) / 2, tmp)
+        (tmp / "_complete").write_text(f"{len(images)}\n")
 
 
 def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
@@ -304,7 +302,7 @@ class EvalWorker:
         elif kind == "teacher":
             from pipeline.metrics.fidelity import load_outputs
 
-            tmp = self.root / ".tmp" / f"{key}-{id(self)}"
+            tmp = temp_name(self.root / ".tmp" / key)
             try:
                 images = self.teacher.decode(load_outputs(teacher_out, seeds).to(self.device)).cpu()
                 feats = folder_features(write_png_folder(images, tmp), self.space, self.device, ev.batch_size)

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_parquet
 from pipeline.runner import Job, Unit, drop_record, read_record
 from pipeline.store import (STORE_NAME, TrajectoryStore, generate_prompts, guidance_for, noise_for, sample_seeds,
                             shard_key, store_meta)
@@ -80,10 +80,7 @@ def _driver_device(name: str) -> str:
 
 
 def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".samples.parquet.tmp"
-    pq.write_table(pa.table(plan), tmp)
-    tmp.replace(out_dir / "samples.parquet")
+    atomic_write_parquet(out_dir / "samples.parquet", pa.table(plan))
 
 
 @contextlib.contextmanager

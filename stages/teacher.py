@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pipeline.runner import Job, Unit, atomic_write_json
+from pipeline.files import atomic_write_json
+from pipeline.runner import Job, Unit
 
 
 class TeacherWorker:

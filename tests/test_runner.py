@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.runner import (Job, JobFailed, Unit, atomic_write_bytes, job_status, read_record, run_job,
+from pipeline.files import atomic_write_bytes
+from pipeline.runner import (Job, JobFailed, Unit, job_status, read_record, run_job,
                              write_record)
 
 

@@ -99,7 +99,7 @@ def train_classifier(train: tuple[torch.Tensor, torch.Tensor], held_out: tuple[t
 
 
 def save_classifier(clf: DigitClassifier, path: Path) -> None:
-    from pipeline.runner import atomic_write_bytes
+    from pipeline.files import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save({"state_dict": clf.net.state_dict(), "feature_dim": clf.net.head.in_features}, buf)

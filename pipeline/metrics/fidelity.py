@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.runner import atomic_write_bytes
+from pipeline.files import atomic_write_bytes
 
 
 def per_sample_mse(student_x: torch.Tensor, teacher_x: torch.Tensor) -> torch.Tensor:

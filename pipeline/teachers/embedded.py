@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import io
 import os
-import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 from pipeline.teachers.base import TransformerTeacher, sd3_velocity
 
 TEXT_DIM = 384                          # MiniLM-L6 hidden size
@@ -82,12 +82,8 @@ def decode_digits(x: torch.Tensor) -> torch.Tensor:
 
 def save_model_dir(model, directory: Path) -> None:
     """save_pretrained into a temp dir, then rename: the dir is either absent or complete."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with atomic_path(directory) as tmp:
+        model.save_pretrained(str(tmp))
 
 
 def load_embedded_teacher(teacher_dir, ecfg, device="cpu") -> TransformerTeacher:
@@ -131,7 +127,7 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _save_checkpoint(path: Path, net, ema, opt, sched, step: int, gen: torch.Generator) -> None:
-    from pipeline.runner import atomic_write_bytes
+    from pipeline.files import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -131,13 +130,26 @@ class TrajectoryStore:
     @classmethod
     def create(cls, path: Path, meta: dict, prompts: list[str], sample_shape: Sequence[int], shard_size: int,
                teacher_steps: int, windows: int, plan: dict[str, np.ndarray], cond: dict[str, torch.Tensor],
-               null_cond: dict[str, torch.Tensor], record_every_step: bool = False) -> "TrajectoryStore":
+               null_cond: dict[str, torch.Tensor], record_every_step: bool = False,
+               run_attrs: dict | None = None) -> "TrajectoryStore":
         """Allocate every array (shards of `shard_size` samples), write the plan and conditions, mark created."""
         import zarr
 
+        from pipeline.files import atomic_path
+
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)             # a creation cut short: nothing in it can have been finished
+        if path.exists():                   # never deleted here: only `generate --rebuild` deletes a store
+            raise UserError(f"trajectory store {path} already exists; `flowsteer generate --rebuild` replaces it")
+        with atomic_path(path) as tmp:      # built aside, fsynced, renamed: an existing store.zarr is whole
+            cls._allocate(tmp, meta, prompts, sample_shape, shard_size, teacher_steps, windows, plan, cond,
+                          null_cond, record_every_step, run_attrs or {})
+        return cls.open(path, meta, mode="r+", check_complete=False)
+
+    @staticmethod
+    def _allocate(path: Path, meta: dict, prompts, sample_shape, shard_size: int, teacher_steps: int, windows: int,
+                  plan, cond, null_cond, record_every_step: bool, run_attrs: dict) -> None:
+        import zarr
+
         S, C = len(plan["seed"]), tuple(int(s) for s in sample_shape)
         shard = min(shard_size, S)
         g = zarr.open_group(str(path), mode="w")
@@ -153,19 +165,22 @@ class TrajectoryStore:
                 g.create_array(prefix + name, data=arr, chunks=(1, *arr.shape[1:]), compressors=None)
         # Written last: a store without `meta` is an interrupted creation and is rebuilt.
         g.attrs.update({"prompts": list(prompts), "sample_shape": list(C), "shard_size": shard,
-                        "cond_arrays": names, "teacher_steps": teacher_steps})
+                        "cond_arrays": names, "teacher_steps": teacher_steps, "run": dict(run_attrs)})
         g.attrs["meta"] = meta
-        return cls.open(path, meta, mode="r+", check_complete=False)
 
     @staticmethod
     def created(path: Path) -> bool:
-        """Whether `path` holds a store whose creation finished."""
-        import zarr
-
-        try:
-            return "meta" in zarr.open_group(str(path), mode="r").attrs
-        except Exception:
+        """Whether `path` holds a store. Stores are built aside and renamed into place, so an existing path
+        is a finished store; metadata that cannot be read is a UserError naming the file, never a reason to
+        rebuild (one bad read must not delete a store and its records)."""
+        path = Path(path)
+        if not path.exists():
             return False
+        attrs = _read_metadata(path / "zarr.json").get("attributes", {})
+        if "meta" not in attrs:
+            raise UserError(f"trajectory store {path} has no 'meta' in {path / 'zarr.json'} (an interrupted "
+                            f"creation or not a flowsteer store); {REBUILD_HINT}")
+        return True
 
     @classmethod
     def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
@@ -178,7 +193,13 @@ class TrajectoryStore:
             path = path / STORE_NAME
         if not cls.created(path):
             raise UserError(f"no trajectory store at {path}; run `flowsteer generate` first")
-        store = cls(zarr.open_group(str(path), mode=mode), path, cache_bytes)
+        try:
+            store = cls(zarr.open_group(str(path), mode=mode), path, cache_bytes)
+        except Exception as exc:  # an array's metadata is unreadable: name the file, delete nothing
+            for meta_file in sorted(path.glob("*/zarr.json")):
+                _read_metadata(meta_file)
+            raise UserError(f"trajectory store {path} cannot be opened ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); {REBUILD_HINT}") from None
         if expected_meta is not None:
             diff = meta_differences(store.meta, expected_meta)
             if diff:
@@ -218,8 +239,20 @@ class TrajectoryStore:
             key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
             (self.path / arr.path / key).unlink(missing_ok=True)
             arr[lo:hi] = np.ascontiguousarray(data, dtype=np.float32)
+            self._make_durable(self.path / arr.path / key)
         self._cache.pop(shard, None)
         return checksum(states, steps if self.steps is not None else None)
+
+    def _make_durable(self, shard_file: Path) -> None:
+        """Zarr renames a shard into place but never fsyncs it: fsync the file and every directory up to the
+        store, so the `done` record written after this never vouches for a shard a power cut lost."""
+        from pipeline.files import fsync_dir, fsync_file
+
+        fsync_file(shard_file)
+        d = shard_file.parent
+        while d != self.path.parent:
+            fsync_dir(d)
+            d = d.parent
 
     def shard_checksum(self, shard: int) -> str:
         """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
@@ -292,6 +325,22 @@ class TrajectoryStore:
     def null_cond(self, n: int) -> dict[str, torch.Tensor]:
         """The unconditional ("" prompt) condition, n rows."""
         return {k: v.expand(n, *v.shape[1:]).clone() for k, v in self._null.items()}
+
+
+REBUILD_HINT = ("nothing was deleted; `flowsteer generate --rebuild` (or `flowsteer status --verify --repair`) "
+                "deletes the store and generates it anew")
+
+
+def _read_metadata(meta_file: Path) -> dict:
+    """A Zarr metadata file as JSON; unreadable is a UserError naming it."""
+    try:
+        data = json.loads(Path(meta_file).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"trajectory store metadata {meta_file} cannot be read ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}); {REBUILD_HINT}") from None
 
 
 def shard_key(shard: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet
-from pipeline.runner import Job, Unit, drop_record, read_record
+from pipeline.runner import Job, Unit, drop_record, is_done, read_record
 from pipeline.store import (STORE_NAME, TrajectoryStore, generate_prompts, guidance_for, noise_for, sample_seeds,
                             shard_key, store_meta)
 
@@ -34,7 +35,7 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
             "seed": seeds, "guidance": guidance_for(seeds, lo, hi)}
 
 
-def jobs(cfg, **_) -> list[Job]:
+def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
     """One job: a unit per shard. Cheap (reads the prompt list only); the teacher loads in workers."""
     if cfg.generate.samples_per_prompt < 1 or cfg.generate.shard_size < 1 or cfg.generate.batch_size < 1:
         raise UserError("generate.samples_per_prompt, shard_size and batch_size must all be >= 1")
@@ -48,20 +49,26 @@ def jobs(cfg, **_) -> list[Job]:
     meta = store_meta(cfg)
     g = cfg.generate
     return [Job("generate", out_dir, units, functools.partial(GenerateWorker, cfg, meta),
-                prepare=functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units]),
+                prepare=functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units], rebuild),
                 num_cpus=g.cpus_per_worker, num_gpus=g.gpus_per_worker, max_retries=g.max_retries,
                 item_name="samples")]
 
 
-def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
-    """Driver side, before any unit: create the store (plan + prompt embeddings) or check the existing one."""
+def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool = False) -> None:
+    """Driver side under the stage lock, before any unit: create the store (plan + prompt embeddings) or
+    check the existing one. Only `rebuild` deletes a store; unreadable metadata is a UserError."""
     path = out_dir / STORE_NAME
+    for leftover in out_dir.glob(f".{STORE_NAME}.*.tmp"):           # a creation killed midway (we hold the lock)
+        shutil.rmtree(leftover, ignore_errors=True)
+    if rebuild and path.exists():
+        delete_store(out_dir, keys)
     plan = plan_samples(cfg)
     _write_sample_table(out_dir, plan)
     if TrajectoryStore.created(path):
-        TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        store = TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        _check_resume(cfg, store, out_dir, keys)
         return
-    for key in keys:                                                 # a rebuilt store has no finished shards
+    for key in keys:                                                 # a new store has no finished shards
         drop_record(out_dir, key)
     from pipeline.teachers import load_teacher
 
@@ -71,7 +78,26 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
         cond, null = teacher.encode(prompts), teacher.encode([""])
     TrajectoryStore.create(path, meta, prompts, teacher.sample_shape, cfg.generate.shard_size,
                            cfg.schedule.teacher_steps, cfg.schedule.windows, plan, cond, null,
-                           cfg.generate.record_every_step)
+                           cfg.generate.record_every_step, run_attrs={"batch_size": cfg.generate.batch_size})
+
+
+def _check_resume(cfg, store: TrajectoryStore, out_dir: Path, keys: list[str]) -> None:
+    """generate.batch_size is outside the fingerprint (a memory knob; a finished store reads the same to
+    training whatever it was), but the teacher's batched kernels round differently per batch size (~1e-5):
+    a half-made store is only resumed with the batch size it was started with (kept in its attrs)."""
+    started = store.group.attrs.get("run", {}).get("batch_size")
+    done = sum(is_done(out_dir, k) for k in keys)
+    if started is not None and started != cfg.generate.batch_size and 0 < done < len(keys):
+        raise UserError(f"generate.batch_size is {cfg.generate.batch_size} but the store {store.path} was started "
+                        f"with batch_size {started} ({done} of {len(keys)} shards done); resume with batch_size "
+                        f"{started} (results depend on it at ~1e-5) or pass --rebuild to start over")
+
+
+def delete_store(out_dir: Path, keys: list[str]) -> None:
+    """The only deletion of a store: `generate --rebuild` and `status --verify --repair` (under the lock)."""
+    shutil.rmtree(out_dir / STORE_NAME, ignore_errors=True)
+    for key in keys:
+        drop_record(out_dir, key)
 
 
 def _driver_device(name: str) -> str:
@@ -141,6 +167,22 @@ class GenerateWorker:
                 sample(self.velocity, noise, self.grid, cond, null, w, record)
         digest = st.write_shard(unit.params["shard"], states, steps)
         return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid()}
+
+
+def verify_job(job: Job) -> str | None:
+    """`status --verify`: the store's metadata must read (a problem here is reported, not repaired)."""
+    try:
+        if TrajectoryStore.created(job.out_dir / STORE_NAME):
+            TrajectoryStore.open(job.out_dir / STORE_NAME, check_complete=False)
+    except UserError as exc:
+        return str(exc).split("; nothing was deleted")[0]
+    return None
+
+
+def repair_job(job: Job) -> str:
+    """`status --verify --repair`: delete the unreadable store and its records."""
+    delete_store(job.out_dir, [u.key for u in job.units])
+    return f"deleted {job.out_dir / STORE_NAME} and its records; `flowsteer generate` rebuilds it"
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:

@@ -157,7 +157,7 @@ def status(config: Optional[Path] = ConfigOpt,
             continue
         try:
             jobs = mod.jobs(cfg)
-        except UserError as exc:
+        except (UserError, ConfigError) as exc:
             typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  ({exc})")
             continue
         for job in jobs:

@@ -148,6 +148,8 @@ class RunConfig(Section):
                 tr.pop(k)
             parts["train"] = tr
             parts["method"] = method
+            if self.train.store:         # the data trained on: the pointed store's own fingerprint
+                parts["store"] = pointed_store_fingerprint(self.train.store)
         if stage == "evaluate":
             # nfes and seeds only choose units (each unit's key holds its nfe and seed): adding one reuses the rest
             parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds"})
@@ -156,6 +158,23 @@ class RunConfig(Section):
     def stage_dir(self, stage: str, method: str | None = None) -> Path:
         name = f"{method}-{self.fingerprint(stage, method)}" if method else self.fingerprint(stage)
         return Path(self.root) / stage / name
+
+
+def pointed_store_fingerprint(store: str) -> str:
+    """The fingerprint a trajectory store (a store.zarr or the generate dir holding one) recorded when it was
+    made, read from its metadata alone; `train.store` enters the train fingerprint through it, so a store
+    of another generate seed or prompt set gives another train directory, never a stale 'done'."""
+    p = Path(store).expanduser()
+    meta_file = (p / "store.zarr" / "zarr.json") if (p / "store.zarr").is_dir() else p / "zarr.json"
+    try:
+        fp = json.loads(meta_file.read_text())["attributes"]["meta"]["fingerprint"]
+    except FileNotFoundError:
+        raise ConfigError(f"train.store: no trajectory store at {p}; run `flowsteer generate` with that "
+                          f"store's config first") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"train.store: the store metadata {meta_file} cannot be read "
+                          f"({type(exc).__name__})") from None
+    return str(fp)
 
 
 def fingerprint(obj: Any) -> str:

@@ -37,8 +37,12 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
 
 def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
     """One job: a unit per shard. Cheap (reads the prompt list only); the teacher loads in workers."""
-    if cfg.generate.samples_per_prompt < 1 or cfg.generate.shard_size < 1 or cfg.generate.batch_size < 1:
-        raise UserError("generate.samples_per_prompt, shard_size and batch_size must all be >= 1")
+    from schemas.config import MAX_COUNT
+
+    n_prompts = len(generate_prompts(cfg))
+    if n_prompts * cfg.generate.samples_per_prompt > MAX_COUNT:    # checked before anything is allocated
+        raise UserError(f"generate.samples_per_prompt: {n_prompts} prompts x {cfg.generate.samples_per_prompt} "
+                        f"= {n_prompts * cfg.generate.samples_per_prompt} samples is above the ceiling {MAX_COUNT}")
     # Absolute paths: Ray actors (maybe on other nodes, other working dirs) resolve the same files.
     cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
     out_dir = cfg.stage_dir("generate")

@@ -178,12 +178,18 @@ def prepare(cfg, out_dir: Path, units: list[Unit]) -> None:
 def jobs(cfg, methods=None) -> list[Job]:
     from pipeline.methods.base import get_method
 
+    from pipeline.teachers import teacher_depth
+
     names = list(methods or cfg.train.methods)
     for name in names:
         try:
             get_method(name)
         except KeyError as exc:
             raise UserError(exc.args[0]) from None
+    depth = teacher_depth(cfg)
+    if depth is not None and cfg.train.adversarial.disc_blocks > depth:
+        raise UserError(f"train.adversarial.disc_blocks is {cfg.train.adversarial.disc_blocks} but the teacher "
+                        f"transformer has {depth} blocks")
     out = []
     for name in names:
         out_dir = cfg.stage_dir("train", name)

@@ -128,6 +128,7 @@ def jvp_fd(module, cond, x, t, s, v, eps: float = 1e-4):
 @register
 class AlignYourFlow(Method):
     name = "ayf-emd"
+    option_defaults = DEFAULTS
     uses_cache = True
 
     def __init__(self, ctx):

@@ -55,6 +55,7 @@ def take(batch: dict, rows: torch.Tensor) -> dict:
 @register
 class FlowSteer(OTA):
     name = "flowsteer"
+    option_defaults = {"adv_fraction": 0.5, "spectral_norm": True}
     uses_cache = True
 
     def __init__(self, ctx):

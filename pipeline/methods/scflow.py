@@ -100,6 +100,7 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 @register
 class SCFlow(Method):
     name = "scflow"
+    option_defaults = DEFAULTS
     uses_cache = True
 
     def __init__(self, ctx):

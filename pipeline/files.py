@@ -190,6 +190,7 @@ class StageLock:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         stale_seen: tuple[str, float] | None = None
+        announced = False
         while True:
             fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -211,6 +212,11 @@ class StageLock:
                 if not self.wait:
                     raise StageBusy(f"{self.path.parent} is in use by {self.holder()} (another flowsteer run "
                                     f"writes there); wait for it to finish or rerun with --wait") from None
+                if not announced:
+                    import sys
+
+                    print(f"waiting: {self.path.parent} is in use by {self.holder()}", file=sys.stderr, flush=True)
+                    announced = True
                 time.sleep(self.poll_seconds)
                 continue
             except OSError as exc:

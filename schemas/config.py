@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -166,7 +167,7 @@ class EvaluateConfig(Section):
 
 class RunConfig(Section):
     root: str = "runs/demo"
-    device: str = Field("cpu", pattern=DEVICE)   # cpu | cuda | cuda:N | mps | auto
+    device: str = "cpu"                 # cpu | cuda | cuda:N | mps | auto
     seed: Seed = 0
     executor: Literal["local", "ray"] = "local"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -174,6 +175,13 @@ class RunConfig(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(DEVICE, value):
+            raise ValueError(f"device '{value}' is not one of cpu, cuda, cuda:N, mps, auto")
+        return value
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
     # so changing the learning rate keeps cached trajectories and changing the teacher does not.

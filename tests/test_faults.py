@@ -29,7 +29,7 @@ from schemas.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
-SLOW_TEACHER = {"kind": "byo", "factory": "fault_teachers:make_slow_toy_teacher", "kwargs": {"delay": 0.25}}
+SLOW_TEACHER = {"kind": "byo", "factory": "fault_teachers:make_slow_toy_teacher", "kwargs": {"delay": 0.15}}
 
 
 def cli(*args):
@@ -72,7 +72,17 @@ def test_a_held_stage_lock_refuses_a_second_run_naming_host_and_pid(make_toy_con
     (line,) = error_lines(res.output)
     assert f"host {socket.gethostname()} pid {os.getpid()}" in line and "--wait" in line
     assert not (cfg.stage_dir("generate") / "store.zarr").exists()      # the refused run wrote nothing
-    assert cli("generate", "-c", path).exit_code == 0                   # released: the next run goes ahead
+    # --wait: a run started while the lock is held waits for it, then goes ahead.
+    with StageLock(cfg.stage_dir("generate")) as lock:
+        waiter = spawn("generate", "-c", path, "--wait", cwd=path.parent)
+        line = waiter.stderr.readline()
+        assert line.startswith("waiting:") and f"pid {os.getpid()}" in line, line
+        time.sleep(1.0)
+        assert waiter.poll() is None                   # still waiting on us
+        lock.release()
+        out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, err
+    assert read_record(cfg.stage_dir("generate"), "shard-00001")["status"] == "done"
 
 
 def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
@@ -109,7 +119,7 @@ def test_lock_held_by_a_leftover_descriptor_of_a_dead_process_is_taken_over(tmp_
         keeper.wait()
 
 
-@pytest.mark.parametrize("offset", [0.0, 1.5, 3.0, 5.0])
+@pytest.mark.parametrize("offset", [0.0, 2.5])      # started together; staggered (the issue saw 1.5-5 s)
 def test_concurrent_generates_leave_the_store_of_a_single_run(make_toy_config, tmp_path, offset):
     single = load_config(make_toy_config("single.yaml", root=str(tmp_path / "single"), teacher=SLOW_TEACHER))
     assert cli("generate", "-c", tmp_path / "single.yaml").exit_code == 0
@@ -131,16 +141,6 @@ def test_concurrent_generates_leave_the_store_of_a_single_run(make_toy_config, t
     for j in range(2):
         assert read_record(both.stage_dir("generate"), f"shard-{j:05d}")["checksum"] == \
             read_record(single.stage_dir("generate"), f"shard-{j:05d}")["checksum"]
-    # --wait: a run started while another holds the lock waits for it, then finds everything done.
-    drop_record(both.stage_dir("generate"), "shard-00001")
-    with StageLock(both.stage_dir("generate")) as lock:
-        waiter = spawn("generate", "-c", path, "--wait", cwd=tmp_path)
-        time.sleep(2.0)
-        assert waiter.poll() is None                   # still waiting on us
-        lock.release()
-        out, err = waiter.communicate(timeout=300)
-    assert waiter.returncode == 0, err
-    assert np.array_equal(store_arrays(both)["states"], a["states"])
 
 
 def test_two_concurrent_trains_keep_one_ordered_loss_log(make_toy_config, tmp_path):

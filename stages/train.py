@@ -86,7 +86,7 @@ class TrainWorker:
 
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
         if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
-            self.trainer = None
+            self._drop_trainer()
             self.trainer = build_trainer(self.cfg, self.method, self.out_dir)
         return self.trainer
 
@@ -102,8 +102,13 @@ class TrainWorker:
         try:
             return train_segment(trainer, self.out_dir, until)
         except BaseException:
-            self.trainer = None           # uncommitted steps: the next unit reloads the checkpoint
+            self._drop_trainer()          # uncommitted steps: the next unit reloads the checkpoint
             raise
+
+    def _drop_trainer(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()          # its prefetch thread
+        self.trainer = None
 
     def _export(self) -> dict[str, Any]:
         from pipeline.student import export_student
@@ -126,8 +131,11 @@ def _ray_train_loop(config: dict) -> None:
     cfg, out_dir = config["cfg"], Path(config["out_dir"])
     device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
     trainer = build_trainer(cfg, config["method"], out_dir, device, rank, world)
-    if trainer.step < config["until"]:
-        train_segment(trainer, out_dir, config["until"])
+    try:
+        if trainer.step < config["until"]:
+            train_segment(trainer, out_dir, config["until"])
+    finally:
+        trainer.close()
 
 
 def train_distributed(cfg, method: str, out_dir: Path, until: int) -> dict[str, Any]:

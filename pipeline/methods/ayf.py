@@ -141,7 +141,7 @@ class AlignYourFlow(Method):
     def make_student(self, teacher_transformer):
         import copy
 
-        return FlowMapTransformer(copy.deepcopy(teacher_transformer)).train().requires_grad_(True)
+        return FlowMapTransformer(copy.deepcopy(teacher_transformer).float()).train().requires_grad_(True)
 
     @staticmethod
     def velocity(student, x, sigma, cond, s=None, **extra):

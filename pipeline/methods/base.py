@@ -51,10 +51,11 @@ class Method:
 
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
-        """The trainable student, initialised from the teacher (a deep copy by default)."""
+        """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights
+        even for a bf16 teacher, docs/precision.md)."""
         import copy
 
-        return copy.deepcopy(teacher_transformer).train().requires_grad_(True)
+        return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
 
     @classmethod
     def save_student(cls, student: torch.nn.Module, directory) -> None:

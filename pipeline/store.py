@@ -99,6 +99,14 @@ def meta_differences(stored: dict, expected: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "fingerprint"]
 
 
+def meta_mismatch(stored: dict, expected: dict, what: str, fix: str) -> None:
+    """Refuse a store made by another config: one line naming the first differing keys."""
+    diff = meta_differences(stored, expected)
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UserError(f"{what} was built from another config ({'; '.join(diff[:3])}{more}); {fix}")
+
+
 # ---------------------------------------------------------------- the store
 class TrajectoryStore:
     """Reader (and per-shard writer) of one trajectory store; holds no sample data beyond a small shard cache."""
@@ -180,11 +188,8 @@ class TrajectoryStore:
             raise UserError(f"no trajectory store at {path}; run `flowsteer generate` first")
         store = cls(zarr.open_group(str(path), mode=mode), path, cache_bytes)
         if expected_meta is not None:
-            diff = meta_differences(store.meta, expected_meta)
-            if diff:
-                more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-                raise UserError(f"trajectory store {path} was built from another config ({'; '.join(diff[:3])}{more}); "
-                                f"point train.store at a matching store or run `flowsteer generate`")
+            meta_mismatch(store.meta, expected_meta, f"trajectory store {path}",
+                          "point train.store at a matching store or run `flowsteer generate`")
         if check_complete:
             missing = store.missing_shards()
             if missing:

@@ -99,14 +99,14 @@ class Trainer:
         torch.manual_seed(derive_seed(tc.seed, "init"))
         self.method = get_method(method_name)(ctx)
         # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates)
-        self.student = self.method.make_student(teacher.transformer).to(self.device, torch.float32)
+        self.student = self.method.make_student(teacher.transformer).float().to(self.device)
         if tc.lora_rank > 0:
             add_lora(self.student, tc.lora_rank)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.disc = self.method.discriminator()
         if self.disc is not None:
-            self.disc.to(self.device, torch.float32)     # in place: the method holds the same module
+            self.disc.float().to(self.device)     # in place: the method holds the same module
         self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if self.disc is not None else []
         self.disc_opt = (torch.optim.AdamW(self.disc_params, lr=tc.adversarial.disc_lr, weight_decay=tc.weight_decay)
                          if self.disc is not None else None)

@@ -175,9 +175,10 @@ def jobs(cfg, methods=None) -> list[Job]:
     names = list(methods or cfg.train.methods)
     for name in names:
         try:
-            get_method(name)
+            method = get_method(name)
         except KeyError as exc:
             raise UserError(exc.args[0]) from None
+        method.check_config(cfg, cfg.train.method_options.get(name, {}))
     out = []
     for name in names:
         out_dir = cfg.stage_dir("train", name)

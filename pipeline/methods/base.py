@@ -49,6 +49,16 @@ class Method:
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
 
+    @classmethod
+    def check_config(cls, cfg, options: dict[str, Any]) -> None:
+        """Refuse, with one UserError line, a config this method cannot train (called before anything runs)."""
+
+    @classmethod
+    def x0_source(cls, cfg, options: dict[str, Any]) -> str | None:
+        """Where the method's clean samples x0 come from ("digits", "latents", "teacher_samples"; None: it uses
+        none); written into the export's flowsteer.json so the report can label the row."""
+        return None
+
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
         """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights

@@ -18,6 +18,14 @@ class OTA(PeRFlow):
     name = "ota"
     uses_cache = True
 
+    @classmethod
+    def check_config(cls, cfg, options) -> None:
+        """No x0 to check: OTA's windows are the teacher's own states."""
+
+    @classmethod
+    def x0_source(cls, cfg, options) -> str | None:
+        return None
+
     @torch.no_grad()
     def batch(self, step: int) -> dict:
         """On-trajectory windows, windows uniform (as PeRFlow), a fixed online share per batch."""

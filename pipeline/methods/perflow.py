@@ -15,8 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.data import has_real_data
+from pipeline.errors import UserError
 from pipeline.methods.base import Method, register
 from pipeline.schedule import shift_sigma
+
+X0_SOURCES = ("real", "teacher_samples")
 
 
 def unshift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -60,8 +64,26 @@ def uniform_windows(n: int, windows: int, generator: torch.Generator) -> torch.T
 @register
 class PeRFlow(Method):
     name = "perflow"
-    # real() comes from the dataset for the embedded teacher, and from the store's final samples otherwise
+    # x0 (docs/precision.md): real images, as PeRFlow trains: the MNIST digits (embedded teacher) or the
+    # run's latent store (data.images); `method_options.perflow.x0: teacher_samples` = the store's final
+    # samples instead, a different baseline ("reflow on teacher samples").
     uses_cache = True
+
+    @classmethod
+    def check_config(cls, cfg, options) -> None:
+        x0 = options.get("x0", "real")
+        if x0 not in X0_SOURCES:
+            raise UserError(f"train.method_options.{cls.name}.x0 must be one of {', '.join(X0_SOURCES)}, got {x0!r}")
+        if x0 == "real" and not has_real_data(cfg):
+            raise UserError(f"{cls.name} draws x0 from real images, and a {cfg.teacher.kind} teacher has none: set "
+                            f"data.images (then `flowsteer encode`), or train.method_options.{cls.name}.x0: "
+                            f"teacher_samples for reflow on teacher samples")
+
+    @classmethod
+    def x0_source(cls, cfg, options) -> str | None:
+        if options.get("x0", "real") == "teacher_samples":
+            return "teacher_samples"
+        return "digits" if cfg.teacher.kind == "embedded" else "latents"
 
     @property
     def num_windows(self) -> int:
@@ -71,7 +93,8 @@ class PeRFlow(Method):
     def batch(self, step: int) -> dict:
         """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window."""
         ctx = self.ctx
-        real = ctx.data.real(ctx.cfg.train.batch_size)
+        draw = ctx.data.teacher_samples if ctx.options.get("x0", "real") == "teacher_samples" else ctx.data.real
+        real = draw(ctx.cfg.train.batch_size)
         x0 = real["x0"].to(ctx.device)
         n = x0.shape[0]
         k = uniform_windows(n, self.num_windows, ctx.generator).to(ctx.device)

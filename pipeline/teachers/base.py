@@ -92,8 +92,8 @@ class TeacherAtPrecision:
         self.inner, self.dtype = teacher, dtype
         modules = [teacher] if isinstance(teacher, torch.nn.Module) else []
         modules += [m for m in vars(teacher).values() if isinstance(m, torch.nn.Module)]
-        for module in modules:
-            module.to(dtype)
+        for module in modules:            # .float()/.bfloat16()/.half(): diffusers' .to(dtype) warns on every model
+            {torch.float32: module.float, torch.bfloat16: module.bfloat16, torch.float16: module.half}[dtype]()
 
     def __getattr__(self, name):
         if name == "inner":               # not set yet (copy/pickle): no recursion

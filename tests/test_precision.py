@@ -211,3 +211,28 @@ def test_perflow_without_real_data_on_byo_teacher_is_one_error_line(make_toy_con
     bad = make_toy_config("badx0.yaml", train={"methods": ["perflow"], "method_options": {"perflow": {"x0": "noise"}}})
     result = CliRunner().invoke(app, ["train", "--config", str(bad)])
     assert result.exit_code == 2 and "train.method_options.perflow.x0 must be one of" in result.stderr
+
+
+# ---------------------------------------------------------------- a real SD3 pipeline in bf16
+def test_sd3_pipeline_in_bf16_generates_trains_every_method_and_samples(make_toy_config, tmp_path):
+    """The reported crash: a tiny random SD3 pipeline dir at teacher.dtype bfloat16 (not kwargs.dtype)."""
+    from tiny_sd3 import build_tiny_sd3_pipeline
+
+    pipe_dir = build_tiny_sd3_pipeline(tmp_path / "pipe")
+    path = make_toy_config("sd3.yaml", teacher={"kind": "sd3", "path": str(pipe_dir), "factory": None,
+                                                "dtype": "bfloat16"},
+                           generate={"samples_per_prompt": 1, "shard_size": 3, "batch_size": 3},
+                           train={"methods": METHODS, "steps": 1, "checkpoint_every": 1, "batch_size": 2,
+                                  "mixed_precision": "bf16", "adversarial": {"disc_blocks": 1}})
+    cfg = load_config(path)
+    run_stage("generate", cfg, "local")
+    run_stage("train", cfg, "local")
+    for method in METHODS:
+        state = load_checkpoint(cfg.stage_dir("train", method))
+        assert state["step"] == 1 and all(t.dtype == torch.float32 for t in state["student"].values()
+                                          if t.is_floating_point()), method
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["sample", "-c", str(path), "-p", "a red square", "--per-prompt", 2, "-n", "2",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()

@@ -19,12 +19,8 @@ from pipeline.errors import UserError
 
 
 def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so the names created or renamed in it are durable."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a directory so the names created or renamed in it are durable (the same call as for a file)."""
+    fsync_file(path)
 
 
 def fsync_file(path: str | Path) -> None:

@@ -7,7 +7,8 @@ Layout (`<root>/generate/<fp>/store.zarr`; S samples, P prompts, K windows, M te
     prompt_index  [S] int64                   row of prompt_embeds / pooled_embeds
     seed          [S] int64                   noise_for(seed, shape) is the sample's initial noise
     prompt_embeds [P, L, D], pooled_embeds [P, D'] (+ null_* [1, ...] for "")  teacher conditions
-    attrs         meta (the config sections that decide the store + fingerprint), prompts, shapes
+    attrs         meta (the config sections that decide the store + fingerprint), prompts, shapes, run
+                  (how it was made and must be resumed: batch_size; docs/reliability.md)
 Sample arrays are sharded `shard_size` samples per shard file, one writer per shard, one inner chunk
 per sample; everything is allocated when the store is created and never resized.
 """

@@ -31,13 +31,16 @@ def on_disk_dtype(store_dtype: str) -> str:
 
 def encode(values, store_dtype: str) -> np.ndarray:
     """float values (numpy or torch, any float dtype) -> the on-disk array of `store_dtype`."""
-    t = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    t = t.float().contiguous()
+    if isinstance(values, torch.Tensor):
+        a = values.detach().float().cpu().contiguous().numpy()
+    else:
+        a = np.ascontiguousarray(values, dtype=np.float32)
     if store_dtype == "float32":
-        return t.numpy()
+        return a
     if store_dtype == "float16":
-        return t.half().numpy()
+        return a.astype(np.float16)
     if store_dtype == "bfloat16":
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t.bfloat16().view(torch.int16).numpy().view(np.uint16)
     raise ValueError(f"store dtype '{store_dtype}' is not one of {', '.join(STORE_DTYPES)}")
 

@@ -295,7 +295,7 @@ def test_embedded_default_prompts_and_conditions(embedded_tiny):
     _, cfg = embedded_tiny
     generate(cfg)
     store = TrajectoryStore.open(store_path(cfg), store_meta(cfg))
-    assert store.prompts == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
+    assert list(store.prompts) == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
     enc = load_teacher(cfg).encode(DIGIT_PROMPTS)
     got = store.cond(np.arange(10))
     assert all(torch.equal(got[k], enc[k].float()) for k in enc)

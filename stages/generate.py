@@ -12,7 +12,6 @@ encodes its own shard's prompts on its worker's device and writes those conditio
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -25,7 +24,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet
-from pipeline.runner import Job, Unit, drop_record, read_record
+from pipeline.runner import Job, Unit, drop_record, read_record, torch_threads
 from pipeline.store import (PROMPTS_FILE, STORE_NAME, TrajectoryStore, guidance_for, noise_for, prompt_summary,
                             sample_seeds, shard_key, store_meta)
 from pipeline.typed_arrays import round_trip
@@ -98,17 +97,6 @@ def _copy_prompts(cfg, dest: Path) -> int:
 
 def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
     atomic_write_parquet(out_dir / "samples.parquet", pa.table(plan))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """CPU results can depend on the thread count: pin it per unit, the same under every executor."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 class GenerateWorker:

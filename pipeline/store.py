@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.typed_arrays import COND_ARRAYS, RowStore, create_rows, decode, digest, encode, shard_key  # noqa: F401
+from pipeline.typed_arrays import (COND_ARRAYS, RowStore, create_rows, decode, digest, encode, read_rows,  # noqa: F401
+                                   shard_key)
 
 FORMAT = 2
 STORE_NAME = "store.zarr"
@@ -319,7 +320,7 @@ class TrajectoryStore(RowStore):
                 out[rows] = data[local[:, None], ks[rows, None] + np.arange(2)]
         else:                                    # big latents: read only the chunks of the asked samples
             uniq, inv = np.unique(idx, return_inverse=True)
-            data = decode(np.asarray(self.states.oindex[uniq]), self.store_dtype)
+            data = decode(read_rows(self.states, uniq), self.store_dtype)
             out[:] = data[inv[:, None], ks[:, None] + np.arange(2)]
         return out[:, 0], out[:, 1]
 

@@ -133,7 +133,7 @@ def read_throughput(store_path: str, samples: int, batches: int = 50) -> float:
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     for _ in range(batches):
-        z0, _ = st.segments(rng.integers(0, samples, 64), rng.integers(0, st.windows, 64))
+        z0, _ = st.segments(rng.integers(0, samples, 64), rng.integers(0, st.num_windows, 64))
     return batches * 64 / (time.perf_counter() - t0)
 
 

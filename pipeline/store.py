@@ -29,11 +29,11 @@ import torch
 from pipeline.errors import UserError
 from pipeline.typed_arrays import (COND_ARRAYS, RowStore, create_rows, decode, digest, encode, read_rows,  # noqa: F401
                                    shard_key)
+from schemas.config import GENERATE_RUN_ONLY_KEYS
 
 FORMAT = 2
 STORE_NAME = "store.zarr"
 PROMPTS_FILE = "prompts.parquet"
-RUN_ONLY_KEYS = ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries")  # how, not what
 
 
 # ---------------------------------------------------------------- deterministic per-sample draws
@@ -111,16 +111,15 @@ def _scan(path: str, column: str | None, mtime_ns: int, size: int) -> tuple[int,
 
 def store_meta(cfg) -> dict[str, Any]:
     """The config sections that decide a store's contents, its fingerprint, and the prompts' hash."""
-    gen = cfg.generate.model_dump(mode="json")
-    for k in RUN_ONLY_KEYS:
-        gen.pop(k)
+    gen = cfg.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
     _, sha = prompt_summary(cfg)
     return {"format": FORMAT, "teacher": cfg.teacher.model_dump(mode="json"),
             "schedule": cfg.schedule.model_dump(mode="json"), "generate": gen,
             "device": cfg.device.split(":")[0], "prompts_sha256": sha, "fingerprint": cfg.fingerprint("generate")}
 
 
-def store_path(cfg) -> Path:
+def generated_store_path(cfg) -> Path:
+    """Where this run's generate stage writes its store (training may read another: stages/train.py)."""
     return cfg.stage_dir("generate") / STORE_NAME
 
 
@@ -140,12 +139,17 @@ def meta_differences(stored: dict, expected: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "fingerprint"]
 
 
+def mismatch_summary(differences: list[str], shown: int = 3) -> str:
+    """The first `shown` differences joined by '; ', then '(+N more)' when there are more."""
+    more = f" (+{len(differences) - shown} more)" if len(differences) > shown else ""
+    return "; ".join(differences[:shown]) + more
+
+
 def meta_mismatch(stored: dict, expected: dict, what: str, fix: str) -> None:
     """Refuse a store made by another config: one line naming the first differing keys."""
     diff = meta_differences(stored, expected)
     if diff:
-        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise UserError(f"{what} was built from another config ({'; '.join(diff[:3])}{more}); {fix}")
+        raise UserError(f"{what} was built from another config ({mismatch_summary(diff)}); {fix}")
 
 
 # ---------------------------------------------------------------- the store
@@ -161,7 +165,7 @@ class TrajectoryStore(RowStore):
         self.cond_in_shards: bool = bool(attrs.get("cond_in_shards", True))
         self.states = group["states"]
         self.steps = group["steps"] if "steps" in group else None
-        self.windows: int = self.states.shape[1] - 1
+        self.num_windows: int = self.states.shape[1] - 1
         # Per-sample scalars are tiny: read once.
         self.guidance = np.asarray(group["guidance"][:])
         self.prompt_index = np.asarray(group["prompt_index"][:])
@@ -179,7 +183,7 @@ class TrajectoryStore(RowStore):
     # ------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: Path, meta: dict, prompts: Sequence[str] | int, sample_shape: Sequence[int],
-               shard_size: int, teacher_steps: int, windows: int, plan: dict[str, np.ndarray],
+               shard_size: int, teacher_steps: int, num_windows: int, plan: dict[str, np.ndarray],
                cond: dict[str, torch.Tensor] | None = None, null_cond: dict[str, torch.Tensor] | None = None,
                record_every_step: bool = False, store_dtype: str = "float32", compressor: str = "none",
                cond_shapes: dict[str, Sequence[int]] | None = None) -> "TrajectoryStore":
@@ -204,7 +208,7 @@ class TrajectoryStore(RowStore):
         S, C = len(plan["seed"]), tuple(int(s) for s in sample_shape)
         shard = max(1, min(shard_size, S))
         g = zarr.open_group(str(path), mode="w")
-        for name, edges in [("states", windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
+        for name, edges in [("states", num_windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
             create_rows(g, name, S, (edges, *C), shard, store_dtype, compressor)
         for name, dtype in (("guidance", "float32"), ("prompt_index", "int64"), ("seed", "int64")):
             g.create_array(name, data=np.asarray(plan[name], dtype=dtype), chunks=(max(S, 1),))
@@ -295,9 +299,9 @@ class TrajectoryStore(RowStore):
     def segment(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(z at edge k, z at edge k+1) of sample i: window k of its teacher trajectory."""
         if self._shard_bytes > self._cache_bytes or i // self.shard_size not in self._cache:
-            if not (0 <= i < self.num_samples and 0 <= k < self.windows):
+            if not (0 <= i < self.num_samples and 0 <= k < self.num_windows):
                 raise IndexError(f"segment ({i}, {k}) out of range "
-                                 f"({self.num_samples} samples, {self.windows} windows)")
+                                 f"({self.num_samples} samples, {self.num_windows} windows)")
             pair = decode(np.asarray(self.states[int(i), int(k):int(k) + 2]), self.store_dtype)  # one chunk read
             return pair[0], pair[1]
         z0, z1 = self.segments([i], [k])
@@ -308,8 +312,8 @@ class TrajectoryStore(RowStore):
         idx, ks = np.asarray(indices, dtype=np.int64).reshape(-1), np.asarray(ks, dtype=np.int64).reshape(-1)
         if len(idx) != len(ks):
             raise ValueError(f"{len(idx)} sample indices but {len(ks)} window indices")
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples or ks.min() < 0 or ks.max() >= self.windows):
-            raise IndexError(f"segment index out of range (samples < {self.num_samples}, windows < {self.windows})")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples or ks.min() < 0 or ks.max() >= self.num_windows):
+            raise IndexError(f"segment index out of range (samples < {self.num_samples}, windows < {self.num_windows})")
         out = np.empty((len(idx), 2, *self.states.shape[2:]), dtype=np.float32)
         shards = idx // self.shard_size
         if self._shard_bytes <= self._cache_bytes:

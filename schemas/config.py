@@ -10,6 +10,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# generate keys that say how the work is run, not what it produces: left out of the generate fingerprint and of
+# the trajectory store's meta (pipeline/store.py), so changing them reuses the store
+GENERATE_RUN_ONLY_KEYS = ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries")
+
+
 class ConfigError(Exception):
     """A config problem, worded as one readable line."""
 
@@ -42,6 +47,8 @@ class TeacherConfig(Section):
     factory: str | None = None          # byo: "module:function" returning a Teacher
     describe: str | None = None         # byo: "module:function" returning its TeacherLayout without building it
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Precision every teacher call runs in (docs/precision.md); inputs are cast to it, outputs back to float32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
     seed: int = 0
 
@@ -51,6 +58,8 @@ class TeacherConfig(Section):
             raise ValueError("teacher.path is required when teacher.kind is 'sd3'")
         if self.kind == "byo" and (not self.factory or ":" not in self.factory):
             raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
+        if "dtype" in self.kwargs:
+            raise ValueError("teacher.kwargs.dtype is now teacher.dtype (float32 | bfloat16 | float16)")
         if self.describe is not None and ":" not in self.describe:
             raise ValueError("teacher.describe must be 'module:function'")
         return self
@@ -122,6 +131,9 @@ class TrainConfig(Section):
     seed: int = 0
     workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -170,6 +182,8 @@ class RunConfig(Section):
     # so changing the learning rate keeps cached trajectories and changing the teacher does not.
     def fingerprint(self, stage: str, method: str | None = None) -> str:
         parts: dict[str, Any] = {"teacher": self.teacher.model_dump(mode="json")}
+        if stage == "teacher":            # the embedded teacher trains in float32 whatever dtype it later runs in
+            parts["teacher"].pop("dtype")
         if stage in ("generate", "train", "evaluate"):
             parts["schedule"] = self.schedule.model_dump(mode="json")
         if stage in ("generate", "train", "encode"):
@@ -178,13 +192,10 @@ class RunConfig(Section):
             parts["data"] = self.data.model_dump(mode="json")
             parts["store"] = {k: getattr(self.generate, k) for k in ("store_dtype", "compressor")}
         if stage in ("generate", "train"):
-            gen = self.generate.model_dump(mode="json")
-            for k in ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries"):
-                gen.pop(k)              # how the work is run, not what it produces
-            parts["generate"] = gen
+            parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":
             tr = self.train.model_dump(mode="json")
-            for k in ("methods", "workers", "log_every", "checkpoint_every", "store"):
+            for k in ("methods", "workers", "log_every", "checkpoint_every", "store", "prefetch"):
                 tr.pop(k)
             parts["train"] = tr
             parts["method"] = method

@@ -110,7 +110,6 @@ class GenerateWorker:
         self.threads = cfg.generate.cpus_per_worker
         with torch_threads(self.threads):
             self.teacher = load_teacher(cfg)
-        self.dtype = getattr(self.teacher, "dtype", torch.float32)
         self.store = TrajectoryStore.open(cfg.stage_dir("generate") / STORE_NAME, meta, mode="r+",
                                           check_complete=False)
         self.teacher_seconds = 0.0
@@ -118,9 +117,9 @@ class GenerateWorker:
         self.per_window = cfg.schedule.teacher_steps // cfg.schedule.windows
 
     def velocity(self, x, sigma, cond):
-        """The teacher in its own dtype (bf16 on GPU); the ODE state stays float32."""
+        """The teacher (float32 in and out: load_teacher casts to teacher.dtype itself), timed."""
         t0 = time.perf_counter()
-        v = self.teacher.velocity(x.to(self.dtype), sigma, cond).float()
+        v = self.teacher.velocity(x, sigma, cond)
         self.teacher_seconds += time.perf_counter() - t0
         return v
 
@@ -153,8 +152,9 @@ class GenerateWorker:
                 rows = slice(b - lo, min(b + self.cfg.generate.batch_size, hi) - lo)
                 n = rows.stop - rows.start
                 noise = noise_for(st.seed[b:b + n], st.sample_shape).to(dev)
-                cond = {k: v[rows].to(dev, self.dtype) for k, v in shard_cond.items()}
-                null = {k: v.expand(n, *v.shape[1:]).to(dev, self.dtype) for k, v in shard_null.items()}
+                # float32 states and conditions: the teacher casts to teacher.dtype itself (load_teacher)
+                cond = {k: v[rows].to(dev) for k, v in shard_cond.items()}
+                null = {k: v.expand(n, *v.shape[1:]).to(dev) for k, v in shard_null.items()}
                 w = torch.from_numpy(st.guidance[b:b + n]).to(dev)
 
                 def record(i, x, sigma, v, rows=rows):

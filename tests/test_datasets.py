@@ -141,7 +141,7 @@ def test_bad_prompts_file_is_one_cli_line_and_writes_nothing(make_toy_config, tm
 def test_generate_from_a_parquet_caption_table(make_toy_config, tmp_path):
     """Prompts from a Parquet `caption` column: the store holds them beside it and each row's condition."""
     from pipeline.runner import run_job
-    from pipeline.store import TrajectoryStore, store_path
+    from pipeline.store import TrajectoryStore, generated_store_path
     from pipeline.teachers import load_teacher
     from schemas.config import load_config
     from stages.generate import jobs
@@ -152,7 +152,7 @@ def test_generate_from_a_parquet_caption_table(make_toy_config, tmp_path):
                                       teacher={"describe": "pipeline.teachers.toy:describe_toy_teacher"}))
     [job] = jobs(cfg)
     run_job(job, "local", progress=False)
-    store = TrajectoryStore.open(store_path(cfg))
+    store = TrajectoryStore.open(generated_store_path(cfg))
     assert list(store.prompts) == ROWS[:5] and store.num_prompts == 5 and str(store.states.dtype) == "float16"
     enc = load_teacher(cfg).encode(ROWS[:5])
     got = store.sample_cond([4, 0])

@@ -6,7 +6,8 @@ import importlib
 import torch
 
 from pipeline.errors import UserError
-from pipeline.teachers.base import Teacher, TeacherLayout, TransformerTeacher, sd3_velocity  # noqa: F401
+from pipeline.teachers.base import (DTYPES, Teacher, TeacherAtPrecision, TeacherLayout, TransformerTeacher,  # noqa: F401
+                                    sd3_velocity)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,9 +18,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
-    """The configured teacher, frozen, on `device` (default cfg.device)."""
-    dev = resolve_device(str(device or cfg.device))
+def load_teacher(cfg, device: str | torch.device | None = None) -> TeacherAtPrecision:
+    """The configured teacher, frozen, on `device` (default cfg.device), at `teacher.dtype`: every call casts
+    its inputs to that dtype and returns float32 (TeacherAtPrecision; docs/precision.md)."""
+    return TeacherAtPrecision(_load(cfg, resolve_device(str(device or cfg.device))), DTYPES[cfg.teacher.dtype])
+
+
+def _load(cfg, dev: torch.device):
     kind = cfg.teacher.kind
     if kind == "embedded":
         from pipeline.teachers.embedded import load_embedded_teacher
@@ -28,7 +33,7 @@ def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
     if kind == "sd3":
         from pipeline.teachers.sd3 import load_sd3_teacher
 
-        return load_sd3_teacher(cfg.teacher.path, dev, **cfg.teacher.kwargs)
+        return load_sd3_teacher(cfg.teacher.path, dev, dtype=cfg.teacher.dtype, **cfg.teacher.kwargs)
     factory = _import(cfg.teacher.factory, "teacher.factory")
     teacher = factory(device=dev, **cfg.teacher.kwargs)
     missing = [m for m in ("sample_shape", "encode", "velocity", "decode") if not hasattr(teacher, m)]

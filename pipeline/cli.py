@@ -22,6 +22,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help=__doc__ + "\n\nStages run in order: teacher -> generate -> train -> evaluate -> report. "
                   "Every stage skips finished units on rerun; `flowsteer status` shows where a run stands.")
 
+
+@app.callback()
+def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own loading "
+                                                 "bars, info logs and warnings (diffusers, transformers, hub).")):
+    from pipeline.quiet import set_verbose
+
+    set_verbose(verbose)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
                          "omitted = the embedded default (tiny SD3 teacher on MNIST).")
 ExecutorOpt = typer.Option(None, "--executor", "-e", help="local (in-process) or ray (actors); default from config.")

@@ -1,6 +1,6 @@
 """Training data for every method: cached teacher segments, online teacher rollouts, real data, noise.
 
-Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
+Guidance (CFG distillation, docs/methods.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
 carry the w their trajectory was generated with (the store's `guidance`); online, noise and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.

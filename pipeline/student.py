@@ -55,6 +55,9 @@ class Student:
 
 
 def load_student(directory, device="cpu") -> Student:
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
     directory = Path(directory)
     if not (directory / META).is_file():
         raise UserError(f"{directory} is not an exported student (no {META}); run `flowsteer train` first")

@@ -82,7 +82,7 @@ class GenerateConfig(Section):
 
 class AdversarialConfig(Section):
     disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = 0.1             # unknown in the paper: a choice, see METHODS.md
+    lambda_adv: float = 0.1             # unknown in the paper: a choice, see docs/methods.md
     lambda_fm: float = 0.0
     disc_lr: float = 2e-4
     window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
@@ -103,6 +103,7 @@ class TrainConfig(Section):
     workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
+    tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -144,7 +145,7 @@ class RunConfig(Section):
             parts["generate"] = gen
         if stage == "train":
             tr = self.train.model_dump(mode="json")
-            for k in ("methods", "workers", "log_every", "checkpoint_every", "store"):
+            for k in ("methods", "workers", "log_every", "checkpoint_every", "store", "tensorboard"):
                 tr.pop(k)
             parts["train"] = tr
             parts["method"] = method

@@ -19,6 +19,9 @@ def resolve_device(name: str) -> torch.device:
 
 def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
     """The configured teacher, frozen, on `device` (default cfg.device)."""
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
     dev = resolve_device(str(device or cfg.device))
     kind = cfg.teacher.kind
     if kind == "embedded":

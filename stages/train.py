@@ -253,7 +253,12 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     if not is_done(job.out_dir, unit.key):
         return None
     if unit.params["kind"] == "export":
-        missing = [p for p in ("transformer", "scheduler", "flowsteer.json") if not (job.out_dir / "export" / p).exists()]
+        import json
+
+        export = job.out_dir / "export"
+        meta = json.loads((export / "flowsteer.json").read_text()) if (export / "flowsteer.json").is_file() else {}
+        needed = ("flowsteer.json", meta.get("network", "transformer"), "scheduler", "README.md")
+        missing = [p for p in needed if not (export / p).exists()]
         return f"export is missing {', '.join(missing)}" if missing else None
     if latest_step(job.out_dir) < unit.params["until"]:
         return f"no committed checkpoint at step {unit.params['until']}"

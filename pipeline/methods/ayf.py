@@ -148,6 +148,10 @@ class AlignYourFlow(Method):
         """F(x, t, s); with s omitted, F(x, t, t): the instantaneous velocity (the s -> t limit)."""
         return student(x, sigma, sigma if s is None else s, cond)
 
+    # Not a drop-in: StableDiffusion3Pipeline would load the transformer without the gap embedding (it never
+    # passes s) and run Euler, which is neither F(x, t, t) nor the flow map; its samples differ silently.
+    drop_in = False
+
     @classmethod
     def save_student(cls, student, directory):
         """The diffusers transformer dir, plus the gap embedding (and its size) in a file inside it."""

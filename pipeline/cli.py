@@ -167,7 +167,7 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a method
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
            schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),
            guidance: Optional[float] = typer.Option(None, help="CFG scale (teacher only; default evaluate.guidance)."),
-           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the embedded set)."),
+           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the run's generate.prompts, first 10; the digits for the embedded teacher)."),
            per_prompt: int = typer.Option(8, help="Images per prompt."),
            seed: int = typer.Option(0),
            out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write.")):

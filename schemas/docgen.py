@@ -39,30 +39,28 @@ here (`train.adversarial.lambda_adv`); in YAML they nest. `<name>` stands for a 
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """`name: ... # comment` lines of a class body -> {name: comment} (continuation comments appended)."""
+    """`name: ... # comment` lines of a class body -> {name: comment}. A comment-only line right below,
+    starting in the same column as that comment, continues it; other comment lines belong to no key."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
-    out: dict[str, str] = {}
-    last = None
-    decl = re.compile(r"^\s{4}(\w+)\s*:")
-    lines = source.splitlines()
-    comment_at: dict[int, str] = {}
+    comment_at: dict[int, tuple[int, str]] = {}          # line -> (column, text)
     try:
         for tok in tokenize.generate_tokens(io.StringIO(source).readline):
             if tok.type == tokenize.COMMENT:
-                comment_at[tok.start[0]] = tok.string.lstrip("#").strip()
+                comment_at[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
     except (tokenize.TokenError, IndentationError):
         return {}
-    for i, line in enumerate(lines, start=1):
+    out: dict[str, str] = {}
+    decl = re.compile(r"^\s{4}(\w+)\s*:")
+    last, column = None, -1
+    for i, line in enumerate(source.splitlines(), start=1):
         m = decl.match(line)
-        if m and not line.lstrip().startswith(("def ", "@")):
-            last = m.group(1)
-            if i in comment_at:
-                out[last] = comment_at[i]
-        elif last and line.strip().startswith("#") and i in comment_at and last in out:
-            out[last] += " " + comment_at[i]          # a comment continued on the next line
+        if m and i in comment_at:
+            last, (column, out[last]) = m.group(1), comment_at[i]
+        elif last and line.strip().startswith("#") and comment_at.get(i, (None,))[0] == column:
+            out[last] += " " + comment_at[i][1]
         else:
             last = None
     return out

@@ -36,7 +36,8 @@ class _Variant(Section):
 
 
 class _Inner(Section):
-    depth: int = Field(3, ge=1)          # how deep
+    depth: int = Field(3, ge=1)          # how deep,
+                                         # continued
     # a comment line, not a key
     width: float = 0.5
 
@@ -52,11 +53,11 @@ def test_generator_walks_nested_sections_dicts_and_lists_and_reads_comments():
     undescribed: list[str] = []
     text = docgen.render(_Toy, undescribed)
     assert "| `name` | str | `\"x\"` |  | a name |" in text
-    assert "| `inner.depth` | int | `3` | >= 1 | how deep |" in text
+    assert "| `inner.depth` | int | `3` | >= 1 | how deep, continued |" in text
     assert "| `variants.<name>.method` | str | `\"ota\"` |  | the method it trains |" in text
     assert "| `variants.<name>.options` | dict | `{}` |  | its options |" in text
     assert "| `rows[].method` |" in text and "One named variant." in text
-    assert undescribed == ["inner.width"]          # the comment line above `width` is not its description
+    assert undescribed == ["rows", "inner.width"]  # the comment line above `width` is not its description
     assert docgen.documented_keys(_Toy) == ["name", "inner.depth", "inner.width", "variants",
                                             "variants.<name>.method", "variants.<name>.options", "rows",
                                             "rows[].method", "rows[].options"]
@@ -88,3 +89,14 @@ def test_every_docs_link_in_code_points_to_an_existing_file():
             cited |= set(re.findall(r"docs/[\w.-]+\.md", path.read_text()))
     missing = sorted(c for c in cited if not (ROOT / c).is_file())
     assert not missing, missing
+
+
+def test_links_between_docs_resolve():
+    """Relative links in docs/*.md resolve from docs/; the README draft's from the repo root (where it goes)."""
+    broken = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        base = ROOT if page.name == "_readme_draft.md" else page.parent
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (base / target).exists():
+                broken.append(f"{page.name} -> {target}")
+    assert not broken, broken

@@ -153,3 +153,14 @@ def write_model_card(export_dir, cfg, method: str, meta: dict[str, Any], scores_
     path = export_dir / CARD
     atomic_write_bytes(path, text.encode())
     return path
+
+
+def refresh_model_card(export_dir, cfg, scores_markdown: str | None) -> Path:
+    """Rewrite an existing export's card with its scores (called after evaluate, e.g. by the report stage)."""
+    import json
+
+    from pipeline.student import META
+
+    export_dir = Path(export_dir)
+    meta = json.loads((export_dir / META).read_text())
+    return write_model_card(export_dir, cfg, meta["method"], meta, scores_markdown)

@@ -115,16 +115,18 @@ def test_ayf_export_refuses_plain_diffusers_and_says_so(sd3_run):
 
 
 def test_card_rewritten_with_scores(sd3_run, tmp_path):
-    import json
+    import shutil
 
-    from pipeline.model_card import write_model_card
+    from pipeline.model_card import refresh_model_card
 
     cfg, _, ota, _, _ = sd3_run
-    meta = json.loads((ota / "flowsteer.json").read_text())
+    copy = shutil.copytree(ota, tmp_path / "export")
     table = "| NFE | FID |\n| ---: | ---: |\n| 4 | 12.5 |"
-    card = write_model_card(tmp_path, cfg, "ota", meta, scores_markdown=table, shown_path=str(ota))
-    _, body = card_parts(card.read_text())
+    before = card_parts((copy / "README.md").read_text())
+    card = refresh_model_card(copy, cfg, scores_markdown=table)
+    front, body = card_parts(card.read_text())
     assert "| 4 | 12.5 |" in body and "Not evaluated yet" not in body
+    assert front == before[0] and "## How to load" in body
 
 
 def test_hub_cache_snapshot_gives_base_model():

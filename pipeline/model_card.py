@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from pipeline.files import atomic_write_bytes
+from pipeline.schedule import fixed_sigmas
 
 CARD = "README.md"
 
@@ -112,7 +113,8 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
     options = cfg.train.method_options.get(method, {})
     training = yaml.safe_dump({"train": train, "method_options": {method: options}}, sort_keys=False).strip()
     scores = (scores_markdown.strip() + "\n" if scores_markdown else
-              "Not evaluated yet: `flowsteer evaluate` then `flowsteer report` add the scores here.\n")
+              "No scores yet: this card was written at export, before `flowsteer evaluate` scored the student.\n")
+    edges = ", ".join(f"{float(s):.4g}" for s in fixed_sigmas(sched.windows, sched.shift))
     return f"""---
 {fm}
 ---
@@ -123,8 +125,7 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 
 - **Teacher**: {teacher_description(cfg)}.
 - **Schedule**: the fixed FlowMatchEuler grid sigma_i = shift(1 - i/N), i = 0..N, shift {sched.shift:g}, ending
-  exactly at sigma = 0; {sched.windows} windows (`{', '.join(f'{1 - i / sched.windows:g}' for i in range(sched.windows + 1))}`
-  before the shift) on a {sched.teacher_steps}-step teacher grid.
+  exactly at sigma = 0: {sched.windows} windows with edges `{edges}`, on the {sched.teacher_steps}-step teacher grid.
 - **Steps (NFE)**: {sched.windows} recommended (one per window); 1, 2 and multiples of {sched.windows} also lie on the
   grid. Guidance-free: one network call per step.
 - **Fingerprint**: `{meta.get('fingerprint', '')}` (flowsteer's key of the config that made it).

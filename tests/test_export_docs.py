@@ -67,7 +67,8 @@ def test_card_has_hub_front_matter_and_its_three_lines_run_in_plain_diffusers(sd
     assert front["library_name"] == "diffusers" and front["pipeline_tag"] == "text-to-image"
     assert {"flowsteer", "ota", "sd3", "distillation"} <= set(front["tags"])
     assert "base_model" not in front                                # a local dir is no hub id: not invented
-    assert str(pipe_dir) in body and "Not evaluated yet" in body and "lr: 0.0002" in body
+    assert str(pipe_dir) in body and "No scores yet" in body and "lr: 0.0002" in body
+    assert "`1, 0.9, 0.75, 0.5, 0`" in body                         # the window edges, after the shift
     (block,) = python_blocks(body)
     assert len(block.strip().splitlines()) == 3
     scope: dict = {}
@@ -125,7 +126,7 @@ def test_card_rewritten_with_scores(sd3_run, tmp_path):
     before = card_parts((copy / "README.md").read_text())
     card = refresh_model_card(copy, cfg, scores_markdown=table)
     front, body = card_parts(card.read_text())
-    assert "| 4 | 12.5 |" in body and "Not evaluated yet" not in body
+    assert "| 4 | 12.5 |" in body and "No scores yet" not in body
     assert front == before[0] and "## How to load" in body
 
 

@@ -46,9 +46,17 @@ def _write_export(tmp: Path, method_name: str, student_module: torch.nn.Module, 
     get_method(method_name).save_student(student_module, tmp / network)
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
     meta = {"method": method_name, "network": network, "windows": cfg.schedule.windows,
-            "teacher_steps": cfg.schedule.teacher_steps, "shift": cfg.schedule.shift,
-            "fingerprint": cfg.fingerprint("train", method_name),
-            "sample_shape": list(sample_shape) if sample_shape else None}
+            "teacher_steps": cfg.schedule.teacher_steps,
+            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", method_name),
+            "sample_shape": list(sample_shape) if sample_shape else None,
+            # float32 weights whatever teacher.dtype / train.mixed_precision were (docs/precision.md)
+            "dtype": "float32", "teacher_dtype": cfg.teacher.dtype}
+    method = get_method(method_name)
+    x0 = method.x0_source(cfg, cfg.train.method_options.get(method_name, {}))
+    if x0 is not None:                # what the method's x0 was; the report labels teacher-sample reflow
+        meta["x0_source"] = x0
+        if x0 == "teacher_samples":
+            meta["label"] = "reflow on teacher samples"
     (tmp / META).write_text(json.dumps(meta, indent=1))
     write_model_card(tmp, cfg, method_name, meta, shown_path=shown_path)
 

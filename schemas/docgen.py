@@ -6,7 +6,8 @@
 Every field of RunConfig and of every section below it (also sections inside dicts and lists, e.g. a
 dict of named variants) becomes one row: dotted key, type, default, bounds and description. The
 description is the field's `Field(description=...)` when it has one, else the `# comment` on the line
-that declares it in the class source (the style schemas/config.py uses), else the `# comment` on its line
+that declares it (or the comment lines right above it) in the class source (the style schemas/config.py
+uses), else the `# comment` on its line
 in schemas/example.yaml (the commented config `flowsteer init` writes), else empty: `--check` lists those.
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ here (`train.adversarial.lambda_adv`); in YAML they nest. `<name>` stands for a 
 
 def _comments(cls: type) -> dict[str, str]:
     """`name: ... # comment` lines of a class body -> {name: comment}. A comment-only line right below,
-    starting in the same column as that comment, continues it; other comment lines belong to no key."""
+    starting in the same column as that comment, continues it; comment-only lines at the fields' own
+    indentation right above a field describe it when it has no comment of its own."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -53,16 +55,26 @@ def _comments(cls: type) -> dict[str, str]:
     except (tokenize.TokenError, IndentationError):
         return {}
     out: dict[str, str] = {}
-    decl = re.compile(r"^\s{4}(\w+)\s*:")
-    last, column = None, -1
+    decl = re.compile(r"^( {4})(\w+)\s*:")
+    last, column, above = None, -1, []
     for i, line in enumerate(source.splitlines(), start=1):
         m = decl.match(line)
-        if m and i in comment_at:
-            last, (column, out[last]) = m.group(1), comment_at[i]
-        elif last and line.strip().startswith("#") and comment_at.get(i, (None,))[0] == column:
+        comment_only = line.strip().startswith("#")
+        if m:
+            if i in comment_at:
+                last, (column, out[m.group(2)]) = m.group(2), comment_at[i]
+            else:
+                last = None
+                if above:
+                    out[m.group(2)] = " ".join(above)
+            above = []
+        elif comment_only and last and comment_at.get(i, (None,))[0] == column:
             out[last] += " " + comment_at[i][1]
-        else:
+        elif comment_only and comment_at.get(i, (None,))[0] == 4:
             last = None
+            above.append(comment_at[i][1])
+        else:
+            last, above = None, []
     return out
 
 

@@ -22,7 +22,7 @@ from pipeline.runner import Job, Unit
 LOSSES = "losses.jsonl"
 
 
-def store_path(cfg) -> Path:
+def training_store_path(cfg) -> Path:
     """The trajectory store: this run's generate output, or `train.store` (another run's store or its dir)."""
     return Path(cfg.train.store) if cfg.train.store else cfg.stage_dir("generate")
 
@@ -34,15 +34,14 @@ MUST_MATCH = ("format", "teacher", "schedule")
 
 def open_store(cfg):
     """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
-    from pipeline.store import TrajectoryStore, meta_differences, store_meta
+    from pipeline.store import TrajectoryStore, meta_differences, mismatch_summary, store_meta
 
-    store = TrajectoryStore.open(store_path(cfg))
+    store = TrajectoryStore.open(training_store_path(cfg))
     expected = store_meta(cfg)
     diff = meta_differences({k: store.meta.get(k) for k in MUST_MATCH}, {k: expected[k] for k in MUST_MATCH})
     if diff:
-        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise UserError(f"trajectory store {store.path} was made for another teacher or grid ({'; '.join(diff[:3])}"
-                        f"{more}); set train.store to a matching store or run `flowsteer generate`")
+        raise UserError(f"trajectory store {store.path} was made for another teacher or grid "
+                        f"({mismatch_summary(diff)}); set train.store to a matching store or run `flowsteer generate`")
     return store
 
 
@@ -129,8 +128,10 @@ class TrainWorker:
         return self.trainer
 
     def _drop_trainer(self) -> None:
-        if self.trainer is not None and self.trainer.tensorboard is not None:
-            self.trainer.tensorboard.close()
+        if self.trainer is not None:
+            self.trainer.close()          # its prefetch thread
+            if self.trainer.tensorboard is not None:
+                self.trainer.tensorboard.close()
         self.trainer = None
 
     def _on_step(self, step: int, values: dict[str, float]) -> None:
@@ -182,8 +183,11 @@ def _ray_train_loop(config: dict) -> None:
     cfg, out_dir = config["cfg"], Path(config["out_dir"])
     device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
     trainer = build_trainer(cfg, config["method"], out_dir, device, rank, world)
-    if trainer.step < config["until"]:
-        train_segment(trainer, out_dir, config["until"])
+    try:
+        if trainer.step < config["until"]:
+            train_segment(trainer, out_dir, config["until"])
+    finally:
+        trainer.close()
 
 
 def train_distributed(cfg, method: str, out_dir: Path, until: int) -> dict[str, Any]:
@@ -223,9 +227,10 @@ def jobs(cfg, methods=None) -> list[Job]:
     names = list(methods or cfg.train.methods)
     for name in names:
         try:
-            get_method(name)
+            method = get_method(name)
         except KeyError as exc:
             raise UserError(exc.args[0]) from None
+        method.check_config(cfg, cfg.train.method_options.get(name, {}))
     out = []
     teacher = SharedTeacher(cfg)          # one teacher load for every method of this invocation (per process)
     for name in names:

@@ -38,8 +38,11 @@ class _Variant(Section):
 class _Inner(Section):
     depth: int = Field(3, ge=1)          # how deep,
                                          # continued
-    # a comment line, not a key
+    # a comment line above a key describes it
     width: float = 0.5
+
+    # a comment after a blank line, then a key with its own comment
+    height: int = 2                      # its own
 
 
 class _Toy(Section):
@@ -57,8 +60,10 @@ def test_generator_walks_nested_sections_dicts_and_lists_and_reads_comments():
     assert "| `variants.<name>.method` | str | `\"ota\"` |  | the method it trains |" in text
     assert "| `variants.<name>.options` | dict | `{}` |  | its options |" in text
     assert "| `rows[].method` |" in text and "One named variant." in text
-    assert undescribed == ["rows", "inner.width"]  # the comment line above `width` is not its description
-    assert docgen.documented_keys(_Toy) == ["name", "inner.depth", "inner.width", "variants",
+    assert "| `inner.width` | float | `0.5` |  | a comment line above a key describes it |" in text
+    assert "| `inner.height` | int | `2` |  | its own |" in text
+    assert undescribed == ["rows"]
+    assert docgen.documented_keys(_Toy) == ["name", "inner.depth", "inner.width", "inner.height", "variants",
                                             "variants.<name>.method", "variants.<name>.options", "rows",
                                             "rows[].method", "rows[].options"]
 

@@ -9,6 +9,7 @@ Readers always get float32 back (`decode`). Compression (`none | zstd | blosc`) 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,13 +32,16 @@ def on_disk_dtype(store_dtype: str) -> str:
 
 def encode(values, store_dtype: str) -> np.ndarray:
     """float values (numpy or torch, any float dtype) -> the on-disk array of `store_dtype`."""
-    t = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    t = t.float().contiguous()
+    if isinstance(values, torch.Tensor):
+        a = values.detach().float().cpu().contiguous().numpy()
+    else:
+        a = np.ascontiguousarray(values, dtype=np.float32)
     if store_dtype == "float32":
-        return t.numpy()
+        return a
     if store_dtype == "float16":
-        return t.half().numpy()
+        return a.astype(np.float16)
     if store_dtype == "bfloat16":
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t.bfloat16().view(torch.int16).numpy().view(np.uint16)
     raise ValueError(f"store dtype '{store_dtype}' is not one of {', '.join(STORE_DTYPES)}")
 
@@ -85,6 +89,35 @@ def write_shard_rows(group_path, arr, shard: int, lo: int, data: np.ndarray) -> 
     key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
     (Path(group_path) / arr.path / key).unlink(missing_ok=True)
     arr[lo:lo + len(data)] = data
+    make_durable(Path(group_path), Path(group_path) / arr.path / key)
+
+
+def make_durable(group_path: Path, shard_file: Path) -> None:
+    """Zarr renames a shard into place but never fsyncs it: fsync the file and every directory up to the
+    store, so the `done` record written after it never vouches for a shard a power cut lost
+    (docs/reliability.md)."""
+    from pipeline.files import fsync_dir, fsync_file
+
+    fsync_file(shard_file)
+    d = Path(shard_file).parent
+    while d != Path(group_path).parent:
+        fsync_dir(d)
+        d = d.parent
+
+
+def read_metadata(meta_file: Path, hint: str) -> dict:
+    """A Zarr metadata file as JSON; unreadable is a UserError naming it (never "no store": one bad read
+    must not get a store and its records deleted)."""
+    import json
+
+    try:
+        data = json.loads(Path(meta_file).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"store metadata {meta_file} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); "
+                        f"{hint}") from None
 
 
 def digest(*arrays: np.ndarray | None) -> str:
@@ -94,6 +127,30 @@ def digest(*arrays: np.ndarray | None) -> str:
         if a is not None:
             h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
+
+
+def read_rows(arr, rows: np.ndarray, threads: int = 4) -> np.ndarray:
+    """arr[rows] for sorted unique `rows`, one slice per run of consecutive rows, runs read in a few threads.
+    (Zarr's own `oindex` on a sharded array is ~100x slower here: it decodes shard by shard per request.)"""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    if not len(rows):
+        return out
+    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
+    runs = [(int(rows[r[0]]), int(rows[r[-1]]) + 1, int(r[0])) for r in np.split(np.arange(len(rows)), cuts)]
+
+    def one(run):
+        lo, hi, at = run
+        out[at:at + hi - lo] = arr[lo:hi]
+    if len(runs) == 1 or threads <= 1:
+        for run in runs:
+            one(run)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(runs))) as pool:
+            list(pool.map(one, runs))
+    return out
 
 
 def shard_key(shard: int) -> str:
@@ -117,15 +174,55 @@ class RowStore:
         self.store_dtype: str = attrs.get("store_dtype", "float32")
         self.num_samples: int = int(attrs["num_rows"])
 
+    # what to do about unreadable metadata (a subclass names its own rebuild command)
+    rebuild_hint = "nothing was deleted; move the store away to rebuild it"
+
+    @classmethod
+    def created(cls, path: Path) -> bool:
+        """Whether `path` holds a store. Stores are built aside and renamed into place (`build_aside`), so
+        an existing path is a finished store; metadata that cannot be read is a UserError naming the file."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        meta_file = path / "zarr.json"
+        if "meta" not in read_metadata(meta_file, cls.rebuild_hint).get("attributes", {}):
+            raise UserError(f"{cls.kind} {path} has no 'meta' in {meta_file} (an interrupted creation by an older "
+                            f"version, or not a flowsteer store); {cls.rebuild_hint}")
+        return True
+
+    @classmethod
+    @contextlib.contextmanager
+    def build_aside(cls, path: Path):
+        """Yield a temp path to build a new store in; on success it is fsynced and renamed to `path`. Never
+        replaces an existing store (only an explicit rebuild deletes one)."""
+        from pipeline.files import atomic_path
+
+        path = Path(path)
+        if path.exists():
+            raise UserError(f"{cls.kind} {path} already exists; {cls.rebuild_hint}")
+        with atomic_path(path) as tmp:
+            yield tmp
+
     @staticmethod
-    def created(path: Path) -> bool:
-        """Whether `path` holds a store whose creation finished (`meta` is written last)."""
+    def remove_stale_builds(path: Path) -> None:
+        """Temp builds of `path` left by a killed creation (call only under the stage lock)."""
+        import shutil
+
+        for leftover in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    @classmethod
+    def open_group(cls, path: Path, mode: str, *args):
+        """`cls(zarr group, path, *args)`, with unreadable array metadata a UserError naming the file."""
         import zarr
 
         try:
-            return "meta" in zarr.open_group(str(path), mode="r").attrs
-        except Exception:
-            return False
+            return cls(zarr.open_group(str(path), mode=mode), path, *args)
+        except Exception as exc:  # noqa: BLE001  (an array's metadata is unreadable: name it, delete nothing)
+            for meta_file in sorted(Path(path).glob("*/zarr.json")):
+                read_metadata(meta_file, cls.rebuild_hint)
+            raise UserError(f"{cls.kind} {path} cannot be opened ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); {cls.rebuild_hint}") from None
 
     @staticmethod
     def create_cond_arrays(group, rows: int, cond_shapes: dict[str, Sequence[int]], shard: int,
@@ -176,7 +273,7 @@ class RowStore:
 
     def write_null(self, null: dict[str, torch.Tensor]) -> None:
         for k, name in self.cond_arrays.items():
-            self.group["null_" + name][0:1] = encode(null[k][:1], self.store_dtype)
+            write_shard_rows(self.path, self.group["null_" + name], 0, 0, encode(null[k][:1], self.store_dtype))
 
     def read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.group[name][lo:hi])
@@ -189,8 +286,7 @@ class RowStore:
             raise IndexError(f"row index out of range (rows < {self.num_samples})")
         uniq, inv = np.unique(idx, return_inverse=True)
         arr = self.group[name]
-        return decode(np.asarray(arr.oindex[uniq]), self.store_dtype)[inv.reshape(-1)] if len(idx) else \
-            np.empty((0, *arr.shape[1:]), np.float32)
+        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
 
     def row_cond(self, indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) of the given rows."""

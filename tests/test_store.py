@@ -107,11 +107,10 @@ def test_interrupted_creation_is_not_a_store_and_nothing_is_deleted_on_doubt(tmp
 
     def killed(*a, **k):                      # creation dies after some arrays were written
         raise KeyboardInterrupt
-    monkeypatch.setattr(TrajectoryStore, "_allocate", lambda p, *a, **k: (zarr.open_group(str(p), mode="w")
-                                                                          .create_array("states", shape=(2, 2),
-                                                                                        dtype="float32"), killed()))
+    monkeypatch.setattr(TrajectoryStore, "_allocate",
+                        lambda g, *a, **k: (g.create_array("states", shape=(2, 2), dtype="float32"), killed()))
     with pytest.raises(KeyboardInterrupt):
-        TrajectoryStore.create(path, {}, [], (1,), 1, 1, 1, {"seed": [0]}, {}, {})
+        TrajectoryStore.create(path, {}, 0, (1,), 1, 1, 1, {"seed": [0]})
     assert not path.exists() and not list(tmp_path.iterdir())   # built aside: nothing left, no half store
     assert not TrajectoryStore.created(path)
     with pytest.raises(UserError, match="no trajectory store"):

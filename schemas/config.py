@@ -29,7 +29,7 @@ MAX_EVAL_SEED = 1 << 20         # evaluation noise seeds are 2^40 + seed * 2^24 
 DEVICE = r"^(cpu|cuda|cuda:[0-9]+|mps|auto)$"
 Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
 Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
-Seed = Annotated[int, Field(ge=0, le=(1 << 63) - 1)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
 

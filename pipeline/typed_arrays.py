@@ -98,10 +98,12 @@ def make_durable(group_path: Path, shard_file: Path) -> None:
     (docs/reliability.md)."""
     from pipeline.files import fsync_dir, fsync_file
 
-    fsync_file(shard_file)
+    if Path(shard_file).exists():       # zarr writes no file for a shard that is all fill value (zeros)
+        fsync_file(shard_file)
     d = Path(shard_file).parent
     while d != Path(group_path).parent:
-        fsync_dir(d)
+        if d.is_dir():
+            fsync_dir(d)
         d = d.parent
 
 

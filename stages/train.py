@@ -159,6 +159,9 @@ class TrainWorker:
             return train_segment(trainer, self.out_dir, until)
         except BaseException:
             self._drop_trainer()          # uncommitted steps: the next unit reloads the checkpoint
+            if self.bar is not None:      # end the bar's line: the error message gets a line of its own
+                self.bar.close()
+                self.bar = None
             raise
 
     def _export(self) -> dict[str, Any]:

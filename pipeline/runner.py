@@ -49,6 +49,7 @@ class Job:
     max_retries: int = 2                      # infrastructure failures (actor/node death) only
     item_name: str = "items"
     sequential: bool = False                  # units depend on each other (training segments): one at a time
+    ray_runner: Callable[..., None] | None = None  # replaces the actor pool under --executor ray (encode: Ray Data)
 
 
 class JobFailed(RuntimeError):
@@ -130,7 +131,7 @@ def run_job(job: Job, executor: str = "local", address: str | None = None, worke
         if executor == "local":
             _run_local(job, pending, bar)
         elif executor == "ray":
-            _run_ray(job, pending, bar, address, workers)
+            (job.ray_runner or _run_ray)(job, pending, bar, address, workers)
         else:
             raise ValueError(f"unknown executor '{executor}' (use local or ray)")
     bar.close()

@@ -21,6 +21,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help=__doc__ + "\n\nStages run in order: teacher -> generate -> encode -> train -> evaluate -> report. "
                   "Every stage skips finished units on rerun; `flowsteer status` shows where a run stands.")
 
+
+@app.callback()
+def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own loading "
+                                                 "bars, info logs and warnings (diffusers, transformers, hub).")):
+    from pipeline.quiet import set_verbose
+
+    set_verbose(verbose)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
                          "omitted = the embedded default (tiny SD3 teacher on MNIST).")
 ExecutorOpt = typer.Option(None, "--executor", "-e", help="local (in-process) or ray (actors); default from config.")
@@ -154,7 +163,7 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a method
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
            schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),
            guidance: Optional[float] = typer.Option(None, help="CFG scale (teacher only; default evaluate.guidance)."),
-           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the embedded set)."),
+           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the run's generate.prompts, first 10; the digits for the embedded teacher)."),
            per_prompt: int = typer.Option(8, help="Images per prompt."),
            seed: int = typer.Option(0),
            out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write.")):

@@ -49,6 +49,7 @@ class Job:
     max_retries: int = 2                      # infrastructure failures (actor/node death) only
     item_name: str = "items"
     sequential: bool = False                  # units depend on each other (training segments): one at a time
+    own_progress: bool = False                # its worker draws a finer bar (per training step) when run locally
 
 
 class JobFailed(RuntimeError):
@@ -124,7 +125,8 @@ def run_job(job: Job, executor: str = "local", address: str | None = None, worke
     write_plan(job)
     pending = [u for u in job.units if not is_done(job.out_dir, u.key)]
     skipped = len(job.units) - len(pending)
-    bar = tqdm(total=sum(u.size for u in pending), unit=f" {job.item_name}", disable=not progress or not pending,
+    quiet_bar = not progress or not pending or (job.own_progress and executor == "local")
+    bar = tqdm(total=sum(u.size for u in pending), unit=f" {job.item_name}", disable=quiet_bar,
                desc=f"{job.stage} ({skipped}/{len(job.units)} units already done)", dynamic_ncols=True)
     if pending:
         if executor == "local":

@@ -21,6 +21,9 @@ def resolve_device(name: str) -> torch.device:
 def load_teacher(cfg, device: str | torch.device | None = None) -> TeacherAtPrecision:
     """The configured teacher, frozen, on `device` (default cfg.device), at `teacher.dtype`: every call casts
     its inputs to that dtype and returns float32 (TeacherAtPrecision; docs/precision.md)."""
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
     return TeacherAtPrecision(_load(cfg, resolve_device(str(device or cfg.device))), DTYPES[cfg.teacher.dtype])
 
 

@@ -98,17 +98,19 @@ def write_latent_store(cfg: RunConfig, rows: int) -> None:
         write_record(out, shard_key(j), "done", checksum=digest)
 
 
-def timed_block(trainer, steps: int) -> tuple[list[float], list[float]]:
-    """(step seconds, seconds waiting for the batch) of `steps` steps after one untimed step."""
+def timed_block(trainer, steps: int) -> tuple[list[float], list[float], float]:
+    """(step seconds, seconds waiting for the batch, store/latent read seconds) of `steps` steps after one
+    untimed step."""
     trainer.train_step()                                   # refills the prefetch pipeline
     times, waits = [], []
+    r0 = trainer.data.wait_seconds
     for _ in range(steps):
         t0, w0 = time.perf_counter(), trainer.batches.wait_seconds
         trainer.train_step()
         times.append(time.perf_counter() - t0)
         waits.append(trainer.batches.wait_seconds - w0)
     trainer.batches.discard()                              # nothing drawn in the background of the next block
-    return times, waits
+    return times, waits, trainer.data.wait_seconds - r0
 
 
 def bench_training(args) -> None:
@@ -133,19 +135,21 @@ def bench_training(args) -> None:
     print(f"store: {store.num_samples} trajectories, {store.store_dtype}, 24 prompts' conditions "
           f"{'held in memory' if cached else 'read from the store every batch'}; latent store float16, 48 rows; "
           f"batch {args.batch}, teacher bf16, bf16 autocast, {torch.get_num_threads()} threads")
-    results = {key: ([], []) for key in trainers}
+    results = {key: ([], [], [0.0]) for key in trainers}
     for _ in range(args.rounds):
         for key, trainer in trainers.items():
-            times, waits = timed_block(trainer, args.steps)
+            times, waits, reads = timed_block(trainer, args.steps)
             results[key][0].extend(times)
             results[key][1].extend(waits)
+            results[key][2][0] += reads
     for trainer in trainers.values():
         trainer.close()
     med = {}
-    for (method, depth), (times, waits) in results.items():
+    for (method, depth), (times, waits, (reads,)) in results.items():
         med[method, depth] = statistics.median(times)
         print(f"{method:8s} prefetch {depth}: step {med[method, depth]:.3f} s (median of {len(times)}), "
-              f"data wait {100 * sum(waits) / sum(times):.1f}% of the step")
+              f"data wait {100 * sum(waits) / sum(times):.1f}% of the step (store reads {100 * reads / sum(times):.1f}%"
+              f"{', in the background' if depth else ''})")
     print(f"OTA (cache + 25% online) / PeRFlow step, prefetch on: {med['ota', 1] / med['perflow', 1]:.2f}x "
           f"(target <= 1.2x); prefetch on / off: perflow {med['perflow', 1] / med['perflow', 0]:.2f}x, "
           f"ota {med['ota', 1] / med['ota', 0]:.2f}x")

@@ -14,11 +14,11 @@ from pipeline.errors import UserError
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
-STAGES = ["teacher", "generate", "train", "evaluate", "report"]
+STAGES = ["teacher", "generate", "encode", "train", "evaluate", "report"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "schemas" / "example.yaml"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help=__doc__ + "\n\nStages run in order: teacher -> generate -> train -> evaluate -> report. "
+                  help=__doc__ + "\n\nStages run in order: teacher -> generate -> encode -> train -> evaluate -> report. "
                   "Every stage skips finished units on rerun; `flowsteer status` shows where a run stands.")
 
 
@@ -95,6 +95,13 @@ def generate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Execu
              address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt):
     """Run the teacher ODE from noise and cache trajectory segments in a Zarr store."""
     run_stage("generate", get_config(config), executor, address, workers)
+
+
+@app.command()
+def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+           address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt):
+    """Encode real images (data.images; the MNIST digits for the embedded teacher) into a latent store."""
+    run_stage("encode", get_config(config), executor, address, workers)
 
 
 @app.command()

@@ -62,11 +62,11 @@ class DataSource:
         if store is not None:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
             self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
-            self.num_prompts = int(store.prompt_embeds.shape[0])
+            self.num_prompts = store.num_prompts
             # Prompt conditions are read on every batch: keep them in memory when they are small (the
             # embedded digits: 10 prompts), else read the rows each batch needs from the store.
-            nbytes = sum(int(np.prod(a.shape)) * 4 for a in (store.prompt_embeds, store.pooled_embeds))
-            self._cond_cache = store.cond(np.arange(self.num_prompts)) if nbytes <= 64 << 20 else None
+            small = store.cond_nbytes() <= 64 << 20
+            self._cond_cache = store.cond(np.arange(self.num_prompts)) if small else None
         else:
             self.num_prompts = 0
 

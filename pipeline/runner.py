@@ -7,6 +7,8 @@ never loses finished work.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -255,3 +257,16 @@ def _short_error(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     causes = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception", "Exit"))]
     return (causes[-1] if causes else lines[0] if lines else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """CPU results can depend on the thread count: pin it per unit, the same under every executor."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

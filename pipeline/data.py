@@ -3,7 +3,7 @@
 Everything here is the *batch stream*: drawn with this source's own generator (the trainer gives it one
 that only batch drawing uses, so batches can be prepared ahead on a thread; pipeline/prefetch.py).
 
-Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
+Guidance (CFG distillation, docs/methods.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
 carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.

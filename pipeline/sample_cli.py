@@ -34,12 +34,17 @@ def resolve_export(cfg, checkpoint: str) -> Path:
     return export
 
 
-def default_prompts(cfg) -> list[str]:
-    if cfg.teacher.kind != "embedded":
-        raise UserError("give the prompts to sample with --prompt (only the embedded teacher has a default set)")
-    from pipeline.digits import DIGIT_PROMPTS
+DEFAULT_ROWS = 10               # without --prompt: the first rows of the run's prompt set (all 10 digits)
 
-    return list(DIGIT_PROMPTS)
+
+def default_prompts(cfg) -> list[str]:
+    """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
+    from pipeline.store import generate_prompts
+
+    if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
+        raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
+                        "(only the embedded teacher has a default set)")
+    return generate_prompts(cfg)[:DEFAULT_ROWS]
 
 
 @torch.no_grad()
@@ -90,7 +95,12 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
             x = sample(teacher.velocity, noise, sigmas, cond, teacher.encode([""] * len(batch)), guidance)
         images.append(teacher.decode(x).float().clamp(0, 1).cpu())
 
+    from PIL import Image
+
+    from pipeline.files import atomic_write_stream
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(images), out, nrow=per_prompt, padding=2, pad_value=1.0)
+    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+    atomic_write_stream(out, lambda f: save_image(torch.cat(images), f, nrow=per_prompt, padding=2, pad_value=1.0,
+                                                  format=fmt))
     return out

@@ -138,6 +138,8 @@ class Trainer:
                                        last_step=tc.steps, read_seconds=lambda: self.data.wait_seconds)
         self.step = 0
         self.log_path = Path(log_path) if log_path is not None and rank == 0 else None
+        self.tensorboard = None           # a pipeline.tensorboard.TensorBoardLogger, set by the train stage on rank 0
+        self.on_step = None               # on_step(step, values) after every step (the train stage's progress bar)
 
     # ------------------------------------------------------------ state
     def _batch_state(self) -> dict[str, Any]:
@@ -273,8 +275,11 @@ class Trainer:
         while self.step < boundary:
             t0, w0, s0 = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds
             last = self.train_step()
+            if self.on_step is not None:
+                self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
-                self.log({"step": self.step, **last, "data_wait_s": self.batches.wait_seconds - w0,
+                self.log({"step": self.step, **last, "lr": self.opt.param_groups[0]["lr"],
+                          "data_wait_s": self.batches.wait_seconds - w0,
                           "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
         return last
 
@@ -285,14 +290,29 @@ class Trainer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(row)
 
     def trim_log(self) -> None:
-        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""
+        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone) and
+        a torn line (a write cut short by a full disk or a kill); the file is rewritten atomically."""
+        from pipeline.files import atomic_write_bytes
+
         if self.log_path is None or not self.log_path.exists():
             return
-        rows = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        self.log_path.write_text("".join(r + "\n" for r in rows))
+        rows, torn = [], 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+                step = int(row["step"]) if row is not None else None
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if step is not None and step <= self.step:
+                rows.append(line)
+        if torn:
+            print(f"warning: {self.log_path}: dropped {torn} unreadable line(s) (a write cut short)")
+        atomic_write_bytes(self.log_path, "".join(r + "\n" for r in rows).encode())
 
     def ema_student(self) -> torch.nn.Module:
         """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""

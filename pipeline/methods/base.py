@@ -44,6 +44,9 @@ class MethodContext:
 
 class Method:
     name: ClassVar[str] = ""
+    # Every option `train.method_options.<name>` may set, with its default: an option not declared here is
+    # rejected when the config loads (schemas.config.method_problem), before any work.
+    option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -65,6 +68,11 @@ class Method:
         import copy
 
         return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
+
+    # True when the saved student is a plain SD3Transformer2DModel that StableDiffusion3Pipeline runs as
+    # trained (Euler on the fixed grid). False: the export puts it under `flow_map/`, not `transformer/`,
+    # so a plain-diffusers load fails loudly instead of silently dropping what the pipeline cannot feed.
+    drop_in: ClassVar[bool] = True
 
     @classmethod
     def save_student(cls, student: torch.nn.Module, directory) -> None:

@@ -43,20 +43,28 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     The trainer freezes the discriminator during the generator step, so G's loss never trains D."""
     name = "flowsteer"
+    option_defaults = {"adv_fraction": 0.5, "spectral_norm": True}
+
+    @classmethod
+    def check_config(cls, cfg, options) -> None:
+        """Before any work (exit 2, nothing written): the window probabilities and adv_fraction."""
+        probs = cfg.train.adversarial.window_probs
+        if len(probs) != cfg.schedule.windows or min(probs) < 0 or sum(probs) <= 0:
+            raise UserError(f"train.adversarial.window_probs {list(probs)} must be {cfg.schedule.windows} "
+                            f"non-negative numbers (one per window of schedule.windows)")
+        adv_fraction = options.get("adv_fraction", cls.option_defaults["adv_fraction"])
+        if not isinstance(adv_fraction, (int, float)) or not 0 < adv_fraction <= 1:
+            raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {adv_fraction!r}")
 
     def __init__(self, ctx):
         super().__init__(ctx)
+        self.check_config(ctx.cfg, ctx.options)
         adv = ctx.cfg.train.adversarial
         probs = torch.tensor(adv.window_probs, dtype=torch.float64)
-        if len(probs) != self.num_windows or (probs < 0).any() or probs.sum() <= 0:
-            raise UserError(f"train.adversarial.window_probs {list(adv.window_probs)} must be {self.num_windows} "
-                            f"non-negative numbers (one per window of schedule.windows)")
         self.window_probs = probs / probs.sum()
         self.lambda_adv, self.lambda_fm = adv.lambda_adv, adv.lambda_fm
         # share of the batch that gets a one-step jump + D calls: half keeps the GAN's cost per step small
-        self.adv_fraction = float(ctx.options.get("adv_fraction", 0.5))
-        if not 0 < self.adv_fraction <= 1:
-            raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {self.adv_fraction}")
+        self.adv_fraction = float(ctx.options.get("adv_fraction", self.option_defaults["adv_fraction"]))
         transformer = getattr(ctx.teacher, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
             raise UserError("flowsteer's discriminator is built from the teacher's SD3 transformer blocks; "

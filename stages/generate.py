@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_parquet
+from pipeline.files import atomic_write_parquet, atomic_write_stream
 from pipeline.runner import Job, Unit, drop_record, is_done, read_record, torch_threads
 from pipeline.store import (PROMPTS_FILE, STORE_NAME, TrajectoryStore, guidance_for, noise_for, prompt_summary,
                             sample_seeds, shard_key, store_meta)
@@ -126,7 +126,11 @@ def _copy_prompts(cfg, dest: Path) -> int:
 
 
 def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
-    atomic_write_parquet(out_dir / "samples.parquet", pa.table(plan))
+    """The plan as a table, streamed to the file: no dictionary pages (every seed is distinct, and their
+    hash tables cost the driver ~100 bytes a sample) and no in-memory copy of the file."""
+    import pyarrow.parquet as pq
+
+    atomic_write_stream(out_dir / "samples.parquet", lambda f: pq.write_table(pa.table(plan), f, use_dictionary=False))
 
 
 class GenerateWorker:

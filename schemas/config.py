@@ -134,7 +134,7 @@ class DataConfig(Section):
     images: str | None = None           # image folder (+ .txt caption per image), .parquet, .jsonl or HF dataset dir;
                                         # None = the 4000 training MNIST digits (embedded teacher) or no real set
     image_column: str | None = None     # table column with an image path or bytes; None = first of image, image_path, path
-    caption_column: str | None = None   # None = first of caption, prompt, text
+    caption_column: str | None = None   # None = first of prompt, caption, text
     limit: int | None = Field(None, ge=1)   # encode only the first N images
     shard_size: int = Field(256, ge=1)  # images per unit = per Zarr shard
     batch_size: int = Field(32, ge=1)   # images per encode_images call

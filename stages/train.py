@@ -113,9 +113,12 @@ class TrainWorker:
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
+        # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
+        extra = {"ema_rel_distance": round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
+                 **trainer.method.export_meta()}
         path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
-                              trainer.data.teacher.sample_shape)
-        return {"export": str(path), "step": trainer.step}
+                              trainer.data.teacher.sample_shape, extra)
+        return {"export": str(path), "step": trainer.step, "ema_rel_distance": extra["ema_rel_distance"]}
 
 
 # ---------------------------------------------------------------- Ray Train (train.workers > 1)

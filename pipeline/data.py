@@ -1,8 +1,11 @@
-"""Training data for every method: cached teacher segments, online teacher rollouts, real data, noise.
+"""Training data for every method: cached teacher segments, online teacher rollouts, real data.
+
+Everything here is the *batch stream*: drawn with this source's own generator (the trainer gives it one
+that only batch drawing uses, so batches can be prepared ahead on a thread; pipeline/prefetch.py).
 
 Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
-carry the w their trajectory was generated with (the store's `guidance`); online, noise and real rows draw
+carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.
 
 Every random choice comes from the method generator (seeded from (seed, rank), saved in checkpoints), and
@@ -19,8 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.sampling import cfg as guided, euler
+from pipeline.errors import UserError
+from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
+
+
+def has_real_data(cfg) -> bool:
+    """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+    return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
 class DataSource:
@@ -41,7 +50,7 @@ class DataSource:
         # The teacher's fixed M-step grid; window edges are every (M/K)-th point of it, so teacher
         # sub-steps, training windows and student steps share exactly the same sigmas.
         self.grid = fixed_sigmas(M, cfg.schedule.shift)
-        self.windows = self.grid[::self.per_window].clone()
+        self.edges = self.grid[::self.per_window].clone()      # the K + 1 window edges
         self.num_windows = K
         self.guidance_range = tuple(cfg.generate.guidance)
         self.wait_seconds = 0.0          # reading cached / real data (the data-wait of the loop)
@@ -49,6 +58,7 @@ class DataSource:
         self._real_pos = [0, 0]          # (epoch, offset) of the global cursor into the real-data permutation
         self._null = None
         self._real = None
+        self._latents = None             # the real-image LatentStore, opened on first use
         if store is not None:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
             self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
@@ -68,7 +78,7 @@ class DataSource:
         lo, hi = self.guidance_range
         return lo + (hi - lo) * torch.rand(n, generator=self.generator)
 
-    def _windows(self, n: int, probs) -> torch.Tensor:
+    def _window_indices(self, n: int, probs) -> torch.Tensor:
         if probs is None:
             return self._randint(self.num_windows, n)
         p = torch.as_tensor(probs, dtype=torch.float64)
@@ -86,7 +96,7 @@ class DataSource:
             cond = {k: v[prompt_index] for k, v in self._cond_cache.items()}
         else:
             cond = self.store.cond(prompt_index.numpy())
-        return {k: torch.as_tensor(np.asarray(v)).to(self.device, torch.float32) for k, v in cond.items()}
+        return {k: self._to_device(v) for k, v in cond.items()}
 
     def noise_like(self, n: int) -> torch.Tensor:
         return torch.randn(n, *self.teacher.sample_shape, generator=self.generator).to(self.device)
@@ -99,20 +109,11 @@ class DataSource:
             self._null = {k: v[:1].to(self.device, torch.float32) for k, v in null.items()}
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
-    def noise(self, n: int) -> dict[str, Any]:
-        """Fresh noise with a random prompt and teacher guidance per row."""
-        t0 = time.perf_counter()
-        p = self._prompts(n)
-        out = {"noise": self.noise_like(n), "cond": self._cond(p), "guidance": self._guidance(n).to(self.device),
-               "prompt_index": p}
-        self.wait_seconds += time.perf_counter() - t0
-        return out
-
     def segments(self, n: int, window_probs=None, online_fraction: float = 0.0) -> dict[str, Any]:
         """n window segments (z at edge k, teacher's z at edge k+1): cached rows first, then online rows."""
         n_online = int(round(n * online_fraction))
         n_cached = n - n_online
-        k = self._windows(n, window_probs)
+        k = self._window_indices(n, window_probs)
         t0 = time.perf_counter()
         parts = []
         if n_cached:
@@ -139,12 +140,13 @@ class DataSource:
         kd = k.to(self.device)
         online = torch.zeros(n, dtype=torch.bool, device=self.device)
         online[n_cached:] = True
-        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.windows.to(self.device)[kd],
-                "sigma_end": self.windows.to(self.device)[kd + 1], "k": kd, "cond": cond,
+        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.edges.to(self.device)[kd],
+                "sigma_end": self.edges.to(self.device)[kd + 1], "k": kd, "cond": cond,
                 "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
 
     def real(self, n: int) -> dict[str, Any]:
-        """Clean samples x0 with their prompt: real MNIST digits (embedded) or the store's final samples."""
+        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher) or the run's latent store
+        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
         t0 = time.perf_counter()
         if self.cfg.teacher.kind == "embedded":
             images, labels = self._real_data()
@@ -154,16 +156,49 @@ class DataSource:
             x0 = images[idx]
             enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
             cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
-            guidance = self._guidance(n)
         else:
-            idx = self._next_real(self.store.num_samples, n)
-            last = np.full(n, self.num_windows - 1)
-            x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
-            cond = self._cond(self._store_prompt[idx])
-            guidance = self._store_guidance[idx]
-        out = {"x0": x0.to(self.device, torch.float32), "cond": cond, "guidance": guidance.to(self.device)}
+            latents = self.latent_store()
+            idx = self._next_real(latents.num_samples, n)
+            rows = idx.numpy()
+            x0 = torch.as_tensor(latents.latents(rows))
+            cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
+        out = {"x0": self._to_device(x0), "cond": cond, "guidance": self._guidance(n).to(self.device),
+               "index": idx}
         self.wait_seconds += time.perf_counter() - t0
         return out
+
+    def teacher_samples(self, n: int) -> dict[str, Any]:
+        """The store's final teacher samples as x0, with their prompt and guidance (reflow on teacher samples:
+        `train.method_options.perflow.x0: teacher_samples`)."""
+        t0 = time.perf_counter()
+        idx = self._next_real(self.store.num_samples, n)
+        last = np.full(n, self.num_windows - 1)
+        x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
+        out = {"x0": self._to_device(x0), "cond": self._cond(self._store_prompt[idx]),
+               "guidance": self._store_guidance[idx].to(self.device), "index": idx}
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def has_real_data(self) -> bool:
+        return has_real_data(self.cfg)
+
+    def latent_store(self):
+        """The run's real-image latent store (opened once; a missing or unfinished one is a UserError)."""
+        if self._latents is None:
+            from pipeline.latents import LatentStore, latent_store_dir
+
+            if not has_real_data(self.cfg):
+                raise UserError(f"no real images for a {self.cfg.teacher.kind} teacher: set data.images and run "
+                                f"`flowsteer encode`")
+            self._latents = LatentStore.open(latent_store_dir(self.cfg))
+        return self._latents
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """float32 on the device; from pinned memory on CUDA so the copy overlaps (the prefetch thread's)."""
+        t = torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).to(torch.float32)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # ------------------------------------------------------------ teacher solves
     def _window_grid(self, k: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,6 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
         student = load_student(export, teacher.device)
     from pipeline.store import noise_for            # the noise evaluate and generate use too
 
-    dtype = getattr(teacher, "dtype", torch.float32)
     shape = tuple(teacher.sample_shape)
     column_noise = torch.stack([noise_for(seed * SEED_STRIDE + c, shape) for c in range(per_prompt)])
 
@@ -85,7 +84,7 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
     images = []
     for i in range(0, len(rows), cfg.evaluate.batch_size):
         batch = rows[i:i + cfg.evaluate.batch_size]
-        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device, dtype)
+        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device)
         cond = teacher.encode(batch)
         if student is not None:
             x = student.sample(noise, cond, steps)

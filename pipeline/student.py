@@ -40,7 +40,15 @@ def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_s
     meta = {"method": run.method, "run": run.name, "train_seed": run.seed, "options": run.options,
             "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
             "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", run),
-            "sample_shape": list(sample_shape) if sample_shape else None, **extra}
+            "sample_shape": list(sample_shape) if sample_shape else None,
+            # float32 weights whatever teacher.dtype / train.mixed_precision were (docs/precision.md)
+            "dtype": "float32", "teacher_dtype": cfg.teacher.dtype, **extra}
+    method = get_method(run.method)
+    x0 = method.x0_source(cfg, run.options)
+    if x0 is not None:                # what the method's x0 was; the report labels teacher-sample reflow
+        meta["x0_source"] = x0
+        if x0 == "teacher_samples":
+            meta["label"] = "reflow on teacher samples"
     (tmp / META).write_text(json.dumps(meta, indent=1))
 
 

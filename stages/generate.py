@@ -105,15 +105,10 @@ class GenerateWorker:
         self.threads = cfg.generate.cpus_per_worker
         with torch_threads(self.threads):
             self.teacher = load_teacher(cfg)
-        self.dtype = getattr(self.teacher, "dtype", torch.float32)
         self.store = TrajectoryStore.open(cfg.stage_dir("generate") / STORE_NAME, meta, mode="r+",
                                           check_complete=False)
         self.grid = fixed_sigmas(cfg.schedule.teacher_steps, cfg.schedule.shift)
         self.per_window = cfg.schedule.teacher_steps // cfg.schedule.windows
-
-    def velocity(self, x, sigma, cond):
-        """The teacher in its own dtype (bf16 on GPU); the ODE state stays float32."""
-        return self.teacher.velocity(x.to(self.dtype), sigma, cond).float()
 
     def run(self, unit: Unit) -> dict[str, Any]:
         from pipeline.sampling import sample
@@ -128,8 +123,9 @@ class GenerateWorker:
                 rows = slice(b - lo, min(b + self.cfg.generate.batch_size, hi) - lo)
                 n = rows.stop - rows.start
                 noise = noise_for(st.seed[b:b + n], st.sample_shape).to(dev)
-                cond = {k: v.to(dev, self.dtype) for k, v in st.cond(st.prompt_index[b:b + n]).items()}
-                null = {k: v.to(dev, self.dtype) for k, v in st.null_cond(n).items()}
+                # float32 states and conditions: the teacher casts to teacher.dtype itself (load_teacher)
+                cond = {k: v.to(dev) for k, v in st.cond(st.prompt_index[b:b + n]).items()}
+                null = {k: v.to(dev) for k, v in st.null_cond(n).items()}
                 w = torch.from_numpy(st.guidance[b:b + n]).to(dev)
 
                 def record(i, x, sigma, v, rows=rows):
@@ -138,7 +134,7 @@ class GenerateWorker:
                     if steps is not None:
                         steps[rows, i] = x.float().cpu().numpy()
 
-                sample(self.velocity, noise, self.grid, cond, null, w, record)
+                sample(self.teacher.velocity, noise, self.grid, cond, null, w, record)
         digest = st.write_shard(unit.params["shard"], states, steps)
         return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid()}
 

@@ -20,7 +20,7 @@ from pipeline.runner import Job, Unit
 LOSSES = "losses.jsonl"
 
 
-def store_path(cfg) -> Path:
+def training_store_path(cfg) -> Path:
     """The trajectory store: this run's generate output, or `train.store` (another run's store or its dir)."""
     return Path(cfg.train.store) if cfg.train.store else cfg.stage_dir("generate")
 
@@ -32,15 +32,14 @@ MUST_MATCH = ("format", "teacher", "schedule")
 
 def open_store(cfg):
     """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
-    from pipeline.store import TrajectoryStore, meta_differences, store_meta
+    from pipeline.store import TrajectoryStore, meta_differences, mismatch_summary, store_meta
 
-    store = TrajectoryStore.open(store_path(cfg))
+    store = TrajectoryStore.open(training_store_path(cfg))
     expected = store_meta(cfg)
     diff = meta_differences({k: store.meta.get(k) for k in MUST_MATCH}, {k: expected[k] for k in MUST_MATCH})
     if diff:
-        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise UserError(f"trajectory store {store.path} was made for another teacher or grid ({'; '.join(diff[:3])}"
-                        f"{more}); set train.store to a matching store or run `flowsteer generate`")
+        raise UserError(f"trajectory store {store.path} was made for another teacher or grid "
+                        f"({mismatch_summary(diff)}); set train.store to a matching store or run `flowsteer generate`")
     return store
 
 
@@ -88,7 +87,7 @@ class TrainWorker:
 
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
         if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
-            self.trainer = None
+            self._drop_trainer()
             self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir)
         return self.trainer
 
@@ -104,8 +103,13 @@ class TrainWorker:
         try:
             return train_segment(trainer, self.out_dir, until)
         except BaseException:
-            self.trainer = None           # uncommitted steps: the next unit reloads the checkpoint
+            self._drop_trainer()          # uncommitted steps: the next unit reloads the checkpoint
             raise
+
+    def _drop_trainer(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()          # its prefetch thread
+        self.trainer = None
 
     def _export(self) -> dict[str, Any]:
         from pipeline.student import export_student
@@ -131,8 +135,11 @@ def _ray_train_loop(config: dict) -> None:
     cfg, out_dir = config["cfg"], Path(config["out_dir"])
     device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
     trainer = build_trainer(cfg, config["run"], out_dir, device, rank, world)
-    if trainer.step < config["until"]:
-        train_segment(trainer, out_dir, config["until"])
+    try:
+        if trainer.step < config["until"]:
+            train_segment(trainer, out_dir, config["until"])
+    finally:
+        trainer.close()
 
 
 def train_distributed(cfg, run, out_dir: Path, until: int) -> dict[str, Any]:
@@ -179,7 +186,10 @@ def runs(cfg, methods=None):
             where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
             raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
                             f"train.variants entry ({', '.join(sorted(cfg.train.variants)) or 'none defined'})") from None
-    return cfg.train_runs(names)
+    out = cfg.train_runs(names)
+    for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
+        get_method(run.method).check_config(cfg, run.options)
+    return out
 
 
 def jobs(cfg, methods=None) -> list[Job]:

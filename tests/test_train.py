@@ -52,15 +52,17 @@ def losses(cfg, method):
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["perflow", "flowsteer"])
-def test_resume_is_exact(toy_store, monkeypatch, method):
-    """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run."""
+@pytest.mark.parametrize("method,train", [("perflow", {}), ("flowsteer", {}),
+                                          ("ota", {"mixed_precision": "bf16", "prefetch": 2})])
+def test_resume_is_exact(toy_store, monkeypatch, method, train):
+    """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run
+    (also with bf16 autocast and batches drawn two steps ahead: the pending ones are redrawn on resume)."""
     from pipeline.trainer import Trainer
 
-    whole = config_at(toy_store, f"whole-{method}")
+    whole = config_at(toy_store, f"whole-{method}", **train)
     run_job(train_job(whole, method), progress=False)
 
-    cut = config_at(toy_store, f"cut-{method}")
+    cut = config_at(toy_store, f"cut-{method}", **train)
     job = train_job(cut, method)
     run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)     # steps 1, 2 committed
     original = Trainer.train_step
@@ -144,8 +146,8 @@ def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store)
     batch = data.segments(10, window_probs=(0.0, 0.0, 1.0, 0.0), online_fraction=0.3)
     assert batch["online_mask"].tolist() == [False] * 7 + [True] * 3
     assert (batch["k"] == 2).all()
-    assert torch.equal(batch["sigma_start"], data.windows[2].expand(10))
-    assert torch.equal(batch["sigma_end"], data.windows[3].expand(10))
+    assert torch.equal(batch["sigma_start"], data.edges[2].expand(10))
+    assert torch.equal(batch["sigma_end"], data.edges[3].expand(10))
     # one teacher window from a cached start lands on the cached end
     torch.testing.assert_close(data.teacher_window(batch["z_start"][:7], 2, {c: v[:7] for c, v in batch["cond"].items()},
                                                    batch["guidance"][:7]), batch["z_end"][:7], atol=1e-4, rtol=1e-4)

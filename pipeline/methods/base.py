@@ -36,7 +36,7 @@ class MethodContext:
     cfg: Any                      # schemas.config.RunConfig
     teacher: Any                  # pipeline.teachers.base.Teacher (frozen)
     data: Any                     # pipeline.data.DataSource
-    windows: torch.Tensor         # K + 1 window edges on the fixed grid, [1, ..., 0]
+    edges: torch.Tensor           # the K + 1 window edges on the fixed grid, [1, ..., 0]
     device: torch.device
     generator: torch.Generator    # the method's RNG (seeded from (seed, rank); saved in checkpoints)
     options: dict[str, Any]       # train.method_options[name]
@@ -44,17 +44,27 @@ class MethodContext:
 
 class Method:
     name: ClassVar[str] = ""
-    uses_cache: ClassVar[bool] = False          # needs the trajectory store
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
 
+    @classmethod
+    def check_config(cls, cfg, options: dict[str, Any]) -> None:
+        """Refuse, with one UserError line, a config this method cannot train (called before anything runs)."""
+
+    @classmethod
+    def x0_source(cls, cfg, options: dict[str, Any]) -> str | None:
+        """Where the method's clean samples x0 come from ("digits", "latents", "teacher_samples"; None: it uses
+        none); written into the export's flowsteer.json so the report can label the row."""
+        return None
+
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
-        """The trainable student, initialised from the teacher (a deep copy by default)."""
+        """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights
+        even for a bf16 teacher, docs/precision.md)."""
         import copy
 
-        return copy.deepcopy(teacher_transformer).train().requires_grad_(True)
+        return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
 
     @classmethod
     def save_student(cls, student: torch.nn.Module, directory) -> None:
@@ -103,8 +113,8 @@ class Method:
     # --- sampling with the trained student (export, evaluate, `flowsteer sample`)
     @classmethod
     @torch.no_grad()
-    def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, windows: int,
+    def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, num_windows: int,
                shift: float, callback=None) -> torch.Tensor:
         """Default: guidance-free Euler on the piecewise grid (every window edge is a step point)."""
-        sigmas = piecewise_sigmas(nfe, windows, shift).to(noise.device)
+        sigmas = piecewise_sigmas(nfe, num_windows, shift).to(noise.device)
         return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

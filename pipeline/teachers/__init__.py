@@ -6,7 +6,7 @@ import importlib
 import torch
 
 from pipeline.errors import UserError
-from pipeline.teachers.base import Teacher, TransformerTeacher, sd3_velocity  # noqa: F401
+from pipeline.teachers.base import DTYPES, Teacher, TeacherAtPrecision, TransformerTeacher, sd3_velocity  # noqa: F401
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,9 +17,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
-    """The configured teacher, frozen, on `device` (default cfg.device)."""
-    dev = resolve_device(str(device or cfg.device))
+def load_teacher(cfg, device: str | torch.device | None = None) -> TeacherAtPrecision:
+    """The configured teacher, frozen, on `device` (default cfg.device), at `teacher.dtype`: every call casts
+    its inputs to that dtype and returns float32 (TeacherAtPrecision; docs/precision.md)."""
+    return TeacherAtPrecision(_load(cfg, resolve_device(str(device or cfg.device))), DTYPES[cfg.teacher.dtype])
+
+
+def _load(cfg, dev: torch.device):
     kind = cfg.teacher.kind
     if kind == "embedded":
         from pipeline.teachers.embedded import load_embedded_teacher
@@ -28,7 +32,7 @@ def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
     if kind == "sd3":
         from pipeline.teachers.sd3 import load_sd3_teacher
 
-        return load_sd3_teacher(cfg.teacher.path, dev, **cfg.teacher.kwargs)
+        return load_sd3_teacher(cfg.teacher.path, dev, dtype=cfg.teacher.dtype, **cfg.teacher.kwargs)
     module_name, _, func = cfg.teacher.factory.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), func)

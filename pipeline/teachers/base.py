@@ -26,8 +26,11 @@ class Teacher(Protocol):
 
 
 def sd3_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-    """Call an SD3Transformer2DModel in flowsteer's convention (timestep = 1000 sigma)."""
-    t = (sigma * 1000).to(x.dtype).expand(x.shape[0])
+    """Call an SD3Transformer2DModel in flowsteer's convention (timestep = 1000 sigma).
+
+    The timestep stays float32 whatever the model's dtype, as diffusers' SD3 pipeline passes it (the sinusoidal
+    projection is computed in float32 and cast inside the model; a bf16 timestep would round 937.5 to 936)."""
+    t = (sigma * 1000).float().expand(x.shape[0])
     return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
                        pooled_projections=cond["pooled_projections"], return_dict=False)[0]
 
@@ -62,3 +65,58 @@ class TransformerTeacher:
 
     def decode(self, x):
         return self._decode(x)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _cast(value, dtype: torch.dtype):
+    """Floating tensors (also inside a condition dict) to `dtype`; anything else unchanged."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
+class TeacherAtPrecision:
+    """Any teacher run at one precision (`teacher.dtype`, docs/precision.md): the one place a teacher is cast.
+
+    Every nn.Module the teacher holds (its transformer, weak transformer, a byo model) is cast to `dtype`; every
+    call casts its tensor inputs to `dtype`, runs outside any autocast region (so a student's mixed precision
+    never changes the teacher's targets) and returns float32. ODE states, conditions in stores and batches,
+    and everything a method computes stay float32; no stage or method casts for the teacher. Other attributes
+    (sample_shape, device, transformer, pipeline, ...) are the wrapped teacher's."""
+
+    def __init__(self, teacher, dtype: torch.dtype):
+        self.inner, self.dtype = teacher, dtype
+        modules = [teacher] if isinstance(teacher, torch.nn.Module) else []
+        modules += [m for m in vars(teacher).values() if isinstance(m, torch.nn.Module)]
+        for module in modules:            # .float()/.bfloat16()/.half(): diffusers' .to(dtype) warns on every model
+            {torch.float32: module.float, torch.bfloat16: module.bfloat16, torch.float16: module.half}[dtype]()
+
+    def __getattr__(self, name):
+        if name == "inner":               # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        value = getattr(self.inner, name)
+        if name in ("encode_images",):    # optional calls (another teacher's extras): float32 out too
+            return lambda *args: _cast(value(*args), torch.float32)
+        return value
+
+    def _model_call(self, fn, x, sigma, cond) -> torch.Tensor:
+        """x and cond in the teacher dtype, sigma float32 (the timestep embedding casts it inside)."""
+        with torch.autocast(x.device.type, enabled=False):
+            v = fn(x.to(self.dtype), sigma.float(), _cast(cond, self.dtype))
+        return v.float()
+
+    def velocity(self, x, sigma, cond):
+        return self._model_call(self.inner.velocity, x, sigma, cond)
+
+    def weak_velocity(self, x, sigma, cond):
+        return self._model_call(self.inner.weak_velocity, x, sigma, cond)
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return _cast(self.inner.encode(prompts), torch.float32)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return _cast(self.inner.decode(x), torch.float32)

@@ -1,8 +1,9 @@
 """SD3 teacher from a local diffusers pipeline directory (offline: `from_pretrained(..., local_files_only=True)`).
 
 Prompts go through the pipeline's own `encode_prompt` (CLIP-L + CLIP-G, plus T5 when the dir has it), the
-velocity through `sd3_velocity`, and latents back to images through the VAE. `teacher.kwargs` may set
-`dtype` (float32 | float16 | bfloat16), `max_sequence_length` (T5 tokens) and `use_t5` (false skips T5).
+velocity through `sd3_velocity`, and latents back to images through the VAE. The pipeline loads in
+`teacher.dtype` (docs/precision.md); `teacher.kwargs` may set `max_sequence_length` (T5 tokens) and
+`use_t5` (false skips T5).
 """
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.teachers.base import TransformerTeacher
+from pipeline.teachers.base import DTYPES, TransformerTeacher
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_sd3_dir(path) -> Path:
@@ -47,9 +47,7 @@ def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_le
 
     if unknown:
         raise UserError(f"unknown teacher.kwargs for sd3: {', '.join(sorted(unknown))} "
-                        f"(known: dtype, max_sequence_length, use_t5)")
-    if dtype not in DTYPES:
-        raise UserError(f"teacher.kwargs.dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+                        f"(known: max_sequence_length, use_t5; the precision is teacher.dtype)")
     p = check_sd3_dir(path)
     extra = {} if use_t5 and _has_t5(p) else {"text_encoder_3": None, "tokenizer_3": None}
     try:

@@ -3,7 +3,7 @@
 Everything here is the *batch stream*: drawn with this source's own generator (the trainer gives it one
 that only batch drawing uses, so batches can be prepared ahead on a thread; pipeline/prefetch.py).
 
-Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
+Guidance (CFG distillation, docs/methods.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
 carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.
@@ -62,11 +62,11 @@ class DataSource:
         if store is not None:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
             self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
-            self.num_prompts = int(store.prompt_embeds.shape[0])
+            self.num_prompts = store.num_prompts
             # Prompt conditions are read on every batch: keep them in memory when they are small (the
             # embedded digits: 10 prompts), else read the rows each batch needs from the store.
-            nbytes = sum(int(np.prod(a.shape)) * 4 for a in (store.prompt_embeds, store.pooled_embeds))
-            self._cond_cache = store.cond(np.arange(self.num_prompts)) if nbytes <= 64 << 20 else None
+            small = store.cond_nbytes() <= 64 << 20
+            self._cond_cache = store.cond(np.arange(self.num_prompts)) if small else None
         else:
             self.num_prompts = 0
 

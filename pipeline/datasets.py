@@ -39,9 +39,18 @@ def _hf_files(path: Path) -> list[Path]:
     return [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
 
 
-def table_batches(path: Path, columns: Sequence[str] | None = None,
-                  batch_rows: int = BATCH_ROWS) -> tuple[list[str], Iterator[pa.RecordBatch]]:
-    """(column names, record batches) of a table file of any supported format except .txt."""
+def table_batches(path: Path, columns: Sequence[str] | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """(column names, record batches of at most BATCH_ROWS rows) of a table of any supported format but .txt."""
+    names, batches = _table_batches(path, columns, BATCH_ROWS)
+
+    def sliced():
+        for batch in batches:
+            for lo in range(0, batch.num_rows, BATCH_ROWS):
+                yield batch.slice(lo, BATCH_ROWS)
+    return names, sliced()
+
+
+def _table_batches(path: Path, columns, batch_rows: int):
     import pyarrow.csv as pcsv
     import pyarrow.ipc as ipc
     import pyarrow.parquet as pq
@@ -159,7 +168,7 @@ def _txt_batches(path: Path) -> Iterator[list[str]]:
         for line in f:
             if line.strip():
                 batch.append(line.strip())
-                if len(batch) == BATCH_ROWS:
+                if len(batch) >= BATCH_ROWS:
                     yield batch
                     batch = []
     if batch:
@@ -222,3 +231,120 @@ class TextColumn:
     def __iter__(self) -> Iterator[str]:
         for g in range(len(self._starts) - 1):
             yield from self._file.read_row_group(g, columns=["text"]).column(0).to_pylist()
+
+
+# ---------------------------------------------------------------- image-caption sets (data.images)
+IMAGE_COLUMNS = ("image", "image_path", "path")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """Images under `folder` (recursively, sorted), each needing a .txt caption of the same stem beside it."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"data.images folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for p in images:
+        if not p.with_suffix(".txt").is_file():
+            raise UserError(f"data.images: {p} has no caption file {p.with_suffix('.txt').name} beside it")
+    return images
+
+
+def image_column_kind(path: Path, column: str) -> str:
+    """'path' (text: a file path, relative to the table's folder) or 'bytes' (binary, or HF Image structs)."""
+    _, batches = table_batches(path, [column])
+    for batch in batches:
+        t = batch.column(0).type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "path"
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or (pa.types.is_struct(t) and
+                                                                     t.get_field_index("bytes") >= 0):
+            return "bytes"
+        raise UserError(f"{path}: image column '{column}' is {t}, not a path or image bytes")
+    raise UserError(f"data.images {path} has no rows (empty file)")
+
+
+def copy_image_set(data, captions_dest: Path, paths_dest: Path) -> int:
+    """Plan an image-caption set (`data` = the config's data section): captions into `captions_dest`, image
+    paths (absolute; empty where the image is bytes in the source table) into `paths_dest`, both one-column
+    Parquet files read back with TextColumn; returns the number of rows (after data.limit)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.files import atomic_path
+
+    src = Path(data.images)
+    if not src.exists():
+        raise UserError(f"data.images not found: {src}")
+    limit = data.limit or None
+    if src.is_dir() and not (src / "state.json").is_file() and not (src / "dataset_dict.json").is_file():
+        images = folder_images(src)[:limit]
+        caps = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+        pairs = [([str(p.absolute()) for p in images], caps)]
+    else:
+        names, _ = table_batches(src)
+        image_col = pick_column(src, names, data.image_column, IMAGE_COLUMNS, "data.image_column")
+        kind = image_column_kind(src, image_col)
+        base = src if src.is_dir() else src.parent
+        captions = text_batches(src, data.caption_column, "data.images", "data.caption_column")
+        paths = (_path_batches(src, image_col, base) if kind == "path" else
+                 ([""] * len(c) for c in text_batches(src, data.caption_column, "data.images", "data.caption_column")))
+        pairs = zip(paths, captions)
+    rows = 0
+    with atomic_path(captions_dest) as ctmp, atomic_path(paths_dest) as ptmp:
+        schema = pa.schema([("text", pa.string())])
+        with pq.ParquetWriter(str(ctmp), schema) as cw, pq.ParquetWriter(str(ptmp), schema) as pw:
+            for paths, caps in pairs:
+                take = len(caps) if limit is None else max(0, min(len(caps), limit - rows))
+                if take == 0:
+                    break
+                cw.write_table(pa.table({"text": pa.array(caps[:take], pa.string())}), row_group_size=BATCH_ROWS)
+                pw.write_table(pa.table({"text": pa.array(list(paths)[:take], pa.string())}),
+                               row_group_size=BATCH_ROWS)
+                rows += take
+        if rows == 0:
+            raise UserError(f"data.images {src} has no rows (empty)")
+    return rows
+
+
+def _path_batches(src: Path, column: str, base: Path) -> Iterator[list[str]]:
+    start = 0
+    for batch in table_batches(src, [column])[1]:
+        values = batch.column(0).to_pylist()
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not v:
+                raise UserError(f"{src}: image column '{column}' row {start + i} is {'null' if v is None else 'empty'}")
+        start += len(values)
+        yield [str((base / v).absolute()) if not Path(v).is_absolute() else v for v in values]
+
+
+def source_image_bytes(src: Path, column: str, lo: int, hi: int) -> list[bytes]:
+    """Image bytes of rows [lo, hi) of a table (Parquet row groups / Arrow batches outside the range are skipped)."""
+    out: list[bytes] = []
+    start = 0
+    for batch in table_batches(src, [column])[1]:
+        n = batch.num_rows
+        if start + n > lo and start < hi:
+            part = batch.slice(max(0, lo - start), min(hi, start + n) - max(lo, start)).column(0).to_pylist()
+            out += [v["bytes"] if isinstance(v, dict) else v for v in part]
+        start += n
+        if start >= hi:
+            break
+    return out
+
+
+def load_image(source, shape: Sequence[int]):
+    """A path or encoded bytes -> float32 tensor [C, H, W] in [-1, 1]: shorter side resized to fit, centre
+    crop (C = 1: greyscale, else RGB)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    c, h, w = (int(s) for s in shape)
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    img = img.convert("L" if c == 1 else "RGB")
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32).reshape(h, w, -1).transpose(2, 0, 1)
+    return torch.from_numpy(arr / 127.5 - 1.0)

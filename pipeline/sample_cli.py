@@ -38,12 +38,17 @@ def resolve_export(cfg, checkpoint: str) -> Path:
     return export
 
 
-def default_prompts(cfg) -> list[str]:
-    if cfg.teacher.kind != "embedded":
-        raise UserError("give the prompts to sample with --prompt (only the embedded teacher has a default set)")
-    from pipeline.digits import DIGIT_PROMPTS
+DEFAULT_ROWS = 10               # without --prompt: the first rows of the run's prompt set (all 10 digits)
 
-    return list(DIGIT_PROMPTS)
+
+def default_prompts(cfg) -> list[str]:
+    """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
+    from pipeline.store import generate_prompts
+
+    if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
+        raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
+                        "(only the embedded teacher has a default set)")
+    return generate_prompts(cfg)[:DEFAULT_ROWS]
 
 
 @torch.no_grad()

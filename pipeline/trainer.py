@@ -182,6 +182,8 @@ class Trainer:
                                        last_step=tc.steps, read_seconds=lambda: self.data.wait_seconds)
         self.step = 0
         self.log_path = Path(log_path) if log_path is not None and rank == 0 else None
+        self.tensorboard = None           # a pipeline.tensorboard.TensorBoardLogger, set by the train stage on rank 0
+        self.on_step = None               # on_step(step, values) after every step (the train stage's progress bar)
 
     # ------------------------------------------------------------ state
     def _batch_state(self) -> dict[str, Any]:
@@ -317,8 +319,11 @@ class Trainer:
         while self.step < boundary:
             t0, w0, s0 = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds
             last = self.train_step()
+            if self.on_step is not None:
+                self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
-                self.log({"step": self.step, **last, "ema_rel_distance": self.ema.relative_distance(self.student),
+                self.log({"step": self.step, **last, "lr": self.opt.param_groups[0]["lr"],
+                          "ema_rel_distance": self.ema.relative_distance(self.student),
                           "data_wait_s": self.batches.wait_seconds - w0,
                           "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
         return last
@@ -330,6 +335,8 @@ class Trainer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(row)
 
     def trim_log(self) -> None:
         """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""

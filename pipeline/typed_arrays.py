@@ -31,13 +31,16 @@ def on_disk_dtype(store_dtype: str) -> str:
 
 def encode(values, store_dtype: str) -> np.ndarray:
     """float values (numpy or torch, any float dtype) -> the on-disk array of `store_dtype`."""
-    t = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.from_numpy(np.asarray(values))
-    t = t.float().contiguous()
+    if isinstance(values, torch.Tensor):
+        a = values.detach().float().cpu().contiguous().numpy()
+    else:
+        a = np.ascontiguousarray(values, dtype=np.float32)
     if store_dtype == "float32":
-        return t.numpy()
+        return a
     if store_dtype == "float16":
-        return t.half().numpy()
+        return a.astype(np.float16)
     if store_dtype == "bfloat16":
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
         return t.bfloat16().view(torch.int16).numpy().view(np.uint16)
     raise ValueError(f"store dtype '{store_dtype}' is not one of {', '.join(STORE_DTYPES)}")
 
@@ -94,6 +97,30 @@ def digest(*arrays: np.ndarray | None) -> str:
         if a is not None:
             h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
+
+
+def read_rows(arr, rows: np.ndarray, threads: int = 4) -> np.ndarray:
+    """arr[rows] for sorted unique `rows`, one slice per run of consecutive rows, runs read in a few threads.
+    (Zarr's own `oindex` on a sharded array is ~100x slower here: it decodes shard by shard per request.)"""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    if not len(rows):
+        return out
+    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
+    runs = [(int(rows[r[0]]), int(rows[r[-1]]) + 1, int(r[0])) for r in np.split(np.arange(len(rows)), cuts)]
+
+    def one(run):
+        lo, hi, at = run
+        out[at:at + hi - lo] = arr[lo:hi]
+    if len(runs) == 1 or threads <= 1:
+        for run in runs:
+            one(run)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(runs))) as pool:
+            list(pool.map(one, runs))
+    return out
 
 
 def shard_key(shard: int) -> str:
@@ -189,8 +216,7 @@ class RowStore:
             raise IndexError(f"row index out of range (rows < {self.num_samples})")
         uniq, inv = np.unique(idx, return_inverse=True)
         arr = self.group[name]
-        return decode(np.asarray(arr.oindex[uniq]), self.store_dtype)[inv.reshape(-1)] if len(idx) else \
-            np.empty((0, *arr.shape[1:]), np.float32)
+        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
 
     def row_cond(self, indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) of the given rows."""

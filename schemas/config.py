@@ -113,7 +113,7 @@ class DataConfig(Section):
 
 class AdversarialConfig(Section):
     disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = 0.1             # unknown in the paper: a choice, see METHODS.md
+    lambda_adv: float = 0.1             # unknown in the paper: a choice, see docs/methods.md
     lambda_fm: float = 0.0
     disc_lr: float = 2e-4
     window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
@@ -166,6 +166,7 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
+    tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -239,7 +240,7 @@ class RunConfig(Section):
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch"):
+                      "store", "prefetch", "tensorboard"):
                 tr.pop(k)
             parts["train"] = tr
             if run is None:

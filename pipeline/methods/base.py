@@ -66,6 +66,11 @@ class Method:
 
         return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
 
+    # True when the saved student is a plain SD3Transformer2DModel that StableDiffusion3Pipeline runs as
+    # trained (Euler on the fixed grid). False: the export puts it under `flow_map/`, not `transformer/`,
+    # so a plain-diffusers load fails loudly instead of silently dropping what the pipeline cannot feed.
+    drop_in: ClassVar[bool] = True
+
     @classmethod
     def save_student(cls, student: torch.nn.Module, directory) -> None:
         """Write the student as a diffusers model directory (overridden when the student is not plain SD3)."""

@@ -1,6 +1,6 @@
 """SCFlow: Self-Corrected Flow Distillation (Dao et al., AAAI 2025), on flowsteer's cached teacher trajectories.
 
-Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (METHODS.md, SCFlow):
+Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (docs/methods.md, SCFlow):
   z_m = z_t - dn v_T,  z_p = z_t + up v_T                 teacher Euler skips, CFG at the row's w, no grad
   tgt_m = f_ema(z_m, t - dn),  tgt_p = f_ema(z_p, t + up)  from the target EMA (decay 0.9) of the student
   tgt_m := z0 where t - dn < tau                           truncated consistency (ground truth at small t)

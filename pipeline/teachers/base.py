@@ -5,6 +5,8 @@ dicts of batch-first tensors; the SD3 family uses the diffusers argument names b
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -24,6 +26,24 @@ class Teacher(Protocol):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples to images in [0, 1], shape [B, C, H, W] (VAE decode for latent teachers)."""
 
+    # Optional: `encode_images(images [B, C, H, W] in [-1, 1]) -> latents [B, *sample_shape]` (real-image
+    # latents for `flowsteer encode`; SD3: the VAE with its shift and scaling factor).
+
+
+@dataclass(frozen=True)
+class TeacherLayout:
+    """What planning and store creation need to know about a teacher, read without building its networks:
+    one sample's shape, each condition's per-row shape (batch dim left out) and the pixel shape its
+    `encode_images` takes (None when it has none)."""
+    sample_shape: tuple[int, ...]
+    cond_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    image_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, sample_shape, cond_shapes, image_shape=None) -> "TeacherLayout":
+        return cls(tuple(int(s) for s in sample_shape), {k: tuple(int(s) for s in v) for k, v in cond_shapes.items()},
+                   tuple(int(s) for s in image_shape) if image_shape is not None else None)
+
 
 def sd3_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
     """Call an SD3Transformer2DModel in flowsteer's convention (timestep = 1000 sigma).
@@ -38,23 +58,30 @@ def sd3_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Ten
 class TransformerTeacher:
     """A teacher made of an SD3-family transformer, a prompt encoder and a decoder."""
 
-    def __init__(self, transformer, encode, decode, sample_shape, weak_transformer=None):
+    def __init__(self, transformer, encode, decode, sample_shape, weak_transformer=None, encode_images=None):
+        self._encode_images = encode_images
         self.transformer = transformer.eval().requires_grad_(False)
         self.weak_transformer = weak_transformer.eval().requires_grad_(False) if weak_transformer else None
         self._encode, self._decode = encode, decode
         self.sample_shape = tuple(sample_shape)
         self.device = next(transformer.parameters()).device
         self.dtype = next(transformer.parameters()).dtype
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    CACHE_PROMPTS = 1024    # bounded: a worker encoding 10^5 SD3 captions must not keep them all (2.7 MB each)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            enc = self._encode(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i:i + 1].to(self.device, self.dtype) for k, v in enc.items()}
-        return {k: torch.cat([self._cache[p][k] for p in prompts]) for k in self._cache[prompts[0]]}
+        enc = self._encode(missing) if missing else {}
+        fresh = {p: {k: v[i:i + 1].to(self.device, self.dtype) for k, v in enc.items()} for i, p in enumerate(missing)}
+        rows = [fresh[p] if p in fresh else self._cache[p] for p in prompts]
+        for p in dict.fromkeys(prompts):
+            self._cache[p] = fresh[p] if p in fresh else self._cache[p]
+            self._cache.move_to_end(p)
+        while len(self._cache) > self.CACHE_PROMPTS:
+            self._cache.popitem(last=False)
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def velocity(self, x, sigma, cond):
         return sd3_velocity(self.transformer, x, sigma, cond)
@@ -65,6 +92,13 @@ class TransformerTeacher:
 
     def decode(self, x):
         return self._decode(x)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] -> latents [B, *sample_shape] (float32)."""
+        if self._encode_images is None:
+            raise NotImplementedError("this teacher has no image encoder (encode_images)")
+        return self._encode_images(images.to(self.device)).float()
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

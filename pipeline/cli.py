@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import sys
 import time
@@ -10,7 +11,12 @@ from typing import Optional
 
 import typer
 
+# Before pyarrow loads: Arrow's default jemalloc pool keeps the extents of every table the driver builds
+# (~450 bytes a planned prompt at 20k prompts, bench/generate_scale.py); the system allocator returns them.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 from pipeline.errors import UserError
+from pipeline.files import StageLock
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
@@ -32,7 +38,20 @@ def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help=
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
                          "omitted = the embedded default (tiny SD3 teacher on MNIST).")
-ExecutorOpt = typer.Option(None, "--executor", "-e", help="local (in-process) or ray (actors); default from config.")
+EXECUTORS = ("local", "ray")
+
+
+def _check_executor(value: Optional[str]) -> Optional[str]:
+    """--executor is checked when the command line is parsed, before any config is read or work done."""
+    if value is not None and value not in EXECUTORS:
+        fail(f"--executor: '{value}' is not one of {', '.join(EXECUTORS)}")
+    return value
+
+
+ExecutorOpt = typer.Option(None, "--executor", "-e", callback=_check_executor,
+                           help="local (in-process) or ray (actors); default from config.")
+WaitOpt = typer.Option(False, "--wait", help="If another run writes the same stage directory, wait for it "
+                       "instead of exiting (default: exit 2 naming its host and pid).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto' on a `ray up` cluster.")
 WorkersOpt = typer.Option(None, "--workers", help="Number of Ray actors (default: as many as resources allow).")
 
@@ -54,13 +73,13 @@ def stage_module(name: str):
 
 
 def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: str | None = None,
-              workers: int | None = None, **opts) -> None:
+              workers: int | None = None, wait: bool = False, **opts) -> None:
     """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero."""
     mod = stage_module(name)
     t0 = time.time()
     try:
         for job in mod.jobs(cfg, **opts):
-            st = run_job(job, executor or cfg.executor, address, workers)
+            st = run_job(job, executor or cfg.executor, address, workers, wait=wait)
             typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
         if hasattr(mod, "after"):
             msg = mod.after(cfg, **opts)
@@ -69,6 +88,8 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     except (UserError, ConfigError) as exc:
         fail(str(exc))
     except JobFailed as exc:
+        fail(str(exc), 1)
+    except OSError as exc:      # e.g. a full disk while writing a plan or store: the path and errno text
         fail(str(exc), 1)
     typer.echo(f"{name}: finished in {time.time() - t0:.1f}s")
 
@@ -97,16 +118,18 @@ def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to writ
 
 @app.command()
 def teacher(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-            address: Optional[str] = AddressOpt):
+            address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
     """Train the embedded teacher (and its digit classifier); other teachers load as they are."""
-    run_stage("teacher", get_config(config), executor, address)
+    run_stage("teacher", get_config(config), executor, address, wait=wait)
 
 
 @app.command()
 def generate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-             address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt):
+             address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt, wait: bool = WaitOpt,
+             rebuild: bool = typer.Option(False, "--rebuild", help="Delete this config's trajectory store and "
+                                          "its records, then generate it anew (the only way generate deletes).")):
     """Run the teacher ODE from noise and cache trajectory segments in a Zarr store."""
-    run_stage("generate", get_config(config), executor, address, workers)
+    run_stage("generate", get_config(config), executor, address, workers, wait=wait, rebuild=rebuild)
 
 
 @app.command()
@@ -122,24 +145,25 @@ def train(config: Optional[Path] = ConfigOpt,
                                                      help="Run names: a method (perflow | ota | flowsteer | "
                                                           "scflow | ayf-emd) or a train.variants key (repeatable; "
                                                           "default: train.methods); each trains once per train.seeds"),
-          executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt):
+          executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
-    run_stage("train", get_config(config), executor, address, methods=method or None)
+    run_stage("train", get_config(config), executor, address, methods=method or None, wait=wait)
 
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
              method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
-             executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt):
+             executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
-    run_stage("evaluate", get_config(config), executor, address, methods=method or None)
+    run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait)
 
 
 @app.command()
 def report(config: Optional[Path] = ConfigOpt,
-           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods).")):
+           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods)."),
+           wait: bool = WaitOpt):
     """Write report.md / report.html with the ablation table, plots and image grids."""
-    run_stage("report", get_config(config), methods=method or None)
+    run_stage("report", get_config(config), methods=method or None, wait=wait)
 
 
 @app.command()
@@ -160,7 +184,10 @@ def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
 @app.command()
 def status(config: Optional[Path] = ConfigOpt,
            verify: bool = typer.Option(False, "--verify", help="Re-read finished outputs; corrupt units are "
-                                       "marked for redo on the next run.")):
+                                       "marked for redo on the next run."),
+           repair: bool = typer.Option(False, "--repair", help="With --verify: delete an output whose metadata "
+                                       "cannot be read (e.g. the trajectory store) so the next run rebuilds it."),
+           wait: bool = WaitOpt):
     """Per stage: done / pending / failed unit counts read from the completion records."""
     cfg = get_config(config)
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")
@@ -168,20 +195,37 @@ def status(config: Optional[Path] = ConfigOpt,
         mod = stage_module(name)
         try:
             jobs = mod.jobs(cfg)
-        except UserError as exc:
+        except (UserError, ConfigError) as exc:
             typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  ({exc})")
             continue
         for job in jobs:
-            if verify and getattr(mod, "verify_unit", None):
-                for u in job.units:
-                    problem = mod.verify_unit(job, u)
-                    if problem:
-                        drop_record(job.out_dir, u.key)
-                        typer.echo(f"  corrupt: {job.stage}/{u.key}: {problem} (will be redone)")
+            if verify and Path(job.out_dir).is_dir():
+                try:
+                    with StageLock(job.out_dir, wait=wait):     # verify drops records: one writer at a time
+                        verify_job(mod, job, repair)
+                except UserError as exc:
+                    fail(str(exc))
             st = job_status(job)
             typer.echo(f"{name:10s} {st['done']:6d} {st['pending']:8d} {st['failed']:7d}  {st['dir']}")
             for err in st["errors"][:5]:
                 typer.echo(f"    failed {err}")
+
+
+def verify_job(mod, job, repair: bool) -> None:
+    """`status --verify`: a job-level problem (unreadable metadata) first, then each finished unit."""
+    problem = mod.verify_job(job) if hasattr(mod, "verify_job") else None
+    if problem:
+        if repair:
+            typer.echo(f"  corrupt: {job.stage}: {problem}; {mod.repair_job(job)}")
+        else:
+            typer.echo(f"  corrupt: {job.stage}: {problem}; nothing deleted (`flowsteer status --verify --repair` "
+                       f"deletes it for a rebuild)")
+        return
+    for u in job.units if hasattr(mod, "verify_unit") else []:
+        problem = mod.verify_unit(job, u)
+        if problem:
+            drop_record(job.out_dir, u.key)
+            typer.echo(f"  corrupt: {job.stage}/{u.key}: {problem} (will be redone)")
 
 
 @app.command()

@@ -20,7 +20,7 @@ import pyarrow as pa
 from pipeline.errors import UserError
 
 TEXT_COLUMNS = ("prompt", "caption", "text")
-BATCH_ROWS = 8192           # rows per read batch and per row group of the copies we write
+BATCH_ROWS = 1024           # rows per read batch and per row group of the copies we write
 FORMATS = ".txt, .jsonl, .csv, .parquet or a saved HF datasets directory"
 
 

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.errors import UserError
+
 
 def fsync_dir(path: str | Path) -> None:
     """fsync a directory so the names created or renamed in it are durable (the same call as for a file)."""
@@ -63,21 +65,47 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             fsync_file(tmp)
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None   # say which file
         raise
+
+
+class _Writes:
+    """A file object that remembers an OSError of its writes: torch.save turns a failed write (ENOSPC)
+    into an opaque RuntimeError, and the disk-full message must name the errno and the path."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def atomic_write_stream(path: str | Path, write: Callable[[Any], None]) -> None:
     """`write(f)` into a binary file object, atomically (for large payloads such as checkpoints)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as raw:
+            f = _Writes(raw)
+            try:
+                write(f)
+                f.flush()
+            except Exception as exc:
+                if f.error is not None and exc is not f.error:
+                    raise f.error from None
+                raise
+            os.fsync(raw.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -96,3 +124,126 @@ def atomic_write_parquet(path: str | Path, table) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------- one writer per stage directory
+LOCK_NAME = ".lock"
+
+
+class StageBusy(UserError):
+    """Another live process holds the stage directory's lock (the CLI prints it as one `error:` line)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # alive, owned by someone else
+        return True
+    return True
+
+
+class StageLock:
+    """An advisory lock on `<dir>/.lock` (fcntl.flock) held by the driver for a whole stage run.
+
+    The lock file holds `host pid time` of its holder, so a refused run can say who holds it. The kernel
+    releases a flock when its holder dies, so a killed run never blocks the next one. Where a lock survives
+    its holder (a lock file naming a dead pid on this very host, e.g. a stale NFS lock), the file is
+    unlinked and a fresh one is locked: after locking, the holder checks that its descriptor still is the
+    file at the path, so two processes taking over at once cannot both win. See docs/reliability.md for
+    what this guarantees on NFS-style filesystems.
+    """
+
+    def __init__(self, directory: str | Path, wait: bool = False, poll_seconds: float = 0.5):
+        self.path = Path(directory) / LOCK_NAME
+        self.wait, self.poll_seconds = wait, poll_seconds
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            text = self.path.read_text().split()
+        except OSError:
+            return "an unknown process"
+        return f"host {text[0]} pid {text[1]}" if len(text) >= 2 else "an unknown process"
+
+    def _stale_holder(self) -> str | None:
+        """The lock file's content when it names a process of this host that no longer exists."""
+        import socket
+
+        try:
+            text = self.path.read_text()
+            host, pid = text.split()[:2]
+            dead = host == socket.gethostname() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+            return text if dead else None
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> "StageLock":
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stale_seen: tuple[str, float] | None = None
+        announced = False
+        while True:
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                stale = self._stale_holder()
+                # Held, yet naming a dead process (a stale NFS lock, a forked child keeping the descriptor):
+                # taken over once the same content was seen a second apart, since a new holder writes its
+                # own line right after locking.
+                if stale and stale_seen and stale_seen[0] == stale and time.time() - stale_seen[1] >= 1.0:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)        # a new inode: the dead holder's lock no longer matters
+                    continue
+                if stale:
+                    stale_seen = stale_seen if stale_seen and stale_seen[0] == stale else (stale, time.time())
+                    time.sleep(self.poll_seconds)
+                    continue
+                if not self.wait:
+                    raise StageBusy(f"{self.path.parent} is in use by {self.holder()} (another flowsteer run "
+                                    f"writes there); wait for it to finish or rerun with --wait") from None
+                if not announced:
+                    import sys
+
+                    print(f"waiting: {self.path.parent} is in use by {self.holder()}", file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(self.poll_seconds)
+                continue
+            except OSError as exc:
+                os.close(fd)
+                raise StageBusy(f"cannot lock {self.path}: {exc.strerror} (this filesystem has no file locks; "
+                                f"see docs/reliability.md)") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n".encode())
+            os.fsync(fd)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:                            # taken over (unlinked) between our open and flock
+                os.close(fd)
+                continue
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)            # the file stays (unlinking would race a waiter)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "StageLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

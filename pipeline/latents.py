@@ -14,7 +14,6 @@ Reader API (what training uses; values always float32): `LatentStore.open`, `num
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,23 +52,20 @@ class LatentStore(RowStore):
         import zarr
 
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
         shard = max(1, min(shard_size, num_rows))
-        g = zarr.open_group(str(path), mode="w")
-        create_rows(g, "latents", num_rows, sample_shape, shard, store_dtype, compressor)
-        names = cls.create_cond_arrays(g, num_rows, cond_shapes, shard, store_dtype, compressor)
-        g.attrs.update({"sample_shape": [int(s) for s in sample_shape], "shard_size": shard, "cond_arrays": names,
-                        "store_dtype": store_dtype, "num_rows": int(num_rows)})
-        g.attrs["meta"] = meta
+        with cls.build_aside(path) as tmp:  # built aside and renamed: an existing latents.zarr is whole
+            g = zarr.open_group(str(tmp), mode="w")
+            create_rows(g, "latents", num_rows, sample_shape, shard, store_dtype, compressor)
+            names = cls.create_cond_arrays(g, num_rows, cond_shapes, shard, store_dtype, compressor)
+            g.attrs.update({"sample_shape": [int(s) for s in sample_shape], "shard_size": shard,
+                            "cond_arrays": names, "store_dtype": store_dtype, "num_rows": int(num_rows)})
+            g.attrs["meta"] = meta
         return cls.open(path, mode="r+", check_complete=False)
 
     @classmethod
     def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
              check_complete: bool = True) -> "LatentStore":
         """Open a latents.zarr (or the encode dir holding one); refuse one made by another config."""
-        import zarr
-
         from pipeline.store import meta_mismatch
 
         path = Path(path)
@@ -77,7 +73,7 @@ class LatentStore(RowStore):
             path = path / LATENT_STORE
         if not cls.created(path):
             raise UserError(f"no latent store at {path}; run `flowsteer encode` first")
-        store = cls(zarr.open_group(str(path), mode=mode), path)
+        store = cls.open_group(path, mode)
         if expected_meta is not None:
             meta_mismatch(store.meta, expected_meta, f"latent store {path}", "run `flowsteer encode`")
         if check_complete:

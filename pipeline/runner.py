@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from pipeline.files import atomic_write_json, atomic_write_parquet
+from pipeline.files import StageLock, atomic_write_json, atomic_write_parquet
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Job:
     item_name: str = "items"
     sequential: bool = False                  # units depend on each other (training segments): one at a time
     own_progress: bool = False                # its worker draws a finer bar (per training step) when run locally
+    ray_runner: Callable[..., None] | None = None  # replaces the actor pool under --executor ray (encode: Ray Data)
 
 
 class JobFailed(RuntimeError):
@@ -90,7 +91,10 @@ def execute_unit(worker: Worker, out_dir: Path, unit: Unit) -> tuple[str, str]:
         info = worker.run(unit) or {}
     except Exception as exc:  # an application error: recorded, shown by status, redone on rerun
         msg = f"{type(exc).__name__}: {exc}"
-        write_record(out_dir, unit.key, "failed", message=msg, traceback=traceback.format_exc(limit=8))
+        try:
+            write_record(out_dir, unit.key, "failed", message=msg, traceback=traceback.format_exc(limit=8))
+        except OSError:       # e.g. the disk is full: the unit stays pending, the message still reaches the user
+            pass
         return "failed", msg
     write_record(out_dir, unit.key, "done", seconds=round(time.time() - t0, 3), **info)
     return "done", ""
@@ -117,9 +121,20 @@ def job_status(job: Job) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- executors
 def run_job(job: Job, executor: str = "local", address: str | None = None, workers: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Run every unit of `job` that has no `done` record; raise JobFailed if any unit failed."""
+            progress: bool = True, wait: bool = False) -> dict[str, Any]:
+    """Run every unit of `job` that has no `done` record; raise JobFailed if any unit failed.
+
+    The driver holds the directory's StageLock throughout (one writer per stage directory): a second run
+    on the same directory raises StageBusy, or waits for the first with `wait`."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor '{executor}' (use local or ray)")
     job.out_dir.mkdir(parents=True, exist_ok=True)
+    with StageLock(job.out_dir, wait=wait):
+        return _run_locked(job, executor, address, workers, progress)
+
+
+def _run_locked(job: Job, executor: str, address: str | None, workers: int | None, progress: bool) -> dict[str, Any]:
+    failed_here: list[str] = []
     if job.prepare:
         job.prepare()
     write_plan(job)
@@ -130,25 +145,28 @@ def run_job(job: Job, executor: str = "local", address: str | None = None, worke
                desc=f"{job.stage} ({skipped}/{len(job.units)} units already done)", dynamic_ncols=True)
     if pending:
         if executor == "local":
-            _run_local(job, pending, bar)
-        elif executor == "ray":
-            _run_ray(job, pending, bar, address, workers)
+            _run_local(job, pending, bar, failed_here)
+        elif job.ray_runner is not None:
+            job.ray_runner(job, pending, bar, address, workers)
         else:
-            raise ValueError(f"unknown executor '{executor}' (use local or ray)")
+            _run_ray(job, pending, bar, address, workers, failed_here)
     bar.close()
     status = job_status(job)
     status["skipped"] = skipped
     if status["failed"] or status["pending"]:
-        first = status["errors"][0] if status["errors"] else "units left pending"
+        # a failure whose record could not be written (disk full) is still the first thing to show
+        first = (failed_here or status["errors"] or ["units left pending"])[0]
         raise JobFailed(f"{job.stage}: {status['failed']} unit(s) failed, {status['pending']} pending; "
                         f"first: {first}")
     return status
 
 
-def _run_local(job: Job, pending: list[Unit], bar) -> None:
+def _run_local(job: Job, pending: list[Unit], bar, failed_here: list[str]) -> None:
     worker = job.make_worker()
     for unit in pending:
-        state, _ = execute_unit(worker, job.out_dir, unit)
+        state, msg = execute_unit(worker, job.out_dir, unit)
+        if state == "failed":
+            failed_here.append(f"{unit.key}: {msg}")
         bar.update(unit.size)
         if state == "failed" and job.sequential:
             break                             # later units build on this one: leave them pending
@@ -180,7 +198,8 @@ def _ray_init(address: str | None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
-def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None) -> None:
+def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None,
+             failed_here: list[str]) -> None:
     """Actors take units one at a time. A dead actor is killed and replaced by the runner (not restarted by
     Ray) and a new actor gets work only once it is up, so a replacement that cannot be placed (its node is
     gone, no capacity left) never holds a unit while live actors finish the queue."""
@@ -230,7 +249,9 @@ def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: i
                 continue
             actor, unit = running.pop(ref)
             try:
-                state, _ = ray.get(ref)
+                state, msg = ray.get(ref)
+                if state == "failed":
+                    failed_here.append(f"{unit.key}: {msg}")
                 bar.update(unit.size)
                 idle.append(actor)
                 if state == "failed" and job.sequential:

@@ -99,7 +99,12 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
             x = sample(teacher.velocity, noise, sigmas, cond, teacher.encode([""] * len(batch)), guidance)
         images.append(teacher.decode(x).float().clamp(0, 1).cpu())
 
+    from PIL import Image
+
+    from pipeline.files import atomic_write_stream
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(images), out, nrow=per_prompt, padding=2, pad_value=1.0)
+    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
+    atomic_write_stream(out, lambda f: save_image(torch.cat(images), f, nrow=per_prompt, padding=2, pad_value=1.0,
+                                                  format=fmt))
     return out

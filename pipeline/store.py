@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -157,6 +156,8 @@ class TrajectoryStore(RowStore):
     """Reader (and per-shard writer) of one trajectory store; holds no sample data beyond a small shard cache."""
 
     kind = "trajectory store"
+    rebuild_hint = ("nothing was deleted; `flowsteer generate --rebuild` (or `flowsteer status --verify --repair`) "
+                    "deletes the store and generates it anew")
 
     def __init__(self, group, path: Path, cache_bytes: int):
         super().__init__(group, path)
@@ -186,7 +187,8 @@ class TrajectoryStore(RowStore):
                shard_size: int, teacher_steps: int, num_windows: int, plan: dict[str, np.ndarray],
                cond: dict[str, torch.Tensor] | None = None, null_cond: dict[str, torch.Tensor] | None = None,
                record_every_step: bool = False, store_dtype: str = "float32", compressor: str = "none",
-               cond_shapes: dict[str, Sequence[int]] | None = None) -> "TrajectoryStore":
+               cond_shapes: dict[str, Sequence[int]] | None = None,
+               run_attrs: dict | None = None) -> "TrajectoryStore":
         """Allocate every array (shards of `shard_size` samples), write the plan, mark created.
 
         `prompts` is the prompt list (written to prompts.parquet beside the store) or, when the driver has
@@ -196,8 +198,6 @@ class TrajectoryStore(RowStore):
         import zarr
 
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)             # a creation cut short: nothing in it can have been finished
         if not isinstance(prompts, (int, np.integer)):
             import pyarrow as pa
 
@@ -207,39 +207,43 @@ class TrajectoryStore(RowStore):
             prompts = len(prompts)
         S, C = len(plan["seed"]), tuple(int(s) for s in sample_shape)
         shard = max(1, min(shard_size, S))
-        g = zarr.open_group(str(path), mode="w")
+        with cls.build_aside(path) as tmp:  # built aside, fsynced, renamed: an existing store.zarr is whole
+            g = zarr.open_group(str(tmp), mode="w")
+            cls._allocate(g, meta, S, C, shard, teacher_steps, num_windows, plan, cond, record_every_step,
+                          store_dtype, compressor, cond_shapes, int(prompts), run_attrs or {})
+            if cond is not None:            # per-prompt conditions given now: fill every row's
+                store = cls.open(tmp, meta, mode="r+", check_complete=False)
+                rows = np.asarray(plan["prompt_index"], dtype=np.int64)
+                for j in range(store.num_shards):
+                    lo, hi = store.shard_range(j)
+                    store.write_rows(j, store.cond_shard({k: v[rows[lo:hi]] for k, v in cond.items()}, None))
+                store.write_null(null_cond)
+        return cls.open(path, meta, mode="r+", check_complete=False)
+
+    @classmethod
+    def _allocate(cls, g, meta, S, C, shard, teacher_steps, num_windows, plan, cond, record_every_step,
+                  store_dtype, compressor, cond_shapes, num_prompts: int, run_attrs: dict) -> None:
         for name, edges in [("states", num_windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
             create_rows(g, name, S, (edges, *C), shard, store_dtype, compressor)
         for name, dtype in (("guidance", "float32"), ("prompt_index", "int64"), ("seed", "int64")):
             g.create_array(name, data=np.asarray(plan[name], dtype=dtype), chunks=(max(S, 1),))
         shapes = cond_shapes or {k: tuple(v.shape[1:]) for k, v in (cond or {}).items()}
         names = cls.create_cond_arrays(g, S, shapes, shard, store_dtype, compressor)
-        # Written last: a store without `meta` is an interrupted creation and is rebuilt.
         g.attrs.update({"sample_shape": list(C), "shard_size": shard, "cond_arrays": names,
                         "teacher_steps": teacher_steps, "store_dtype": store_dtype, "num_rows": S,
-                        "num_prompts": int(prompts), "cond_in_shards": cond is None})
+                        "num_prompts": num_prompts, "cond_in_shards": cond is None, "run": dict(run_attrs)})
         g.attrs["meta"] = meta
-        store = cls.open(path, meta, mode="r+", check_complete=False)
-        if cond is not None:                # per-prompt conditions given now: fill every row's
-            rows = np.asarray(plan["prompt_index"], dtype=np.int64)
-            for j in range(store.num_shards):
-                lo, hi = store.shard_range(j)
-                store.write_rows(j, store.cond_shard({k: v[rows[lo:hi]] for k, v in cond.items()}, None))
-            store.write_null(null_cond)
-        return store
 
     @classmethod
     def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
              check_complete: bool = True, cache_bytes: int = 256 << 20) -> "TrajectoryStore":
         """Open a store (a store.zarr or the generate dir holding one); refuse one made by another config."""
-        import zarr
-
         path = Path(path)
         if (path / STORE_NAME).is_dir():
             path = path / STORE_NAME
         if not cls.created(path):
             raise UserError(f"no trajectory store at {path}; run `flowsteer generate` first")
-        store = cls(zarr.open_group(str(path), mode=mode), path, cache_bytes)
+        store = cls.open_group(path, mode, cache_bytes)
         if expected_meta is not None:
             meta_mismatch(store.meta, expected_meta, f"trajectory store {path}",
                           "point train.store at a matching store or run `flowsteer generate`")

@@ -339,12 +339,25 @@ class Trainer:
             self.tensorboard.scalars(row)
 
     def trim_log(self) -> None:
-        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""
+        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone) and
+        a torn line (a write cut short by a full disk or a kill); the file is rewritten atomically."""
+        from pipeline.files import atomic_write_bytes
+
         if self.log_path is None or not self.log_path.exists():
             return
-        rows = [line for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step]
-        self.log_path.write_text("".join(r + "\n" for r in rows))
+        rows, torn = [], 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+                step = int(row["step"]) if row is not None else None
+            except (ValueError, TypeError, KeyError):
+                torn += 1
+                continue
+            if step is not None and step <= self.step:
+                rows.append(line)
+        if torn:
+            print(f"warning: {self.log_path}: dropped {torn} unreadable line(s) (a write cut short)")
+        atomic_write_bytes(self.log_path, "".join(r + "\n" for r in rows).encode())
 
     def ema_student(self) -> torch.nn.Module:
         """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""

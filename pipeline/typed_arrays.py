@@ -9,6 +9,7 @@ Readers always get float32 back (`decode`). Compression (`none | zstd | blosc`) 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,6 +89,37 @@ def write_shard_rows(group_path, arr, shard: int, lo: int, data: np.ndarray) -> 
     key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
     (Path(group_path) / arr.path / key).unlink(missing_ok=True)
     arr[lo:lo + len(data)] = data
+    make_durable(Path(group_path), Path(group_path) / arr.path / key)
+
+
+def make_durable(group_path: Path, shard_file: Path) -> None:
+    """Zarr renames a shard into place but never fsyncs it: fsync the file and every directory up to the
+    store, so the `done` record written after it never vouches for a shard a power cut lost
+    (docs/reliability.md)."""
+    from pipeline.files import fsync_dir, fsync_file
+
+    if Path(shard_file).exists():       # zarr writes no file for a shard that is all fill value (zeros)
+        fsync_file(shard_file)
+    d = Path(shard_file).parent
+    while d != Path(group_path).parent:
+        if d.is_dir():
+            fsync_dir(d)
+        d = d.parent
+
+
+def read_metadata(meta_file: Path, hint: str) -> dict:
+    """A Zarr metadata file as JSON; unreadable is a UserError naming it (never "no store": one bad read
+    must not get a store and its records deleted)."""
+    import json
+
+    try:
+        data = json.loads(Path(meta_file).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"store metadata {meta_file} cannot be read ({type(exc).__name__}: {str(exc)[:120]}); "
+                        f"{hint}") from None
 
 
 def digest(*arrays: np.ndarray | None) -> str:
@@ -144,15 +176,55 @@ class RowStore:
         self.store_dtype: str = attrs.get("store_dtype", "float32")
         self.num_samples: int = int(attrs["num_rows"])
 
+    # what to do about unreadable metadata (a subclass names its own rebuild command)
+    rebuild_hint = "nothing was deleted; move the store away to rebuild it"
+
+    @classmethod
+    def created(cls, path: Path) -> bool:
+        """Whether `path` holds a store. Stores are built aside and renamed into place (`build_aside`), so
+        an existing path is a finished store; metadata that cannot be read is a UserError naming the file."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        meta_file = path / "zarr.json"
+        if "meta" not in read_metadata(meta_file, cls.rebuild_hint).get("attributes", {}):
+            raise UserError(f"{cls.kind} {path} has no 'meta' in {meta_file} (an interrupted creation by an older "
+                            f"version, or not a flowsteer store); {cls.rebuild_hint}")
+        return True
+
+    @classmethod
+    @contextlib.contextmanager
+    def build_aside(cls, path: Path):
+        """Yield a temp path to build a new store in; on success it is fsynced and renamed to `path`. Never
+        replaces an existing store (only an explicit rebuild deletes one)."""
+        from pipeline.files import atomic_path
+
+        path = Path(path)
+        if path.exists():
+            raise UserError(f"{cls.kind} {path} already exists; {cls.rebuild_hint}")
+        with atomic_path(path) as tmp:
+            yield tmp
+
     @staticmethod
-    def created(path: Path) -> bool:
-        """Whether `path` holds a store whose creation finished (`meta` is written last)."""
+    def remove_stale_builds(path: Path) -> None:
+        """Temp builds of `path` left by a killed creation (call only under the stage lock)."""
+        import shutil
+
+        for leftover in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    @classmethod
+    def open_group(cls, path: Path, mode: str, *args):
+        """`cls(zarr group, path, *args)`, with unreadable array metadata a UserError naming the file."""
         import zarr
 
         try:
-            return "meta" in zarr.open_group(str(path), mode="r").attrs
-        except Exception:
-            return False
+            return cls(zarr.open_group(str(path), mode=mode), path, *args)
+        except Exception as exc:  # noqa: BLE001  (an array's metadata is unreadable: name it, delete nothing)
+            for meta_file in sorted(Path(path).glob("*/zarr.json")):
+                read_metadata(meta_file, cls.rebuild_hint)
+            raise UserError(f"{cls.kind} {path} cannot be opened ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); {cls.rebuild_hint}") from None
 
     @staticmethod
     def create_cond_arrays(group, rows: int, cond_shapes: dict[str, Sequence[int]], shard: int,
@@ -203,7 +275,7 @@ class RowStore:
 
     def write_null(self, null: dict[str, torch.Tensor]) -> None:
         for k, name in self.cond_arrays.items():
-            self.group["null_" + name][0:1] = encode(null[k][:1], self.store_dtype)
+            write_shard_rows(self.path, self.group["null_" + name], 0, 0, encode(null[k][:1], self.store_dtype))
 
     def read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.group[name][lo:hi])

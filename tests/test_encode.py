@@ -3,6 +3,7 @@ resume, `status --verify`, bad inputs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -134,3 +135,66 @@ def test_bad_image_sets_are_one_line(make_toy_config, tmp_path):
     assert res.exit_code == 2 and "none of the columns image, image_path, path (columns found: caption, pixels)" \
         in res.output
     assert not load_config(path).stage_dir("encode").exists()
+
+
+def test_sd3_layout_from_config_files_and_vae_latents(tmp_path):
+    """describe_teacher reads the SD3 dir's configs only and matches what the loaded pipeline produces;
+    encode_images is the VAE mean with SD3's shift and scaling factor (decode's inverse normalisation)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_sd3 import build_tiny_sd3_pipeline
+
+    from pipeline.teachers import describe_teacher, load_teacher
+    from schemas.config import RunConfig
+
+    cfg = RunConfig.model_validate({"teacher": {"kind": "sd3", "path": str(build_tiny_sd3_pipeline(tmp_path / "sd3"))}})
+    assert cfg.generate.store_dtype == "float16"                  # the sd3 default
+    layout = describe_teacher(cfg)
+    teacher = load_teacher(cfg)
+    enc = teacher.encode(["a cat", ""])
+    assert layout.sample_shape == teacher.sample_shape
+    assert layout.cond_shapes == {k: tuple(v.shape[1:]) for k, v in enc.items()}
+    images = torch.rand(2, *layout.image_shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = teacher.encode_images(images)
+    vae = teacher.pipeline.vae
+    with torch.no_grad():
+        ref = (vae.encode(images).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    assert z.shape == (2, *layout.sample_shape) and z.dtype == torch.float32 and torch.allclose(z, ref)
+
+
+def test_store_dtype_defaults_and_fingerprints(make_toy_config):
+    from schemas.config import RunConfig
+
+    assert RunConfig().generate.store_dtype == "float32"          # embedded
+    base = load_config(make_toy_config())
+    fp = {k: base.fingerprint(k) for k in ("generate", "encode")}
+    for name, over in {"dev": {"device": "cuda:1"}, "f16": {"generate": {"store_dtype": "float16"}},
+                       "zstd": {"generate": {"compressor": "zstd"}}, "tdtype": {"teacher": {"dtype": "bfloat16"}}}.items():
+        other = load_config(make_toy_config(f"{name}.yaml", **over))
+        assert other.fingerprint("generate") != fp["generate"] and other.fingerprint("encode") != fp["encode"], name
+    same = load_config(make_toy_config("b.yaml", generate={"batch_size": 3}, data={"shard_size": 256}))
+    assert same.fingerprint("generate") == fp["generate"]
+
+
+@pytest.mark.timeout(600)
+def test_ray_data_encode_equals_local(make_toy_config, tmp_path, monkeypatch):
+    """--executor ray runs the shards through a Ray Data actor pool: same bytes, same records as local."""
+    import ray
+
+    folder = png_folder(tmp_path)
+    data = {"images": str(folder), "shard_size": 2}
+    local = load_config(make_toy_config("local.yaml", teacher=TOY, data=data))
+    job_l, _ = encode(local)
+    remote = load_config(make_toy_config("ray.yaml", root=str(tmp_path / "ray-runs"), teacher=TOY, data=data))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        job_r, st = encode(remote, "ray", workers=1)
+    finally:
+        ray.shutdown()
+    assert st["done"] == 4 and st["failed"] == 0
+    a, b = LatentStore.open(job_l.out_dir), LatentStore.open(job_r.out_dir)
+    for name in ("latents", "prompt_embeds", "pooled_embeds", "null_pooled_embeds"):
+        assert np.array_equal(np.asarray(a.group[name][:]), np.asarray(b.group[name][:])), name
+    assert [read_record(job_r.out_dir, u.key)["checksum"] for u in job_r.units] == \
+        [read_record(job_l.out_dir, u.key)["checksum"] for u in job_l.units]

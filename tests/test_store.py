@@ -100,14 +100,25 @@ def test_open_refuses_other_config_missing_and_incomplete(tmp_path):
         TrajectoryStore.open(path2, meta2)
 
 
-def test_interrupted_creation_is_not_a_store(tmp_path):
+def test_interrupted_creation_is_not_a_store_and_nothing_is_deleted_on_doubt(tmp_path, monkeypatch):
     import zarr
 
     path = tmp_path / "store.zarr"
-    zarr.open_group(str(path), mode="w").create_array("states", shape=(2, 2), dtype="float32")
+
+    def killed(*a, **k):                      # creation dies after some arrays were written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(TrajectoryStore, "_allocate",
+                        lambda g, *a, **k: (g.create_array("states", shape=(2, 2), dtype="float32"), killed()))
+    with pytest.raises(KeyboardInterrupt):
+        TrajectoryStore.create(path, {}, 0, (1,), 1, 1, 1, {"seed": [0]})
+    assert not path.exists() and not list(tmp_path.iterdir())   # built aside: nothing left, no half store
     assert not TrajectoryStore.created(path)
     with pytest.raises(UserError, match="no trajectory store"):
         TrajectoryStore.open(path)
+    # A directory without the `meta` attribute is not silently treated as absent (and rebuilt over).
+    zarr.open_group(str(path), mode="w").create_array("states", shape=(2, 2), dtype="float32")
+    with pytest.raises(UserError, match=r"no 'meta'.*--rebuild"):
+        TrajectoryStore.created(path)
 
 
 def test_meta_follows_what_decides_the_store(make_toy_config, tmp_path):

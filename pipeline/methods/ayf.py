@@ -132,6 +132,7 @@ def jvp_fd(module, cond, x, t, s, v, eps: float = 1e-4):
 @register
 class AlignYourFlow(Method):
     name = "ayf-emd"
+    option_defaults = DEFAULTS
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -44,6 +44,9 @@ class MethodContext:
 
 class Method:
     name: ClassVar[str] = ""
+    # Every option `train.method_options.<name>` may set, with its default: an option not declared here is
+    # rejected when the config loads (schemas.config.method_problem), before any work.
+    option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

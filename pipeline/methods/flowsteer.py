@@ -53,24 +53,38 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     The trainer freezes the discriminator during the generator step, so G's loss never trains D."""
     name = "flowsteer"
+    option_defaults = DEFAULTS
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.options = opts = parse_options(self.name, ctx.options, DEFAULTS)
-        adv = ctx.cfg.train.adversarial.model_copy(
-            update={k: opts[k] for k in OVERRIDABLE if opts[k] is not None})
-        probs = torch.tensor(adv.window_probs, dtype=torch.float64)
-        if len(probs) != self.num_windows or (probs < 0).any() or probs.sum() <= 0:
-            raise UserError(f"train.adversarial.window_probs {list(adv.window_probs)} must be {self.num_windows} "
+    @staticmethod
+    def adversarial(cfg, options):
+        """train.adversarial with this run's overrides (options set to a value other than None)."""
+        opts = parse_options("flowsteer", options, DEFAULTS)
+        return cfg.train.adversarial.model_copy(update={k: opts[k] for k in OVERRIDABLE if opts[k] is not None})
+
+    @classmethod
+    def check_config(cls, cfg, options) -> None:
+        """Before any work (exit 2, nothing written): the window probabilities, fake source and adv_fraction."""
+        adv = cls.adversarial(cfg, options)
+        probs = adv.window_probs
+        if len(probs) != cfg.schedule.windows or min(probs) < 0 or sum(probs) <= 0:
+            raise UserError(f"train.adversarial.window_probs {list(probs)} must be {cfg.schedule.windows} "
                             f"non-negative numbers (one per window of schedule.windows)")
         if adv.fake_source not in FAKE_SOURCES:
             raise UserError(f"flowsteer fake_source must be one of {', '.join(FAKE_SOURCES)}, got {adv.fake_source!r}")
+        adv_fraction = parse_options(cls.name, options, DEFAULTS)["adv_fraction"]
+        if not isinstance(adv_fraction, (int, float)) or not 0 < adv_fraction <= 1:
+            raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {adv_fraction!r}")
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.check_config(ctx.cfg, ctx.options)
+        self.options = opts = parse_options(self.name, ctx.options, DEFAULTS)
+        adv = self.adversarial(ctx.cfg, opts)
+        probs = torch.tensor(adv.window_probs, dtype=torch.float64)
         self.window_probs = probs / probs.sum()
         self.lambda_adv, self.lambda_fm, self.fake_source = adv.lambda_adv, adv.lambda_fm, adv.fake_source
         # share of the batch that gets a student jump + D calls: half keeps the GAN's cost per step small
         self.adv_fraction = float(opts["adv_fraction"])
-        if not 0 < self.adv_fraction <= 1:
-            raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {self.adv_fraction}")
         transformer = getattr(ctx.teacher, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
             raise UserError("flowsteer's discriminator is built from the teacher's SD3 transformer blocks; "

@@ -48,6 +48,7 @@ def uniform_windows(n: int, num_windows: int, generator: torch.Generator) -> tor
 @register
 class PeRFlow(ChordMethod):
     name = "perflow"
+    option_defaults = DEFAULTS
     # x0 (docs/precision.md): real images, as PeRFlow trains: the MNIST digits (embedded teacher) or the
     # run's latent store (data.images); `method_options.perflow.x0: teacher_samples` = the store's final
     # samples instead, a different baseline ("reflow on teacher samples").

@@ -67,6 +67,7 @@ def truncated_target(tgt_m: torch.Tensor, z0: torch.Tensor, t_minus: torch.Tenso
 @register
 class SCFlow(Method):
     name = "scflow"
+    option_defaults = DEFAULTS
 
     def __init__(self, ctx):
         super().__init__(ctx)

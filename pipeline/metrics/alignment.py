@@ -28,6 +28,28 @@ def prompt_hits(classifier, images01: torch.Tensor, labels: torch.Tensor, batch:
     return (preds == labels.cpu()).float()
 
 
+def check_clip_dir(path: str | Path) -> Path:
+    """Before any work: `evaluate.clip_path` must be a transformers CLIP dir (config.json with a CLIP
+    model_type, weights, tokenizer files); anything else is one line, not a 139-line load report."""
+    import json
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise UserError(f"evaluate.clip_path {p} is not a directory (expected a transformers CLIP model dir "
+                        f"with config.json, weights and the processor files)")
+    try:
+        model_type = json.loads((p / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin"))
+    tokenizer = (p / "tokenizer.json").is_file() or (p / "vocab.json").is_file()
+    if model_type is None or "clip" not in str(model_type).lower() or not weights or not tokenizer:
+        what = ("no readable config.json" if model_type is None else f"model_type '{model_type}' is not CLIP"
+                if "clip" not in str(model_type).lower() else "no weights" if not weights else "no tokenizer files")
+        raise UserError(f"evaluate.clip_path {p} is not a CLIP model directory ({what})")
+    return p
+
+
 class ClipScorer:
     """CLIP score per (image, prompt) pair from a local transformers CLIP directory."""
 

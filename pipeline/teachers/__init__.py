@@ -18,6 +18,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def teacher_depth(cfg) -> int | None:
+    """How many transformer blocks the configured teacher has, found without loading it (None: unknown
+    until it loads, e.g. a byo teacher); lets `train.adversarial.disc_blocks` be checked before any work."""
+    if cfg.teacher.kind == "embedded":
+        return cfg.teacher.embedded.num_layers
+    if cfg.teacher.kind == "sd3" and cfg.teacher.path:
+        from pipeline.teachers.sd3 import transformer_depth
+
+        return transformer_depth(cfg.teacher.path)
+    return None
+
+
 def load_teacher(cfg, device: str | torch.device | None = None) -> TeacherAtPrecision:
     """The configured teacher, frozen, on `device` (default cfg.device), at `teacher.dtype`: every call casts
     its inputs to that dtype and returns float32 (TeacherAtPrecision; docs/precision.md)."""

@@ -31,7 +31,23 @@ def check_sd3_dir(path) -> Path:
     missing = [c for c in REQUIRED if not (p / c).is_dir()]
     if missing:
         raise UserError(f"teacher.path {p} lacks component folder(s) {', '.join(missing)}")
+    for component in ("transformer", "vae"):
+        if not (p / component / "config.json").is_file() or not has_weights(p / component):
+            raise UserError(f"teacher.path {p}: {component}/ has no config.json or no weights "
+                            f"(*.safetensors / *.bin); the pipeline directory is incomplete")
     return p
+
+
+def has_weights(directory: Path) -> bool:
+    return any(Path(directory).glob("*.safetensors")) or any(Path(directory).glob("*.bin"))
+
+
+def transformer_depth(path) -> int | None:
+    """The number of transformer blocks, read from transformer/config.json alone (no weights loaded)."""
+    try:
+        return int(json.loads((Path(path).expanduser() / "transformer" / "config.json").read_text())["num_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _has_t5(p: Path) -> bool:

@@ -96,11 +96,23 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
 
 @app.command()
 def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to write the example config."),
-         force: bool = typer.Option(False, help="Overwrite an existing file.")):
+         force: bool = typer.Option(False, help="Overwrite an existing file."),
+         preset: Optional[str] = typer.Option(None, help="study: the whole ablation ladder, 3 training seeds, "
+                                              "1000 steps (docs/ablation.md).")):
     """Write a commented example config (the embedded default) to edit."""
     if path.exists() and not force:
         fail(f"{path} exists (use --force to overwrite)")
-    shutil.copyfile(EXAMPLE, path)
+    if preset is None:
+        shutil.copyfile(EXAMPLE, path)
+    else:
+        from pipeline.files import atomic_write_bytes
+        from pipeline.ladder import preset_yaml
+
+        try:
+            text = preset_yaml(preset, EXAMPLE.read_text())
+        except KeyError as exc:
+            fail(exc.args[0])
+        atomic_write_bytes(path, text.encode())
     typer.echo(f"wrote {path}")
 
 
@@ -130,8 +142,9 @@ def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
 @app.command()
 def train(config: Optional[Path] = ConfigOpt,
           method: Optional[list[str]] = typer.Option(None, "--method", "-m",
-                                                     help="perflow | ota | flowsteer | scflow | ayf-emd "
-                                                          "(repeatable; default: train.methods)"),
+                                                     help="Run names: a method (perflow | ota | flowsteer | "
+                                                          "scflow | ayf-emd) or a train.variants key (repeatable; "
+                                                          "default: train.methods); each trains once per train.seeds"),
           executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
     run_stage("train", get_config(config), executor, address, methods=method or None, wait=wait)
@@ -139,7 +152,7 @@ def train(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
-             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to score (default: train.methods)."),
+             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
     run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait)
@@ -147,10 +160,25 @@ def evaluate(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def report(config: Optional[Path] = ConfigOpt,
-           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to include (default: train.methods)."),
+           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods)."),
            wait: bool = WaitOpt):
     """Write report.md / report.html with the ablation table, plots and image grids."""
     run_stage("report", get_config(config), methods=method or None, wait=wait)
+
+
+@app.command()
+def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+           address: Optional[str] = AddressOpt):
+    """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
+    (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
+    and report them (docs/ablation.md)."""
+    from pipeline.ladder import with_ladder
+
+    cfg = with_ladder(get_config(config))
+    t0 = time.time()
+    for name in STAGES:
+        run_stage(name, cfg, executor, address)
+    typer.echo(f"ablate: finished in {time.time() - t0:.1f}s")
 
 
 @app.command()
@@ -201,8 +229,8 @@ def verify_job(mod, job, repair: bool) -> None:
 
 
 @app.command()
-def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a method name (its exported student) "
-                                            "or an exported student directory."),
+def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run name (a method or a "
+                                            "train.variants key: its first train seed's student) or an export dir."),
            config: Optional[Path] = ConfigOpt,
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
            schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),

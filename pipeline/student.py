@@ -27,38 +27,40 @@ def network_dir(method_name: str) -> str:
     return "transformer" if get_method(method_name).drop_in else "flow_map"
 
 
-def export_student(directory, method_name: str, student_module: torch.nn.Module, cfg,
-                   sample_shape: tuple[int, ...] | None = None) -> Path:
-    """Write the export into a temp dir and rename it into place, so `directory` is whole or absent."""
+def export_student(directory, run, student_module: torch.nn.Module, cfg,
+                   sample_shape: tuple[int, ...] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the export into a temp dir and rename it into place, so `directory` is whole or absent.
+    `run`: a schemas.config.TrainRun or a run name (its first seed); `extra` joins the metadata."""
     directory = Path(directory)
+    run = cfg.train_run(run) if isinstance(run, str) else run
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        _write_export(tmp, method_name, student_module, cfg, sample_shape, shown_path=str(directory))
+        _write_export(tmp, run, student_module, cfg, sample_shape, extra or {}, shown_path=str(directory))
     return directory
 
 
-def _write_export(tmp: Path, method_name: str, student_module: torch.nn.Module, cfg, sample_shape,
+def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_shape, extra,
                   shown_path: str) -> None:
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
     from pipeline.model_card import write_model_card
 
-    network = network_dir(method_name)
-    get_method(method_name).save_student(student_module, tmp / network)
+    network = network_dir(run.method)
+    get_method(run.method).save_student(student_module, tmp / network)
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
-    meta = {"method": method_name, "network": network, "windows": cfg.schedule.windows,
-            "teacher_steps": cfg.schedule.teacher_steps,
-            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", method_name),
+    meta = {"method": run.method, "run": run.name, "train_seed": run.seed, "options": run.options,
+            "network": network, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
+            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", run),
             "sample_shape": list(sample_shape) if sample_shape else None,
             # float32 weights whatever teacher.dtype / train.mixed_precision were (docs/precision.md)
-            "dtype": "float32", "teacher_dtype": cfg.teacher.dtype}
-    method = get_method(method_name)
-    x0 = method.x0_source(cfg, cfg.train.method_options.get(method_name, {}))
+            "dtype": "float32", "teacher_dtype": cfg.teacher.dtype, **extra}
+    method = get_method(run.method)
+    x0 = method.x0_source(cfg, run.options)
     if x0 is not None:                # what the method's x0 was; the report labels teacher-sample reflow
         meta["x0_source"] = x0
         if x0 == "teacher_samples":
             meta["label"] = "reflow on teacher samples"
     (tmp / META).write_text(json.dumps(meta, indent=1))
-    write_model_card(tmp, cfg, method_name, meta, shown_path=shown_path)
+    write_model_card(tmp, cfg, run.method, meta, shown_path=shown_path)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -141,11 +142,16 @@ class DataConfig(Section):
 
 
 class AdversarialConfig(Section):
+    """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
     disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
     lambda_adv: float = Field(0.1, ge=0)         # unknown in the paper: a choice, see docs/methods.md
-    lambda_fm: float = Field(0.0, ge=0)
-    disc_lr: float = Field(2e-4, gt=0, le=10)
-    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.4, 0.2, 0.2, 0.2)
+    lambda_fm: float = Field(0.1, ge=0)          # feature matching on the discriminator's blocks (docs/ablation.md)
+    disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
+    disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
+    spectral_norm: bool = False                  # on the heads' convolutions
+    fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
+    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
+    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.2, 0.2, 0.4)
 
     @model_validator(mode="after")
     def _probs(self):
@@ -154,18 +160,47 @@ class AdversarialConfig(Section):
         return self
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class TrainVariant(Section):
+    """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One student to train: a run name (a method or a `train.variants` key), its method, options and seed."""
+    name: str
+    method: str
+    options: dict[str, Any] = field(hash=False)
+    seed: int
+    n_seeds: int = field(default=1, compare=False)     # how many seeds the config trains (for `label`)
+
+    @property
+    def label(self) -> str:
+        """The run's name in scores and reports: the name alone when the config trains one seed."""
+        return self.name if self.n_seeds == 1 else f"{self.name}/s{self.seed}"
+
+
 class TrainConfig(Section):
+    # run names: a plain method name (options from method_options) or a key of `variants`
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
+    variants: dict[str, TrainVariant] = Field(default_factory=dict)
+    seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
     steps: Count = 150                  # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)
     grad_clip: float = Field(1.0, ge=0)          # 0 = no clipping
-    ema_decay: float = Field(0.99, ge=0, le=1)
+    ema_decay: float = Field(0.99, gt=0, le=1)   # the EMA's decay once warmed up
+    # warm-up of the student EMA (pipeline/trainer.py ema_beta): edm = half-life ramped with the images seen
+    ema_warmup: Literal["none", "power", "edm"] = "edm"
+    ema_rampup: float = Field(0.05, gt=0)       # edm: half-life <= ema_rampup x images seen (EDM's default)
     online_fraction: Rate = 0.25        # share of each OTA batch from fresh online teacher rollouts
     checkpoint_every: Count = 50
     log_every: Count = 10
-    seed: Seed = 0
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     lora_rank: int = Field(0, ge=0, le=4096)  # 0 = full fine-tune; >0 = peft LoRA on attention projections
     # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
@@ -177,9 +212,21 @@ class TrainConfig(Section):
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _known_methods(self):
-        """Unknown method names and unknown options are errors at load, before any work (docs/reliability.md)."""
-        problem = method_problem(self.methods, self.method_options)
+    def _runs(self):
+        """Unknown methods, options and bad run names are errors at load, before any work (docs/reliability.md)."""
+        if not self.methods:
+            raise ValueError("train.methods must name at least one method")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("train.seeds must be a non-empty list of distinct seeds")
+        for name in [*self.methods, *self.variants]:
+            if not RUN_NAME.match(name):
+                raise ValueError(f"train run name '{name}' may hold only letters, digits and _ . + -")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("train.methods lists a run name twice")
+        problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
+        for name, variant in self.variants.items():
+            problem = problem or method_problem([variant.method], {variant.method: variant.options},
+                                                where=f"train.variants.{name}")
         if problem:
             raise ValueError(problem)
         return self
@@ -233,7 +280,7 @@ class RunConfig(Section):
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
     # so changing the learning rate keeps cached trajectories and changing the teacher does not.
-    def fingerprint(self, stage: str, method: str | None = None) -> str:
+    def fingerprint(self, stage: str, run: TrainRun | None = None) -> str:
         parts: dict[str, Any] = {"teacher": self.teacher.model_dump(mode="json")}
         if stage == "teacher":            # the embedded teacher trains in float32 whatever dtype it later runs in
             parts["teacher"].pop("dtype")
@@ -248,11 +295,14 @@ class RunConfig(Section):
             parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":
             tr = self.train.model_dump(mode="json")
-            for k in ("methods", "workers", "log_every", "checkpoint_every", "store", "prefetch",
-                      "tensorboard"):
+            # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
+            for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
+                      "store", "prefetch", "tensorboard"):
                 tr.pop(k)
             parts["train"] = tr
-            parts["method"] = method
+            if run is None:
+                raise ValueError("fingerprint('train') needs the TrainRun")
+            parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
             if self.train.store:         # the data trained on: the pointed store's own fingerprint
                 parts["store"] = pointed_store_fingerprint(self.train.store)
         if stage == "evaluate":
@@ -260,9 +310,30 @@ class RunConfig(Section):
             parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds"})
         return fingerprint(parts)
 
-    def stage_dir(self, stage: str, method: str | None = None) -> Path:
-        name = f"{method}-{self.fingerprint(stage, method)}" if method else self.fingerprint(stage)
-        return Path(self.root) / stage / name
+    def stage_dir(self, stage: str) -> Path:
+        """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
+        return Path(self.root) / stage / self.fingerprint(stage)
+
+    def train_runs(self, names: list[str] | None = None) -> list[TrainRun]:
+        """The runs to train, name-major then seed: `names` (default train.methods) x train.seeds."""
+        tc, out = self.train, []
+        for name in (names or tc.methods):
+            variant = tc.variants.get(name)
+            method, options = ((variant.method, dict(variant.options)) if variant is not None
+                               else (name, dict(tc.method_options.get(name, {}))))
+            out += [TrainRun(name, method, options, seed, len(tc.seeds)) for seed in tc.seeds]
+        return out
+
+    def train_run(self, name: str, seed: int | None = None) -> TrainRun:
+        """One run by name (and seed; default the first of train.seeds), e.g. for `flowsteer sample NAME`."""
+        runs = [r for r in self.train_runs([name]) if seed is None or r.seed == seed]
+        if not runs:
+            raise ConfigError(f"train.seeds has no seed {seed} for run '{name}'")
+        return runs[0]
+
+    def train_dir(self, run: TrainRun) -> Path:
+        """<root>/train/<name>-s<seed>-<fp>: fp covers the method, its options, the seed and the store."""
+        return Path(self.root) / "train" / f"{run.name}-s{run.seed}-{self.fingerprint('train', run)}"
 
 
 def pointed_store_fingerprint(store: str) -> str:
@@ -282,25 +353,26 @@ def pointed_store_fingerprint(store: str) -> str:
     return str(fp)
 
 
-def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]]) -> str | None:
-    """Why `train.methods` / `train.method_options` name an unknown method or option (None when fine)."""
+def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]],
+                   where: str = "train.method_options") -> str | None:
+    """Why `train.methods` / `train.method_options` (or a variant, `where`) name an unknown method or option."""
     from pipeline.methods.base import METHODS
 
-    if not methods:
-        return "train.methods must name at least one method"
     import pipeline.methods  # noqa: F401  (registers every method)
     known = ", ".join(sorted(METHODS))
     for name in methods:
         if name not in METHODS:
-            return f"train.methods: unknown method '{name}' (known: {known})"
+            return (f"train.methods: unknown method '{name}' (known: {known}; or name a train.variants entry)"
+                    if where == "train.method_options" else f"{where}.method: unknown method '{name}' (known: {known})")
     for name, options in method_options.items():
         if name not in METHODS:
-            return f"train.method_options.{name}: unknown method '{name}' (known: {known})"
+            return f"{where}.{name}: unknown method '{name}' (known: {known})"
         declared = METHODS[name].option_defaults
         unknown = sorted(set(options) - set(declared))
         if unknown:
             allowed = ", ".join(sorted(declared)) or "none"
-            return f"train.method_options.{name}.{unknown[0]}: unknown option (known for {name}: {allowed})"
+            key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
+            return f"{key}.{unknown[0]}: unknown option (known for {name}: {allowed})"
     return None
 
 

@@ -39,13 +39,16 @@ def noise_seeds(seed: int, n: int) -> np.ndarray:
 
 
 def student_checkpoints(cfg: RunConfig, methods) -> list[dict]:
-    """(label, fingerprint, export dir) of each method's exported student; a UserError names what to train."""
+    """(label, fingerprint, export dir) of each training run's exported student (run names x train.seeds);
+    a UserError names what to train."""
     out = []
-    for m in methods:
-        train_dir = cfg.stage_dir("train", m)
+    for run in cfg.train_runs(list(methods)):
+        train_dir = cfg.train_dir(run)
         if not is_done(train_dir, "export"):
-            raise UserError(f"no exported student for method '{m}' in {train_dir}: run `flowsteer train -m {m}` first")
-        out.append({"checkpoint": m, "fingerprint": cfg.fingerprint("train", m), "export": str(train_dir / "export")})
+            raise UserError(f"no exported student for run '{run.label}' in {train_dir}: "
+                            f"run `flowsteer train -m {run.name}` first")
+        out.append({"checkpoint": run.label, "key": run.label.replace("/", "-"),
+                    "fingerprint": cfg.fingerprint("train", run), "export": str(train_dir / "export")})
     return out
 
 
@@ -87,7 +90,7 @@ def jobs(cfg: RunConfig, methods=None) -> list[Job]:
     teacher_units = [Unit(f"teacher-{tfp}_nfe{ev.teacher_nfe}_seed{s}",
                           {"kind": "teacher", "checkpoint": "teacher", "fingerprint": tfp, "nfe": ev.teacher_nfe,
                            "seed": s}, size=n) for s in ev.seeds]
-    student_units = [Unit(f"{c['checkpoint']}-{c['fingerprint']}_nfe{nfe}_seed{s}",
+    student_units = [Unit(f"{c['key']}-{c['fingerprint']}_nfe{nfe}_seed{s}",
                           {"kind": "student", **c, "nfe": nfe, "seed": s}, size=n)
                      for c in student_checkpoints(cfg, methods or cfg.train.methods)
                      for nfe in ev.nfes for s in ev.seeds]   # method-major: a local worker loads each once

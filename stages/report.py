@@ -65,7 +65,8 @@ def after(cfg: RunConfig, methods=None) -> str:
 
 class ReportWorker:
     def __init__(self, cfg_json: dict, methods: list[str]):
-        self.cfg, self.methods = RunConfig.model_validate(cfg_json), methods
+        self.cfg = RunConfig.model_validate(cfg_json)
+        self.methods = [r.label for r in self.cfg.train_runs(methods)]   # the checkpoints' labels in scores
 
     def run(self, unit: Unit) -> dict:
         scores = pd.read_parquet(scores_path(self.cfg))
@@ -78,7 +79,8 @@ def select(cfg: RunConfig, scores: pd.DataFrame, methods: list[str]) -> pd.DataF
     """This config's rows: its teacher at teacher_nfe and its methods' current checkpoints at its NFEs and seeds."""
     ev = cfg.evaluate
     want = {("teacher", cfg.fingerprint("teacher"), ev.teacher_nfe)}
-    want |= {(m, cfg.fingerprint("train", m), n) for m in methods for n in ev.nfes}
+    runs = {r.label: r for r in cfg.train_runs()}
+    want |= {(m, cfg.fingerprint("train", runs[m]), n) for m in methods if m in runs for n in ev.nfes}
     keep = [(c, f, n) in want and s in ev.seeds
             for c, f, n, s in zip(scores.checkpoint, scores.fingerprint, scores.nfe, scores.seed)]
     return scores[keep].copy()
@@ -200,7 +202,9 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     seed, ev, prompts = cfg.evaluate.seeds[0], cfg.evaluate, generate_prompts(cfg)
     rows = [(f"teacher\n{ev.teacher_nfe} steps",
              grids / f"teacher-{cfg.fingerprint('teacher')}_nfe{ev.teacher_nfe}_seed{seed}.npz")]
-    rows += [(f"{m}\n{nfe} NFE", grids / f"{m}-{cfg.fingerprint('train', m)}_nfe{nfe}_seed{seed}.npz") for m in methods]
+    runs = {r.label: r for r in cfg.train_runs()}
+    rows += [(f"{m}\n{nfe} NFE", grids / f"{m.replace('/', '-')}-{cfg.fingerprint('train', runs[m])}_nfe{nfe}_seed{seed}.npz")
+             for m in methods if m in runs]
     rows = [(label, p) for label, p in rows if p.is_file()]
     if len(rows) < 2:
         return None
@@ -258,7 +262,7 @@ def timings_table(cfg: RunConfig, methods: list[str], rows: pd.DataFrame) -> str
     lines = []
     stages = [("teacher", cfg.stage_dir("teacher"), cfg.teacher.kind),
               ("generate", cfg.stage_dir("generate"), "teacher trajectories")]
-    stages += [("train", cfg.stage_dir("train", m), m) for m in methods]
+    stages += [("train", cfg.train_dir(r), r.label) for r in cfg.train_runs() if r.label in methods]
     stages += [("evaluate", cfg.stage_dir("evaluate") / "teacher", "teacher samples + scores"),
                ("evaluate", cfg.stage_dir("evaluate") / "students", "student samples + scores")]
     for name, d, what in stages:

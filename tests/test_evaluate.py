@@ -149,7 +149,7 @@ def _fake_export(cfg, method: str, seed: int) -> None:
     from pipeline.student import export_student
     from pipeline.teachers.toy import make_toy_transformer
 
-    train_dir = cfg.stage_dir("train", method)
+    train_dir = cfg.train_dir(cfg.train_run(method))
     export_student(train_dir / "export", method, make_toy_transformer(seed=seed), cfg, sample_shape=(1, 8, 8))
     write_record(train_dir, "export", "done")
 
@@ -234,7 +234,7 @@ def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     cfg = base.model_copy(update={"evaluate": base.evaluate.model_copy(
         update={"n_samples": 20, "nfes": [2], "teacher_nfe": 4, "batch_size": 20})})
     teacher = load_teacher(cfg)
-    train_dir = cfg.stage_dir("train", "perflow")
+    train_dir = cfg.train_dir(cfg.train_run("perflow"))
     export_student(train_dir / "export", "perflow", teacher.transformer, cfg, sample_shape=teacher.sample_shape)
     write_record(train_dir, "export", "done")
     _, scores = _run(cfg, ["perflow"])

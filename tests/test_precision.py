@@ -95,7 +95,7 @@ def test_bf16_teacher_generate_train_all_methods_evaluate(bf16_run):
                              "evaluate": {"n_samples": 8, "nfes": [1, 4], "features": "pixels", "batch_size": 8}})))
     run_stage("train", cfg, "local")
     for method in METHODS:
-        out = cfg.stage_dir("train", method)
+        out = cfg.train_dir(cfg.train_run(method))
         state = load_checkpoint(out)
         assert state["step"] == 2
         assert {t.dtype for t in state["student"].values() if t.is_floating_point()} == {torch.float32}, method
@@ -106,7 +106,7 @@ def test_bf16_teacher_generate_train_all_methods_evaluate(bf16_run):
         assert meta["dtype"] == "float32" and meta["teacher_dtype"] == "bfloat16"
         rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
         assert all(np.isfinite(r["loss"]) for r in rows)
-    assert json.loads((cfg.stage_dir("train", "perflow") / "export" / "flowsteer.json").read_text())["label"] == \
+    assert json.loads((cfg.train_dir(cfg.train_run("perflow")) / "export" / "flowsteer.json").read_text())["label"] == \
         "reflow on teacher samples"
     for job in evaluate.jobs(cfg, methods=METHODS):
         from pipeline.runner import run_job
@@ -228,7 +228,7 @@ def test_sd3_pipeline_in_bf16_generates_trains_every_method_and_samples(make_toy
     run_stage("generate", cfg, "local")
     run_stage("train", cfg, "local")
     for method in METHODS:
-        state = load_checkpoint(cfg.stage_dir("train", method))
+        state = load_checkpoint(cfg.train_dir(cfg.train_run(method)))
         assert state["step"] == 1 and all(t.dtype == torch.float32 for t in state["student"].values()
                                           if t.is_floating_point()), method
     out = tmp_path / "grid.png"

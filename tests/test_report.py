@@ -21,7 +21,7 @@ def _synthetic_scores(cfg, seeds=(0, 1)) -> pa.Table:
     rng = np.random.default_rng(0)
     rows = []
     ckpts = [("teacher", cfg.fingerprint("teacher"), cfg.evaluate.teacher_nfe)]
-    ckpts += [(m, cfg.fingerprint("train", m), n) for m in METHODS for n in cfg.evaluate.nfes]
+    ckpts += [(m, cfg.fingerprint("train", cfg.train_run(m)), n) for m in METHODS for n in cfg.evaluate.nfes]
     for c, fp, nfe in ckpts:
         for seed in seeds:
             metrics = {"fid": 40 / nfe + rng.uniform(0, 1), "prompt_accuracy": 0.5 + 0.05 * np.log2(nfe)}
@@ -45,7 +45,7 @@ def _write_scores(cfg, table: pa.Table) -> None:
     grids.mkdir(exist_ok=True)
     ev = cfg.evaluate
     names = [f"teacher-{cfg.fingerprint('teacher')}_nfe{ev.teacher_nfe}_seed0"]
-    names += [f"{m}-{cfg.fingerprint('train', m)}_nfe{n}_seed0" for m in METHODS[:2] for n in ev.nfes]
+    names += [f"{m}-{cfg.fingerprint('train', cfg.train_run(m))}_nfe{n}_seed0" for m in METHODS[:2] for n in ev.nfes]
     for i, name in enumerate(names):
         images = np.random.default_rng(i).integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
         buf = io.BytesIO()

@@ -49,12 +49,12 @@ def test_one_teacher_load_for_every_method_of_an_invocation(trained):
     cfg, loads = trained
     assert len(loads) == 1
     for method in ("perflow", "ota"):
-        assert (cfg.stage_dir("train", method) / "export" / "flowsteer.json").is_file()
+        assert (cfg.train_dir(cfg.train_run(method)) / "export" / "flowsteer.json").is_file()
 
 
 def test_event_file_holds_every_logged_scalar_and_the_sample_grids(trained):
     cfg, _ = trained
-    out = cfg.stage_dir("train", "ota")
+    out = cfg.train_dir(cfg.train_run("ota"))
     acc = events(out / "tb")
     tags = set(acc.Tags()["scalars"])
     assert {"loss/loss", "train/grad_norm", "train/lr", "train/data_wait_s", "train/step_s",
@@ -82,10 +82,10 @@ def test_tensorboard_off_writes_no_events(tmp_path):
     sections = deep_merge(toy_sections(base), {"train": {"steps": 2, "checkpoint_every": 2, "tensorboard": False}})
     cfg = load_config(write_config(base / "c.yaml", **sections))
     on = load_config(write_config(base / "on.yaml", **deep_merge(sections, {"train": {"tensorboard": True}})))
-    assert cfg.stage_dir("train", "perflow") == on.stage_dir("train", "perflow")   # a run-only switch
+    assert cfg.train_dir(cfg.train_run("perflow")) == on.train_dir(on.train_run("perflow"))   # a run-only switch
     run_stage("generate", cfg, "local")
     run_stage("train", cfg, "local", methods=["perflow"])
-    out = cfg.stage_dir("train", "perflow")
+    out = cfg.train_dir(cfg.train_run("perflow"))
     assert (out / "losses.jsonl").is_file() and not (out / "tb").exists()
 
 

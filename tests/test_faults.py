@@ -364,11 +364,11 @@ def test_a_real_full_disk_during_train_then_resume(make_toy_config, tiny_tmpfs):
     res = cli("train", "-c", path)
     assert res.exit_code == 1
     (line,) = error_lines(res.output)
-    assert "No space left on device" in line and str(cfg.stage_dir("train", "perflow")) in line
+    assert "No space left on device" in line and str(cfg.train_dir(cfg.train_runs(["perflow"])[0])) in line
     assert "Traceback" not in res.output and not temp_files(tiny_tmpfs)
     filler.unlink()
     _train(path)
-    assert (cfg.stage_dir("train", "perflow") / "export" / "flowsteer.json").is_file()
+    assert (cfg.train_dir(cfg.train_runs(["perflow"])[0]) / "export" / "flowsteer.json").is_file()
 
 
 # ---------------------------------------------------------------- fingerprints

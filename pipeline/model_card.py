@@ -109,9 +109,10 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
            scores_markdown: str | None = None) -> str:
     fm = yaml.safe_dump(front_matter(cfg, method), sort_keys=False).strip()
     sched = cfg.schedule
-    train = cfg.train.model_dump(mode="json", exclude={"methods", "method_options", "store"})
-    options = cfg.train.method_options.get(method, {})
-    training = yaml.safe_dump({"train": train, "method_options": {method: options}}, sort_keys=False).strip()
+    train = cfg.train.model_dump(mode="json", exclude={"methods", "variants", "method_options", "store", "seeds"})
+    options = meta.get("options", cfg.train.method_options.get(method, {}))     # this run's (a variant's) options
+    run = {"name": meta.get("run", method), "method": method, "seed": meta.get("train_seed"), "options": options}
+    training = yaml.safe_dump({"run": run, "train": train}, sort_keys=False).strip()
     scores = (scores_markdown.strip() + "\n" if scores_markdown else
               "No scores yet: this card was written at export, before `flowsteer evaluate` scored the student.\n")
     edges = ", ".join(f"{float(s):.4g}" for s in fixed_sigmas(sched.windows, sched.shift))
@@ -119,7 +120,7 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 {fm}
 ---
 
-# {method} student distilled by flowsteer
+# {meta.get("run", method)} student distilled by flowsteer{f" (method {method})" if meta.get("run", method) != method else ""}
 
 {ABOUT.get(method, f"Method `{method}`.")}
 

@@ -165,8 +165,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    method: str                         # a registered method: perflow | ota | flowsteer | scflow | ayf-emd
+    options: dict[str, Any] = Field(default_factory=dict)   # its method options (as in train.method_options)
 
 
 @dataclass(frozen=True)

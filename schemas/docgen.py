@@ -79,11 +79,20 @@ def _comments(cls: type) -> dict[str, str]:
 
 
 def example_comments(path: Path = EXAMPLE) -> dict[str, str]:
-    """`key: value  # comment` lines of the example YAML -> {dotted key: comment}."""
+    """`key: value  # comment` lines of the example YAML -> {dotted key: comment}; comment-only lines below,
+    with the `#` in the same column, continue it."""
     out: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
     line_re = re.compile(r"^(\s*)([A-Za-z_][\w-]*)\s*:(.*)$")
+    last, column = None, -1
     for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip().startswith("#"):
+            if last and line.index("#") == column:
+                out[last] += " " + line.strip().lstrip("#").strip()
+            else:
+                last = None
+            continue
+        last = None
         m = line_re.match(line)
         if not m:
             continue
@@ -92,10 +101,9 @@ def example_comments(path: Path = EXAMPLE) -> dict[str, str]:
             stack.pop()
         dotted = ".".join([k for _, k in stack] + [key])
         stack.append((indent, key))
-        if "#" in rest:
-            comment = rest.split("#", 1)[1].strip()
-            if comment:
-                out[dotted] = comment
+        if "#" in rest and rest.split("#", 1)[1].strip():
+            out[dotted] = rest.split("#", 1)[1].strip()
+            last, column = dotted, line.index("#")
     return out
 
 

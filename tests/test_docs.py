@@ -105,3 +105,11 @@ def test_links_between_docs_resolve():
             if "://" not in target and not (base / target).exists():
                 broken.append(f"{page.name} -> {target}")
     assert not broken, broken
+
+
+def test_example_yaml_comments_nest_and_continue(tmp_path):
+    path = tmp_path / "ex.yaml"
+    path.write_text("train:\n  variants: {}   # named runs, e.g.\n                 #   a: {method: ota}\n"
+                    "  # about the next key, not a continuation\n  steps: 3\n  adversarial:\n    lr: 1  # D lr\n")
+    assert docgen.example_comments(path) == {"train.variants": "named runs, e.g. a: {method: ota}",
+                                             "train.adversarial.lr": "D lr"}

@@ -31,7 +31,7 @@ ft = feat(xt)
 real, _ = load_digits(); fr = feat(real)
 print(f"teacher32 vs real FD {frechet_from_features(ft, fr):.2f}")
 for m in sys.argv[1:]:
-    st = load_student(cfg.stage_dir("train", m) / "export", "cpu")
+    st = load_student(cfg.train_dir(cfg.train_run(m)) / "export", "cpu")
     for nfe in (1, 4):
         with torch.no_grad():
             xs = torch.cat([st.sample(noise[i:i+250], {k: v[i:i+250] for k, v in cond.items()}, nfe) for i in range(0, 1000, 250)])

@@ -99,8 +99,9 @@ def generate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Execu
 @app.command()
 def train(config: Optional[Path] = ConfigOpt,
           method: Optional[list[str]] = typer.Option(None, "--method", "-m",
-                                                     help="perflow | ota | flowsteer | scflow | ayf-emd "
-                                                          "(repeatable; default: train.methods)"),
+                                                     help="Run names: a method (perflow | ota | flowsteer | "
+                                                          "scflow | ayf-emd) or a train.variants key (repeatable; "
+                                                          "default: train.methods); each trains once per train.seeds"),
           executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
     run_stage("train", get_config(config), executor, address, methods=method or None)
@@ -108,7 +109,7 @@ def train(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
-             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to score (default: train.methods)."),
+             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
     run_stage("evaluate", get_config(config), executor, address, methods=method or None)
@@ -116,7 +117,7 @@ def evaluate(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def report(config: Optional[Path] = ConfigOpt,
-           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to include (default: train.methods).")):
+           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods).")):
     """Write report.md / report.html with the ablation table, plots and image grids."""
     run_stage("report", get_config(config), methods=method or None)
 
@@ -152,8 +153,8 @@ def status(config: Optional[Path] = ConfigOpt,
 
 
 @app.command()
-def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a method name (its exported student) "
-                                            "or an exported student directory."),
+def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run name (a method or a "
+                                            "train.variants key: its first train seed's student) or an export dir."),
            config: Optional[Path] = ConfigOpt,
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
            schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),

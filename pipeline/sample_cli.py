@@ -17,18 +17,22 @@ SEED_STRIDE = 1 << 20           # seeds s and s+1 get disjoint noise for up to 2
 
 
 def resolve_export(cfg, checkpoint: str) -> Path:
-    """A method name -> its exported student under the train stage; otherwise a path to an export dir."""
+    """A run name (a method or a train.variants key; its first train seed) -> its exported student under the
+    train stage; otherwise a path to an export dir."""
     path = Path(checkpoint)
     if path.is_dir():
         return path
-    from pipeline.methods.base import METHODS, get_method
+    from pipeline.methods.base import METHODS
 
-    try:
-        get_method(checkpoint)
-    except KeyError:
-        raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(sorted(METHODS))}) "
-                        "or an export directory") from None
-    export = cfg.stage_dir("train", checkpoint) / "export"
+    if checkpoint not in cfg.train.variants and checkpoint not in METHODS:
+        from pipeline.methods.base import get_method
+
+        try:
+            get_method(checkpoint)
+        except KeyError:
+            raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(sorted(METHODS))}), "
+                            "a train.variants name or an export directory") from None
+    export = cfg.train_dir(cfg.train_run(checkpoint)) / "export"
     if not export.is_dir():
         raise UserError(f"no exported student for '{checkpoint}' at {export}: run `flowsteer train -m {checkpoint}` first")
     return export

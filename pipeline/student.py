@@ -20,24 +20,27 @@ from pipeline.methods.base import get_method
 META = "flowsteer.json"
 
 
-def export_student(directory, method_name: str, student_module: torch.nn.Module, cfg,
-                   sample_shape: tuple[int, ...] | None = None) -> Path:
-    """Write the export into a temp dir and rename it into place, so `directory` is whole or absent."""
+def export_student(directory, run, student_module: torch.nn.Module, cfg,
+                   sample_shape: tuple[int, ...] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the export into a temp dir and rename it into place, so `directory` is whole or absent.
+    `run`: a schemas.config.TrainRun or a run name (its first seed); `extra` joins the metadata."""
     directory = Path(directory)
+    run = cfg.train_run(run) if isinstance(run, str) else run
     with atomic_path(directory) as tmp:
         tmp.mkdir(parents=True)
-        _write_export(tmp, method_name, student_module, cfg, sample_shape)
+        _write_export(tmp, run, student_module, cfg, sample_shape, extra or {})
     return directory
 
 
-def _write_export(tmp: Path, method_name: str, student_module: torch.nn.Module, cfg, sample_shape) -> None:
+def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_shape, extra) -> None:
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
 
-    get_method(method_name).save_student(student_module, tmp / "transformer")
+    get_method(run.method).save_student(student_module, tmp / "transformer")
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
-    meta = {"method": method_name, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
-            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", method_name),
-            "sample_shape": list(sample_shape) if sample_shape else None}
+    meta = {"method": run.method, "run": run.name, "train_seed": run.seed, "options": run.options,
+            "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
+            "shift": cfg.schedule.shift, "fingerprint": cfg.fingerprint("train", run),
+            "sample_shape": list(sample_shape) if sample_shape else None, **extra}
     (tmp / META).write_text(json.dumps(meta, indent=1))
 
 

@@ -66,9 +66,12 @@ def add_lora(student: torch.nn.Module, rank: int) -> torch.nn.Module:
 class Trainer:
     """One method's training state on one rank; `world > 1` averages gradients over the process group."""
 
-    def __init__(self, cfg, method_name: str, teacher, store, device, rank: int = 0, world: int = 1,
+    def __init__(self, cfg, run, teacher, store, device, rank: int = 0, world: int = 1,
                  log_path: Path | None = None):
-        self.method_name, self.rank, self.world = method_name, rank, world
+        """`run`: a schemas.config.TrainRun (method, options, seed) or a run name (its first seed)."""
+        self.run = cfg.train_run(run) if isinstance(run, str) else run
+        self.method_name, self.rank, self.world = self.run.method, rank, world
+        seed = self.run.seed
         self.device = torch.device(device)
         tc = cfg.train
         if tc.batch_size % world:
@@ -78,14 +81,14 @@ class Trainer:
             update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
-        generator = torch.Generator().manual_seed(derive_seed(tc.seed, "method", rank))
+        generator = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
         self.data = DataSource(self.cfg, teacher, store, self.device, generator, rank, world,
-                               shared_seed=derive_seed(tc.seed, "method", 0))
+                               shared_seed=derive_seed(seed, "method", 0))
         ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, windows=self.data.windows.to(self.device),
-                            device=self.device, generator=generator, options=dict(tc.method_options.get(method_name, {})))
+                            device=self.device, generator=generator, options=dict(self.run.options))
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
-        torch.manual_seed(derive_seed(tc.seed, "init"))
-        self.method = get_method(method_name)(ctx)
+        torch.manual_seed(derive_seed(seed, "init"))
+        self.method = get_method(self.method_name)(ctx)
         self.student = self.method.make_student(teacher.transformer).to(self.device)
         if tc.lora_rank > 0:
             add_lora(self.student, tc.lora_rank)
@@ -176,7 +179,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the named loss values (D losses prefixed 'd_')."""
         step, tc = self.step + 1, self.cfg.train
-        torch.manual_seed(derive_seed(tc.seed, self.rank, step))   # global RNG (dropout etc.) per step
+        torch.manual_seed(derive_seed(self.run.seed, self.rank, step))   # global RNG (dropout etc.) per step
         with torch.no_grad():
             batch = self.method.batch(self.step)
         values: dict[str, float] = {}

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,8 +90,35 @@ class AdversarialConfig(Section):
     window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class TrainVariant(Section):
+    """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One student to train: a run name (a method or a `train.variants` key), its method, options and seed."""
+    name: str
+    method: str
+    options: dict[str, Any] = field(hash=False)
+    seed: int
+    n_seeds: int = field(default=1, compare=False)     # how many seeds the config trains (for `label`)
+
+    @property
+    def label(self) -> str:
+        """The run's name in scores and reports: the name alone when the config trains one seed."""
+        return self.name if self.n_seeds == 1 else f"{self.name}/s{self.seed}"
+
+
 class TrainConfig(Section):
+    # run names: a plain method name (options from method_options) or a key of `variants`
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
+    variants: dict[str, TrainVariant] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
     steps: int = 150                    # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
     batch_size: int = 32
     lr: float = 2e-4
@@ -99,12 +128,22 @@ class TrainConfig(Section):
     online_fraction: float = 0.25       # share of each OTA batch from fresh online teacher rollouts
     checkpoint_every: int = 50
     log_every: int = 10
-    seed: int = 0
     workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _runs(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("train.seeds must be a non-empty list of distinct seeds")
+        for name in [*self.methods, *self.variants]:
+            if not RUN_NAME.match(name):
+                raise ValueError(f"train run name '{name}' may hold only letters, digits and _ . + -")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("train.methods lists a run name twice")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -137,7 +176,7 @@ class RunConfig(Section):
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
     # so changing the learning rate keeps cached trajectories and changing the teacher does not.
-    def fingerprint(self, stage: str, method: str | None = None) -> str:
+    def fingerprint(self, stage: str, run: TrainRun | None = None) -> str:
         parts: dict[str, Any] = {"teacher": self.teacher.model_dump(mode="json")}
         if stage in ("generate", "train", "evaluate"):
             parts["schedule"] = self.schedule.model_dump(mode="json")
@@ -148,10 +187,14 @@ class RunConfig(Section):
             parts["generate"] = gen
         if stage == "train":
             tr = self.train.model_dump(mode="json")
-            for k in ("methods", "workers", "log_every", "checkpoint_every", "store"):
+            # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
+            for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
+                      "store"):
                 tr.pop(k)
             parts["train"] = tr
-            parts["method"] = method
+            if run is None:
+                raise ValueError("fingerprint('train') needs the TrainRun")
+            parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
         if stage == "evaluate":
             # nfes, seeds and schedules only choose units (a unit key holds them): adding one reuses the rest;
             # the metrics a unit computed are in its record (stages/evaluate.py redoes units missing one)
@@ -159,9 +202,30 @@ class RunConfig(Section):
                                                                                 "schedules", "metrics"})
         return fingerprint(parts)
 
-    def stage_dir(self, stage: str, method: str | None = None) -> Path:
-        name = f"{method}-{self.fingerprint(stage, method)}" if method else self.fingerprint(stage)
-        return Path(self.root) / stage / name
+    def stage_dir(self, stage: str) -> Path:
+        """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
+        return Path(self.root) / stage / self.fingerprint(stage)
+
+    def train_runs(self, names: list[str] | None = None) -> list[TrainRun]:
+        """The runs to train, name-major then seed: `names` (default train.methods) x train.seeds."""
+        tc, out = self.train, []
+        for name in (names or tc.methods):
+            variant = tc.variants.get(name)
+            method, options = ((variant.method, dict(variant.options)) if variant is not None
+                               else (name, dict(tc.method_options.get(name, {}))))
+            out += [TrainRun(name, method, options, seed, len(tc.seeds)) for seed in tc.seeds]
+        return out
+
+    def train_run(self, name: str, seed: int | None = None) -> TrainRun:
+        """One run by name (and seed; default the first of train.seeds), e.g. for `flowsteer sample NAME`."""
+        runs = [r for r in self.train_runs([name]) if seed is None or r.seed == seed]
+        if not runs:
+            raise ConfigError(f"train.seeds has no seed {seed} for run '{name}'")
+        return runs[0]
+
+    def train_dir(self, run: TrainRun) -> Path:
+        """<root>/train/<name>-s<seed>-<fp>: fp covers the method, its options, the seed and the store."""
+        return Path(self.root) / "train" / f"{run.name}-s{run.seed}-{self.fingerprint('train', run)}"
 
 
 def fingerprint(obj: Any) -> str:

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_bytes
 from pipeline.metrics import scores as sc
 from pipeline.metrics.base import registered
 from pipeline.metrics.tables import RunInfo, ladder_table, metric_table, spread_note, title
@@ -365,8 +366,8 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
            "## Full config", "", "<details><summary>run config (YAML)</summary>", "", "```yaml",
            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "", "</details>", ""]
     text = "\n".join(md)
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(to_html(text, f"flowsteer report: {cfg.root}"))
+    atomic_write_bytes(out / "report.md", text.encode())
+    atomic_write_bytes(out / "report.html", to_html(text, f"flowsteer report: {cfg.root}").encode())
     return out / "report.md"
 
 

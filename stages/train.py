@@ -1,6 +1,8 @@
-"""Train stage: one sequential job per method; units are training segments, then the export.
+"""Train stage: one sequential job per training run (run name x seed); units are segments, then the export.
 
-Units of `<root>/train/<method>-<fp>/`: `steps-000100`, `steps-000200`, ... (each trains up to its step
+A run is a method with its options and one seed (schemas.config.TrainRun: `train.methods` names runs, each
+a method or a `train.variants` entry, times `train.seeds`); every run reads the same trajectory store.
+Units of `cfg.train_dir(run)` = `<root>/train/<name>-s<seed>-<fp>/`: `steps-000100`, `steps-000200`, ... (each trains up to its step
 boundary and commits ONE checkpoint file before its record), then `export` (the EMA student as a diffusers
 dir in `export/`). Every start resumes from the latest committed checkpoint, so a killed run loses at most
 the steps since it. Losses go to `losses.jsonl`. With `train.workers > 1` a segment runs on Ray Train's
@@ -42,14 +44,14 @@ def open_store(cfg):
     return store
 
 
-def build_trainer(cfg, method: str, out_dir: Path, device=None, rank: int = 0, world: int = 1):
+def build_trainer(cfg, run, out_dir: Path, device=None, rank: int = 0, world: int = 1):
     """A Trainer at the latest committed checkpoint of `out_dir` (or at step 0)."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.teachers import load_teacher, resolve_device
     from pipeline.trainer import Trainer
 
     dev = resolve_device(str(device or cfg.device))
-    trainer = Trainer(cfg, method, load_teacher(cfg, dev), open_store(cfg), dev, rank, world,
+    trainer = Trainer(cfg, run, load_teacher(cfg, dev), open_store(cfg), dev, rank, world,
                       log_path=Path(out_dir) / LOSSES)
     state = load_checkpoint(out_dir)
     if state is not None:
@@ -75,10 +77,10 @@ def train_segment(trainer, out_dir: Path, until: int) -> dict[str, Any]:
 
 
 class TrainWorker:
-    """Runs one method's units in order, keeping the trainer in memory between consecutive segments."""
+    """Runs one training run's units in order, keeping the trainer in memory between consecutive segments."""
 
-    def __init__(self, cfg, method: str, out_dir: str):
-        self.cfg, self.method, self.out_dir = cfg, method, Path(out_dir)
+    def __init__(self, cfg, run, out_dir: str):
+        self.cfg, self.train_run, self.out_dir = cfg, run, Path(out_dir)
         self.trainer = None
 
     def _trainer(self):
@@ -87,7 +89,7 @@ class TrainWorker:
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
         if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
             self.trainer = None
-            self.trainer = build_trainer(self.cfg, self.method, self.out_dir)
+            self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir)
         return self.trainer
 
     def run(self, unit: Unit) -> dict[str, Any]:
@@ -95,7 +97,7 @@ class TrainWorker:
             return self._export()
         until = unit.params["until"]
         if self.cfg.train.workers > 1:
-            return train_distributed(self.cfg, self.method, self.out_dir, until)
+            return train_distributed(self.cfg, self.train_run, self.out_dir, until)
         trainer = self._trainer()
         if trainer.step >= until:         # committed earlier, its record was lost
             return {"step": trainer.step}
@@ -111,7 +113,7 @@ class TrainWorker:
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
-        path = export_student(self.out_dir / "export", self.method, trainer.ema_student(), self.cfg,
+        path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
                               trainer.data.teacher.sample_shape)
         return {"export": str(path), "step": trainer.step}
 
@@ -125,12 +127,12 @@ def _ray_train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg, out_dir = config["cfg"], Path(config["out_dir"])
     device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
-    trainer = build_trainer(cfg, config["method"], out_dir, device, rank, world)
+    trainer = build_trainer(cfg, config["run"], out_dir, device, rank, world)
     if trainer.step < config["until"]:
         train_segment(trainer, out_dir, config["until"])
 
 
-def train_distributed(cfg, method: str, out_dir: Path, until: int) -> dict[str, Any]:
+def train_distributed(cfg, run, out_dir: Path, until: int) -> dict[str, Any]:
     from ray.train import RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -140,7 +142,7 @@ def train_distributed(cfg, method: str, out_dir: Path, until: int) -> dict[str, 
     _ray_init(None)
     gpu = cfg.device.startswith("cuda")
     trainer = TorchTrainer(
-        _ray_train_loop, train_loop_config={"cfg": cfg, "method": method, "out_dir": str(out_dir), "until": until},
+        _ray_train_loop, train_loop_config={"cfg": cfg, "run": run, "out_dir": str(out_dir), "until": until},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=gpu),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RayRunConfig(name=f"steps-{until:06d}", storage_path=str(Path(out_dir).resolve() / "ray")))
@@ -161,25 +163,33 @@ def _check_store(cfg) -> None:
     open_store(cfg)
 
 
-def jobs(cfg, methods=None) -> list[Job]:
-    from pipeline.methods.base import get_method
+def runs(cfg, methods=None):
+    """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
+    from pipeline.methods.base import METHODS, get_method
 
     names = list(methods or cfg.train.methods)
     for name in names:
+        method = cfg.train.variants[name].method if name in cfg.train.variants else name
         try:
-            get_method(name)
-        except KeyError as exc:
-            raise UserError(exc.args[0]) from None
+            get_method(method)
+        except KeyError:
+            where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
+            raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
+                            f"train.variants entry ({', '.join(sorted(cfg.train.variants)) or 'none defined'})") from None
+    return cfg.train_runs(names)
+
+
+def jobs(cfg, methods=None) -> list[Job]:
     out = []
-    for name in names:
-        out_dir = cfg.stage_dir("train", name)
+    for run in runs(cfg, methods):
+        out_dir = cfg.train_dir(run)
         bounds = segment_boundaries(cfg.train.steps, cfg.train.checkpoint_every)
         units = [Unit(f"steps-{b:06d}", {"kind": "segment", "until": b}, size=b - a)
                  for a, b in zip([0, *bounds], bounds)]
         units.append(Unit("export", {"kind": "export"}, size=1))
         distributed = cfg.train.workers > 1
         out.append(Job(stage="train", out_dir=out_dir, units=units,
-                       make_worker=functools.partial(TrainWorker, cfg, name, str(out_dir)),
+                       make_worker=functools.partial(TrainWorker, cfg, run, str(out_dir)),
                        prepare=functools.partial(_check_store, cfg), sequential=True, item_name="steps",
                        # the Ray Train workers hold the CPUs; the unit's actor only orchestrates them
                        num_cpus=0 if distributed else 1,
@@ -203,15 +213,15 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
 
 
 def after(cfg, methods=None) -> str | None:
-    """Where each method's export and loss log are, with its last logged loss."""
+    """Where each run's export and loss log are, with its last logged loss."""
     import json
 
     lines = []
-    for name in methods or cfg.train.methods:
-        out_dir = cfg.stage_dir("train", name)
+    for run in runs(cfg, methods):
+        out_dir = cfg.train_dir(run)
         log = out_dir / LOSSES
         rows = log.read_text().splitlines() if log.exists() else []
         last = json.loads(rows[-1]) if rows else {}
         loss = f", loss {last['loss']:.4g} at step {last['step']}" if "loss" in last else ""
-        lines.append(f"train: {name}: export {out_dir / 'export'}{loss}")
+        lines.append(f"train: {run.label}: export {out_dir / 'export'}{loss}")
     return "\n".join(lines) or None

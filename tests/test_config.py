@@ -78,17 +78,48 @@ def test_init_writes_a_loadable_config(tmp_path):
 
 def test_stage_dirs_follow_the_sections_that_decide_them(tmp_path):
     base = load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)))
+    perflow = lambda cfg: cfg.train_dir(cfg.train_run("perflow"))
     new_lr = base.model_copy(update={"train": base.train.model_copy(update={"lr": 1e-5})})
     for stage in ("teacher", "generate", "evaluate"):
         assert new_lr.stage_dir(stage) == base.stage_dir(stage)      # a train.lr change keeps cached work
-    assert new_lr.stage_dir("train", "perflow") != base.stage_dir("train", "perflow")
+    assert perflow(new_lr) != perflow(base)
     # How work is spread (workers, methods list) does not change what a method's run produces.
     more_workers = base.model_copy(update={"train": base.train.model_copy(update={"workers": 4})})
-    assert more_workers.stage_dir("train", "perflow") == base.stage_dir("train", "perflow")
+    assert perflow(more_workers) == perflow(base)
 
     teacher = base.teacher.model_copy(update={"seed": 1})
     new_teacher = base.model_copy(update={"teacher": teacher})
     for stage in ("teacher", "generate", "evaluate"):
         assert new_teacher.stage_dir(stage) != base.stage_dir(stage)
-    assert new_teacher.stage_dir("train", "perflow") != base.stage_dir("train", "perflow")
-    assert base.stage_dir("train", "perflow").name.startswith("perflow-")
+    assert perflow(new_teacher) != perflow(base)
+    assert perflow(base).name.startswith("perflow-s0-")
+
+
+def test_train_runs_are_names_times_seeds_and_dirs_differ_only_where_the_run_does(tmp_path):
+    cfg = load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)), {
+        "train.methods": ["perflow", "perflow-default", "ota"], "train.seeds": [0, 1],
+        "train.variants": {"perflow-default": {"method": "perflow", "options": {"grid": "diffusers"}}},
+        "train.method_options": {"ota": {"x": 1}}})
+    runs = cfg.train_runs()
+    assert [(r.name, r.method, r.seed) for r in runs] == [
+        ("perflow", "perflow", 0), ("perflow", "perflow", 1), ("perflow-default", "perflow", 0),
+        ("perflow-default", "perflow", 1), ("ota", "ota", 0), ("ota", "ota", 1)]
+    assert runs[2].options == {"grid": "diffusers"} and runs[0].options == {} and runs[4].options == {"x": 1}
+    assert [r.label for r in runs[:2]] == ["perflow/s0", "perflow/s1"]
+    assert [r.name for r in cfg.train_runs(["ota"])] == ["ota", "ota"]
+    dirs = [cfg.train_dir(r) for r in runs]
+    assert len(set(dirs)) == len(dirs) and dirs[1].name.startswith("perflow-s1-")
+    # the fingerprint covers method, options and seed -- not the name, nor which other runs or seeds exist
+    fp = lambda c, r: c.fingerprint("train", r)
+    assert fp(cfg, runs[0]) != fp(cfg, runs[1]) and fp(cfg, runs[0]) != fp(cfg, runs[2])
+    one_seed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seeds": [1], "methods": ["ota"]})})
+    assert one_seed.train_dir(one_seed.train_runs()[0]) == dirs[5]
+    assert one_seed.train_runs()[0].label == "ota"
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.seeds", [], "seeds"), ("train.seeds", [1, 1], "seeds"), ("train.methods", ["a/b"], "a/b"),
+    ("train.variants", {"x": {"options": {}}}, "method"), ("train.seed", 3, "seed")])
+def test_bad_train_runs_are_one_line_errors(tmp_path, key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)), {key: value})

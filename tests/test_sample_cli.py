@@ -86,7 +86,7 @@ def test_student_export_samples(toy_config, tmp_path):
     assert get_method("perflow").name == "perflow"
 
     # A method name resolves to the train stage's export directory.
-    trained = cfg.stage_dir("train", "perflow") / "export"
+    trained = cfg.train_dir(cfg.train_run("perflow")) / "export"
     export_student(trained, "perflow", make_toy_transformer(seed=7), cfg, (1, 8, 8))
     res = run_cli("perflow", "-c", toy_config, "-p", TOY_PROMPTS[0], "--per-prompt", 2, "-n", 4,
                   "-o", tmp_path / "m.png")

@@ -46,7 +46,7 @@ def train_job(cfg, method):
 
 
 def losses(cfg, method):
-    path = cfg.stage_dir("train", method) / "losses.jsonl"
+    path = cfg.train_dir(cfg.train_run(method)) / "losses.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     # timings differ run to run; everything else must not
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
@@ -73,7 +73,7 @@ def test_resume_is_exact(toy_store, monkeypatch, method):
     monkeypatch.setattr(Trainer, "train_step", killed_after_three)
     with pytest.raises(JobFailed, match="simulated kill"):
         run_job(train_job(cut, method), progress=False)
-    assert latest_step(cut.stage_dir("train", method)) == 2
+    assert latest_step(cut.train_dir(cut.train_run(method))) == 2
     assert [r["step"] for r in losses(cut, method)] == [1, 2, 3]          # step 3 was logged, not committed
     monkeypatch.setattr(Trainer, "train_step", original)
     torch.manual_seed(1234)                                                 # a fresh process's RNG
@@ -83,11 +83,12 @@ def test_resume_is_exact(toy_store, monkeypatch, method):
     a, b = losses(whole, method), losses(cut, method)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b
-    sa, sb = load_checkpoint(whole.stage_dir("train", method)), load_checkpoint(cut.stage_dir("train", method))
+    run_dir = lambda cfg: cfg.train_dir(cfg.train_run(method))
+    sa, sb = load_checkpoint(run_dir(whole)), load_checkpoint(run_dir(cut))
     assert sa["step"] == sb["step"] == 4
     for key in sa["student"]:
         assert torch.equal(sa["student"][key], sb["student"][key]), key
-    assert (cut.stage_dir("train", method) / "export" / "flowsteer.json").is_file()
+    assert (cut.train_dir(cut.train_run(method)) / "export" / "flowsteer.json").is_file()
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypatch):
@@ -106,7 +107,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypa
     monkeypatch.setattr(ota, "generator_losses", poisoned)
     with pytest.raises(JobFailed) as err:
         run_job(train_job(cfg, "ota"), progress=False)
-    out_dir = cfg.stage_dir("train", "ota")
+    out_dir = cfg.train_dir(cfg.train_run("ota"))
     rec = read_record(out_dir, "steps-000004")
     assert rec["status"] == "failed"
     assert "NonFiniteLoss" in rec["message"] and "step 3" in rec["message"] and "'loss' is nan" in rec["message"]
@@ -160,7 +161,7 @@ def test_export_loads_in_plain_diffusers_and_sd3_pipeline(toy_store, tmp_path):
 
     # a LoRA student, trained 2 steps: the export merges the adapters into plain SD3 weights
     cfg = config_at(toy_store, "lora", lora_rank=2, steps=2, checkpoint_every=2)
-    out_dir = cfg.stage_dir("train", "ota")
+    out_dir = cfg.train_dir(cfg.train_run("ota"))
     trainer = build_trainer(cfg, "ota", out_dir)
     trainable = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
@@ -202,7 +203,7 @@ def test_train_stage_rejects_store_of_another_teacher(toy_store):
     (job,) = jobs(other, methods=["ota"])
     with pytest.raises(UserError, match="store"):
         job.prepare()
-    with pytest.raises(UserError, match="unknown method"):
+    with pytest.raises(UserError, match="nope.*neither a method"):
         jobs(cfg, methods=["nope"])
 
 
@@ -216,7 +217,7 @@ def test_ray_train_two_workers_average_gradients(toy_store):
         run_job(train_job(cfg, "ota"), progress=False)
     finally:
         ray.shutdown()
-    out_dir = cfg.stage_dir("train", "ota")
+    out_dir = cfg.train_dir(cfg.train_run("ota"))
     state = load_checkpoint(out_dir)
     assert state["step"] == 2 and state["world"] == 2
     r0, r1 = state["ranks"]
@@ -224,3 +225,21 @@ def test_ray_train_two_workers_average_gradients(toy_store):
     assert all(torch.isfinite(t).all() for t in state["student"].values())
     assert [json.loads(line)["step"] for line in (out_dir / "losses.jsonl").read_text().splitlines()] == [1, 2]
     assert (out_dir / "export" / "transformer").is_dir()
+
+
+def test_seeds_and_variants_train_one_student_each_from_one_store(toy_store):
+    """train.seeds x run names: one job per run, its own dir and its own seed's losses; `-m` takes a variant."""
+    from stages.train import jobs
+
+    cfg = config_at(toy_store, "seeds", steps=2, checkpoint_every=2, seeds=[0, 1],
+                    variants={"perflow-lr": {"method": "perflow", "options": {}}})
+    planned = jobs(cfg, methods=["perflow", "perflow-lr"])
+    assert [j.out_dir.name.split("-s")[0] for j in planned] == ["perflow", "perflow", "perflow-lr", "perflow-lr"]
+    for job in planned[:2]:
+        run_job(job, progress=False)
+    logs = [[json.loads(x)["loss"] for x in (j.out_dir / "losses.jsonl").read_text().splitlines()] for j in planned[:2]]
+    assert logs[0] != logs[1]                                   # seed 0 and seed 1 draw different batches
+    meta = json.loads((planned[1].out_dir / "export" / "flowsteer.json").read_text())
+    assert (meta["run"], meta["method"], meta["train_seed"]) == ("perflow", "perflow", 1)
+    # a variant with the same method, options and seed is the same training: same fingerprint
+    assert planned[2].out_dir.name.split("-")[-1] == planned[0].out_dir.name.split("-")[-1]

@@ -307,7 +307,7 @@ def config_summary(cfg: RunConfig, metrics: list[str]) -> str:
              ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
                           f"training seeds {list(cfg.train.seeds)}"),
              ("evaluation", f"{ev.n_samples} samples per (checkpoint, grid, NFE, seed), evaluation seeds "
-                            f"{list(ev.seeds)}, student grids {list(ev.schedules)}, teacher CFG {ev.guidance:g}; "
+                            f"{list(ev.seeds)}, student grids: {', '.join(ev.schedules)}; teacher CFG {ev.guidance:g}, "
                             f"students guidance-free")]
     items += [(registered()[m].title, registered()[m].details(cfg)) for m in metrics
               if m in registered() and registered()[m].details(cfg)]
@@ -362,7 +362,7 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
                f"(evaluation seed {ev.seeds[0]}, each run's first training seed); the top row is the teacher.", ""]
         for n, p in grids:
             md += [f"### {n} NFE", "", f"![samples at {n} NFE]({p.relative_to(out).as_posix()})", ""]
-    md += ["## Timings", "", timings_table(cfg, names), "",
+    md += ["## Timings", "", timings_table(cfg, names) or "No completion records with timings yet.", "",
            "## Full config", "", "<details><summary>run config (YAML)</summary>", "", "```yaml",
            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "", "</details>", ""]
     text = "\n".join(md)

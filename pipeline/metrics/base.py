@@ -3,7 +3,7 @@
 Shaped like the method registry (pipeline/methods/base.py): a metric module in this package registers its
 class by name; the evaluate stage computes every registered metric that applies to the run (or those named in
 `evaluate.metrics`), and the report takes each metric's title, direction, description, number format and
-sample-size warning from its class. Adding a metric is one new module here (and its test).
+sample-size warning from its class. Adding a metric is one new module here (and its test): docs/metrics.md.
 
 A metric declares
 - `name` (the score rows' `metric` column), `title`, `better` ("lower" | "higher"), `description` (one line

@@ -3,7 +3,8 @@ one table per metric with the teacher under it, and one checkpoint's scores for 
 
 Spread and significance: a value is the mean over every (training seed, evaluation seed) pair, ± their
 standard deviation; two values differ "by more than the spread" when |mean_a - mean_b| > std_a + std_b
-(`scores.separated`). Only such differences are marked; with one value per row there is no spread and no mark.
+(`scores.separated`). Only such differences are marked; with one value per row there is no spread and no mark
+(docs/metrics.md).
 """
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def main() -> None:
 
     from pipeline.runner import run_job
     from pipeline.sampling import sample
-    from pipeline.store import TrajectoryStore, generate_prompts, noise_for, store_path
+    from pipeline.store import TrajectoryStore, generate_prompts, noise_for, generated_store_path
     from pipeline.teachers import load_teacher
     from pipeline.schedule import fixed_sigmas
     from stages.generate import jobs, plan_samples, torch_threads
@@ -168,20 +168,20 @@ def main() -> None:
         forward_s = sum(c.seconds for c in clocks)
         bare_after, out = bare_loop()
         bare_s = (bare_before + bare_after) / 2
-        store = TrajectoryStore.open(store_path(cfg))
+        store = TrajectoryStore.open(generated_store_path(cfg))
         assert torch.allclose(out.float().cpu(), torch.from_numpy(store.states[S - len(out):, -1]), atol=1e-2)
 
         # 3) one cached segment read vs regenerating it with the teacher. Read: a fresh reader without the
         # shard cache (one chunk read from disk per segment, the worst case), and the default cached reader.
-        reader = TrajectoryStore.open(store_path(cfg), cache_bytes=0)
+        reader = TrajectoryStore.open(generated_store_path(cfg), cache_bytes=0)
         rng = np.random.default_rng(0)
-        K, per = reader.windows, cfg.schedule.teacher_steps // reader.windows
+        K, per = reader.num_windows, cfg.schedule.teacher_steps // reader.num_windows
         picks = [(int(rng.integers(S)), int(rng.integers(K))) for _ in range(64)]
         t0 = time.perf_counter()
         for i, k in picks:
             reader.segment(i, k)
         read_s = (time.perf_counter() - t0) / len(picks)
-        cached = TrajectoryStore.open(store_path(cfg))
+        cached = TrajectoryStore.open(generated_store_path(cfg))
         cached.segments([i for i, _ in picks], [k for _, k in picks])         # warm the shard cache
         t0 = time.perf_counter()
         for i, k in picks:

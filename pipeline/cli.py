@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import sys
 import time
@@ -42,20 +41,13 @@ def get_config(path: Optional[Path], **overrides) -> RunConfig:
 
 
 def stage_module(name: str):
-    try:
-        return importlib.import_module(f"stages.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"stages.{name}":
-            return None
-        raise
+    return importlib.import_module(f"stages.{name}")
 
 
 def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: str | None = None,
               workers: int | None = None, **opts) -> None:
     """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero."""
     mod = stage_module(name)
-    if mod is None:
-        fail(f"stage '{name}' is not built yet", 3)
     t0 = time.time()
     try:
         for job in mod.jobs(cfg, **opts):
@@ -131,9 +123,6 @@ def status(config: Optional[Path] = ConfigOpt,
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")
     for name in STAGES:
         mod = stage_module(name)
-        if mod is None:
-            typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  (not built yet)")
-            continue
         try:
             jobs = mod.jobs(cfg)
         except UserError as exc:
@@ -178,13 +167,10 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
          method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to train and score "
                                                     "(default: train.methods; add scflow / ayf-emd here).")):
-    """Run every built stage in order on the config (default: the embedded default), then say what is next."""
+    """Run every stage in order on the config (default: the embedded default)."""
     cfg = get_config(config)
     t0 = time.time()
     for name in STAGES:
-        if stage_module(name) is None:
-            typer.echo(f"demo: stage '{name}' is not built yet; stopping here (next: build '{name}').")
-            break
         opts = {"methods": method} if method and name in ("train", "evaluate", "report") else {}
         run_stage(name, cfg, executor, **opts)
     typer.echo(f"demo: finished in {time.time() - t0:.1f}s")

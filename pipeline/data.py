@@ -1,8 +1,8 @@
-"""Training data for every method: cached teacher segments, online teacher rollouts, real data, noise.
+"""Training data for every method: cached teacher segments, online teacher rollouts, real data.
 
 Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
-carry the w their trajectory was generated with (the store's `guidance`); online, noise and real rows draw
+carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.
 
 Every random choice comes from the method generator (seeded from (seed, rank), saved in checkpoints), and
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.sampling import cfg as guided, euler
+from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 
 
@@ -41,7 +41,7 @@ class DataSource:
         # The teacher's fixed M-step grid; window edges are every (M/K)-th point of it, so teacher
         # sub-steps, training windows and student steps share exactly the same sigmas.
         self.grid = fixed_sigmas(M, cfg.schedule.shift)
-        self.windows = self.grid[::self.per_window].clone()
+        self.edges = self.grid[::self.per_window].clone()      # the K + 1 window edges
         self.num_windows = K
         self.guidance_range = tuple(cfg.generate.guidance)
         self.wait_seconds = 0.0          # reading cached / real data (the data-wait of the loop)
@@ -68,7 +68,7 @@ class DataSource:
         lo, hi = self.guidance_range
         return lo + (hi - lo) * torch.rand(n, generator=self.generator)
 
-    def _windows(self, n: int, probs) -> torch.Tensor:
+    def _window_indices(self, n: int, probs) -> torch.Tensor:
         if probs is None:
             return self._randint(self.num_windows, n)
         p = torch.as_tensor(probs, dtype=torch.float64)
@@ -99,20 +99,11 @@ class DataSource:
             self._null = {k: v[:1].to(self.device, torch.float32) for k, v in null.items()}
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
-    def noise(self, n: int) -> dict[str, Any]:
-        """Fresh noise with a random prompt and teacher guidance per row."""
-        t0 = time.perf_counter()
-        p = self._prompts(n)
-        out = {"noise": self.noise_like(n), "cond": self._cond(p), "guidance": self._guidance(n).to(self.device),
-               "prompt_index": p}
-        self.wait_seconds += time.perf_counter() - t0
-        return out
-
     def segments(self, n: int, window_probs=None, online_fraction: float = 0.0) -> dict[str, Any]:
         """n window segments (z at edge k, teacher's z at edge k+1): cached rows first, then online rows."""
         n_online = int(round(n * online_fraction))
         n_cached = n - n_online
-        k = self._windows(n, window_probs)
+        k = self._window_indices(n, window_probs)
         t0 = time.perf_counter()
         parts = []
         if n_cached:
@@ -139,8 +130,8 @@ class DataSource:
         kd = k.to(self.device)
         online = torch.zeros(n, dtype=torch.bool, device=self.device)
         online[n_cached:] = True
-        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.windows.to(self.device)[kd],
-                "sigma_end": self.windows.to(self.device)[kd + 1], "k": kd, "cond": cond,
+        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.edges.to(self.device)[kd],
+                "sigma_end": self.edges.to(self.device)[kd + 1], "k": kd, "cond": cond,
                 "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
 
     def real(self, n: int) -> dict[str, Any]:

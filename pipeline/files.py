@@ -17,12 +17,8 @@ from typing import Any, Callable, Iterator
 
 
 def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so the names created or renamed in it are durable."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a directory so the names created or renamed in it are durable (the same call as for a file)."""
+    fsync_file(path)
 
 
 def fsync_file(path: str | Path) -> None:

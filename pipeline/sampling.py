@@ -15,14 +15,19 @@ def cat_cond(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def cfg(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> Velocity:
+def rowwise(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample vector [B] (or one scalar) shaped [B, 1, ...] to broadcast over `like`, in its dtype."""
+    return values.to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))
+
+
+def guided(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> Velocity:
     """Classifier-free guidance: v = v_u + w (v_c - v_u), w per sample, one batched call."""
-    def guided(x, sigma, cond):
-        w = torch.as_tensor(guidance, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    def velocity(x, sigma, cond):
+        w = rowwise(torch.as_tensor(guidance, dtype=x.dtype, device=x.device), x)
         v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, null_cond))
         v_c, v_u = v.chunk(2)
         return v_u + w * (v_c - v_u)
-    return guided
+    return velocity
 
 
 @torch.no_grad()
@@ -37,7 +42,7 @@ def euler(model: Velocity, x: torch.Tensor, sigmas: torch.Tensor, cond: dict,
         v = model(x, s, cond)
         if callback is not None:
             callback(i, x, sigmas[i], v)
-        x = x + (sigmas[i + 1] - sigmas[i]).reshape(-1, *[1] * (x.ndim - 1)) * v  # [n+1] or [n+1, B] grids
+        x = x + rowwise(sigmas[i + 1] - sigmas[i], x) * v  # [n+1] or [n+1, B] grids
     if callback is not None:
         callback(len(sigmas) - 1, x, sigmas[-1], None)
     return x
@@ -47,5 +52,5 @@ def sample(model: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, cond: dic
            guidance: torch.Tensor | float | None = None, callback: Callback | None = None) -> torch.Tensor:
     """Euler from pure noise, with CFG when a null condition and a scale > 1 are given."""
     if null_cond is not None and guidance is not None:
-        model = cfg(model, null_cond, guidance)
+        model = guided(model, null_cond, guidance)
     return euler(model, noise * sigmas[0], sigmas, cond, callback)

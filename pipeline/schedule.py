@@ -16,6 +16,11 @@ def shift_sigma(u, shift: float):
     return shift * u / (1 + (shift - 1) * u)
 
 
+def unshift_sigma(s, shift: float):
+    """Inverse of the static shift (SD3 eq. 23): u = s / (a - (a - 1) s)."""
+    return s / (shift - (shift - 1) * s)
+
+
 def dynamic_shift_sigma(u, mu: float, power: float = 1.0):
     """Resolution-dependent shift (diffusers time_shift 'exponential'): e^mu / (e^mu + (1/u - 1)^power)."""
     u = torch.as_tensor(u, dtype=torch.float64)
@@ -56,37 +61,24 @@ def make_sigmas(n: int, shift: float = 3.0, kind: str = "fixed", mu: float | Non
     raise ValueError(f"unknown schedule '{kind}' (use fixed or default)")
 
 
-def check_aligned(teacher_steps: int, windows: int) -> None:
-    """The teacher's M-step grid must contain the K window boundaries (every M/K-th point)."""
-    if windows < 1 or teacher_steps < 1:
-        raise ValueError(f"teacher steps ({teacher_steps}) and windows ({windows}) must both be >= 1")
-    if teacher_steps % windows:
-        raise ValueError(f"teacher steps ({teacher_steps}) must be a multiple of the number of windows "
-                         f"({windows}) so every window boundary is a teacher grid point")
-
-
-def window_boundaries(windows: int, shift: float) -> torch.Tensor:
-    """The K + 1 window edges on the fixed grid: [1, ..., 0]."""
-    return fixed_sigmas(windows, shift)
-
-
-def piecewise_sigmas(n: int, windows: int, shift: float) -> torch.Tensor:
-    """A student's n-step grid over K windows: every window edge it crosses is a step point.
+def piecewise_sigmas(n: int, num_windows: int, shift: float) -> torch.Tensor:
+    """A student's n-step grid over K = num_windows windows: every window edge it crosses is a step point.
 
     n >= K: window k gets n//K steps (+1 for the first n%K windows), evenly spaced in unshifted time;
     n < K: n must divide K and each step spans K/n windows. With K | n this equals fixed_sigmas(n)."""
-    if n < 1 or windows < 1:
-        raise ValueError(f"steps ({n}) and windows ({windows}) must both be >= 1")
-    if n >= windows:
-        per = [n // windows + (k < n % windows) for k in range(windows)]
+    if n < 1 or num_windows < 1:
+        raise ValueError(f"steps ({n}) and windows ({num_windows}) must both be >= 1")
+    if n >= num_windows:
+        per = [n // num_windows + (k < n % num_windows) for k in range(num_windows)]
         u = [torch.tensor([1.0], dtype=torch.float64)]
         for k, m in enumerate(per):
-            a, b = 1 - k / windows, 1 - (k + 1) / windows
+            a, b = 1 - k / num_windows, 1 - (k + 1) / num_windows
             u.append(a + (b - a) * torch.arange(1, m + 1, dtype=torch.float64) / m)
         s = shift_sigma(torch.cat(u), shift)
     else:
-        if windows % n:
-            raise ValueError(f"{n} steps cannot keep {windows} window edges: use a divisor or multiple of {windows}")
+        if num_windows % n:
+            raise ValueError(f"{n} steps cannot keep {num_windows} window edges: "
+                             f"use a divisor or multiple of {num_windows}")
         s = fixed_sigmas(n, shift).double()
     s[-1] = 0.0
     return s.float()

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from schemas.config import GENERATE_RUN_ONLY_KEYS
 
 FORMAT = 1
 STORE_NAME = "store.zarr"
 # Teacher condition keys (SD3 argument names) -> store array names.
 COND_ARRAYS = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_embeds"}
-RUN_ONLY_KEYS = ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries")  # how, not what
 
 
 # ---------------------------------------------------------------- deterministic per-sample draws
@@ -69,9 +69,7 @@ def generate_prompts(cfg) -> list[str]:
 
 def store_meta(cfg) -> dict[str, Any]:
     """The config sections that decide a store's contents, its fingerprint, and the prompts' hash."""
-    gen = cfg.generate.model_dump(mode="json")
-    for k in RUN_ONLY_KEYS:
-        gen.pop(k)
+    gen = cfg.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
     prompts = generate_prompts(cfg)
     return {"format": FORMAT, "teacher": cfg.teacher.model_dump(mode="json"),
             "schedule": cfg.schedule.model_dump(mode="json"), "generate": gen,
@@ -79,7 +77,8 @@ def store_meta(cfg) -> dict[str, Any]:
             "fingerprint": cfg.fingerprint("generate")}
 
 
-def store_path(cfg) -> Path:
+def generated_store_path(cfg) -> Path:
+    """Where this run's generate stage writes its store (training may read another: stages/train.py)."""
     return cfg.stage_dir("generate") / STORE_NAME
 
 
@@ -99,6 +98,12 @@ def meta_differences(stored: dict, expected: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "fingerprint"]
 
 
+def mismatch_summary(differences: list[str], shown: int = 3) -> str:
+    """The first `shown` differences joined by '; ', then '(+N more)' when there are more."""
+    more = f" (+{len(differences) - shown} more)" if len(differences) > shown else ""
+    return "; ".join(differences[:shown]) + more
+
+
 # ---------------------------------------------------------------- the store
 class TrajectoryStore:
     """Reader (and per-shard writer) of one trajectory store; holds no sample data beyond a small shard cache."""
@@ -114,7 +119,7 @@ class TrajectoryStore:
         self.states = group["states"]
         self.steps = group["steps"] if "steps" in group else None
         self.num_samples: int = self.states.shape[0]
-        self.windows: int = self.states.shape[1] - 1
+        self.num_windows: int = self.states.shape[1] - 1
         # Per-sample scalars are tiny: read once.
         self.guidance = np.asarray(group["guidance"][:])
         self.prompt_index = np.asarray(group["prompt_index"][:])
@@ -130,7 +135,7 @@ class TrajectoryStore:
     # ------------------------------------------------------------ create / open
     @classmethod
     def create(cls, path: Path, meta: dict, prompts: list[str], sample_shape: Sequence[int], shard_size: int,
-               teacher_steps: int, windows: int, plan: dict[str, np.ndarray], cond: dict[str, torch.Tensor],
+               teacher_steps: int, num_windows: int, plan: dict[str, np.ndarray], cond: dict[str, torch.Tensor],
                null_cond: dict[str, torch.Tensor], record_every_step: bool = False) -> "TrajectoryStore":
         """Allocate every array (shards of `shard_size` samples), write the plan and conditions, mark created."""
         import zarr
@@ -141,7 +146,7 @@ class TrajectoryStore:
         S, C = len(plan["seed"]), tuple(int(s) for s in sample_shape)
         shard = min(shard_size, S)
         g = zarr.open_group(str(path), mode="w")
-        for name, edges in [("states", windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
+        for name, edges in [("states", num_windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
             g.create_array(name, shape=(S, edges, *C), chunks=(1, edges, *C), shards=(shard, edges, *C),
                            dtype="float32", fill_value=0.0, compressors=None)
         for name, dtype in (("guidance", "float32"), ("prompt_index", "int64"), ("seed", "int64")):
@@ -182,8 +187,7 @@ class TrajectoryStore:
         if expected_meta is not None:
             diff = meta_differences(store.meta, expected_meta)
             if diff:
-                more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-                raise UserError(f"trajectory store {path} was built from another config ({'; '.join(diff[:3])}{more}); "
+                raise UserError(f"trajectory store {path} was built from another config ({mismatch_summary(diff)}); "
                                 f"point train.store at a matching store or run `flowsteer generate`")
         if check_complete:
             missing = store.missing_shards()
@@ -242,9 +246,9 @@ class TrajectoryStore:
     def segment(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(z at edge k, z at edge k+1) of sample i: window k of its teacher trajectory."""
         if self._shard_bytes > self._cache_bytes or i // self.shard_size not in self._cache:
-            if not (0 <= i < self.num_samples and 0 <= k < self.windows):
+            if not (0 <= i < self.num_samples and 0 <= k < self.num_windows):
                 raise IndexError(f"segment ({i}, {k}) out of range "
-                                 f"({self.num_samples} samples, {self.windows} windows)")
+                                 f"({self.num_samples} samples, {self.num_windows} windows)")
             pair = np.asarray(self.states[int(i), int(k):int(k) + 2])   # one chunk read, no whole shard
             return pair[0], pair[1]
         z0, z1 = self.segments([i], [k])
@@ -255,8 +259,8 @@ class TrajectoryStore:
         idx, ks = np.asarray(indices, dtype=np.int64).reshape(-1), np.asarray(ks, dtype=np.int64).reshape(-1)
         if len(idx) != len(ks):
             raise ValueError(f"{len(idx)} sample indices but {len(ks)} window indices")
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples or ks.min() < 0 or ks.max() >= self.windows):
-            raise IndexError(f"segment index out of range (samples < {self.num_samples}, windows < {self.windows})")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples or ks.min() < 0 or ks.max() >= self.num_windows):
+            raise IndexError(f"segment index out of range (samples < {self.num_samples}, windows < {self.num_windows})")
         out = np.empty((len(idx), 2, *self.states.shape[2:]), dtype=np.float32)
         shards = idx // self.shard_size
         if self._shard_bytes <= self._cache_bytes:

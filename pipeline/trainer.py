@@ -12,8 +12,9 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -54,6 +55,21 @@ class EMA:
                 p.copy_(self.shadow[n])
 
 
+@contextmanager
+def frozen(params: Iterable[torch.nn.Parameter]):
+    """The generator step needs gradients THROUGH the discriminator, not OF it: its parameters record none
+    inside (restored after). The trainer alone freezes the discriminator; a method never does."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def add_lora(student: torch.nn.Module, rank: int) -> torch.nn.Module:
     """LoRA adapters (peft) on the attention projections; the base weights are frozen."""
     from peft import LoraConfig
@@ -84,7 +100,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
         self.data = DataSource(self.cfg, teacher, store, self.device, generator, rank, world,
                                shared_seed=derive_seed(seed, "method", 0))
-        ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, windows=self.data.windows.to(self.device),
+        ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, edges=self.data.edges.to(self.device),
                             device=self.device, generator=generator, options=dict(self.run.options))
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
         torch.manual_seed(derive_seed(seed, "init"))
@@ -188,15 +204,10 @@ class Trainer:
             if d_losses is not None:
                 values.update(self._check(d_losses, step, "d_"))
                 self._update(self.disc_opt, self.disc_params, d_losses["loss"], step, 0.0, "d_loss")
-            for p in self.disc_params:
-                p.requires_grad_(False)       # the G step needs gradients through D, not of D
-        try:
+        with frozen(self.disc_params):
             g_losses = self.method.generator_losses(self.student, batch, self.step)
             values.update(self._check(g_losses, step))
             values["grad_norm"] = self._update(self.opt, self.params, g_losses["loss"], step, tc.grad_clip, "loss")
-        finally:
-            for p in self.disc_params:
-                p.requires_grad_(True)
         self.method.after_step(self.student, self.step)
         self.ema.update(self.student)
         self.step = step

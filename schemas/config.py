@@ -12,6 +12,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# generate keys that say how the work is run, not what it produces: left out of the generate fingerprint and of
+# the trajectory store's meta (pipeline/store.py), so changing them reuses the store
+GENERATE_RUN_ONLY_KEYS = ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries")
+
+
 class ConfigError(Exception):
     """A config problem, worded as one readable line."""
 
@@ -181,10 +186,7 @@ class RunConfig(Section):
         if stage in ("generate", "train", "evaluate"):
             parts["schedule"] = self.schedule.model_dump(mode="json")
         if stage in ("generate", "train"):
-            gen = self.generate.model_dump(mode="json")
-            for k in ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries"):
-                gen.pop(k)              # how the work is run, not what it produces
-            parts["generate"] = gen
+            parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs

@@ -20,7 +20,7 @@ from pipeline.runner import Job, Unit
 LOSSES = "losses.jsonl"
 
 
-def store_path(cfg) -> Path:
+def training_store_path(cfg) -> Path:
     """The trajectory store: this run's generate output, or `train.store` (another run's store or its dir)."""
     return Path(cfg.train.store) if cfg.train.store else cfg.stage_dir("generate")
 
@@ -32,15 +32,14 @@ MUST_MATCH = ("format", "teacher", "schedule")
 
 def open_store(cfg):
     """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
-    from pipeline.store import TrajectoryStore, meta_differences, store_meta
+    from pipeline.store import TrajectoryStore, meta_differences, mismatch_summary, store_meta
 
-    store = TrajectoryStore.open(store_path(cfg))
+    store = TrajectoryStore.open(training_store_path(cfg))
     expected = store_meta(cfg)
     diff = meta_differences({k: store.meta.get(k) for k in MUST_MATCH}, {k: expected[k] for k in MUST_MATCH})
     if diff:
-        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
-        raise UserError(f"trajectory store {store.path} was made for another teacher or grid ({'; '.join(diff[:3])}"
-                        f"{more}); set train.store to a matching store or run `flowsteer generate`")
+        raise UserError(f"trajectory store {store.path} was made for another teacher or grid "
+                        f"({mismatch_summary(diff)}); set train.store to a matching store or run `flowsteer generate`")
     return store
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runner import JobFailed, job_status, read_record, run_job
-from pipeline.store import TrajectoryStore, noise_for, store_meta, store_path
+from pipeline.store import TrajectoryStore, noise_for, store_meta, generated_store_path
 from schemas.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def generate(cfg, executor="local", workers=None):
 
 
 def states_of(cfg) -> np.ndarray:
-    return np.asarray(TrajectoryStore.open(store_path(cfg)).states[:])
+    return np.asarray(TrajectoryStore.open(generated_store_path(cfg)).states[:])
 
 
 # ---------------------------------------------------------------- contents
@@ -75,7 +75,7 @@ def test_store_holds_the_teacher_trajectory(make_toy_config):
     cfg = gen_config(make_toy_config, samples_per_prompt=3, shard_size=4, batch_size=3, record_every_step=True)
     job, st = generate(cfg)
     assert (st["done"], st["skipped"], len(job.units)) == (3, 0, 3)        # 9 samples in shards 4, 4, 1
-    store = TrajectoryStore.open(store_path(cfg), store_meta(cfg))
+    store = TrajectoryStore.open(generated_store_path(cfg), store_meta(cfg))
     assert store.states.shape == (9, 5, 1, 8, 8) and store.steps.shape == (9, 9, 1, 8, 8)
     assert np.array_equal(store.prompt_index, np.arange(9) % 3)
     lo, hi = cfg.generate.guidance
@@ -120,12 +120,12 @@ def test_store_of_another_config_is_refused(make_toy_config, tmp_path):
     b = load_config(b_path)
     # train.store pointing at a store of another grid.
     with pytest.raises(UserError, match=r"another config \(schedule.teacher_steps: store 8, config 16"):
-        TrajectoryStore.open(store_path(a), store_meta(b))
+        TrajectoryStore.open(generated_store_path(a), store_meta(b))
     # A directory reused by another config: generate refuses it instead of mixing trajectories.
-    shutil.copytree(store_path(a), store_path(b))
+    shutil.copytree(generated_store_path(a), generated_store_path(b))
     res = CliRunner().invoke(app, ["generate", "--config", str(b_path)])
     assert res.exit_code == 2 and "error: trajectory store" in res.output and "teacher_steps" in res.output
-    assert np.array_equal(states_of(a), np.asarray(TrajectoryStore.open(store_path(b), check_complete=False).states[:]))
+    assert np.array_equal(states_of(a), np.asarray(TrajectoryStore.open(generated_store_path(b), check_complete=False).states[:]))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -138,7 +138,7 @@ def test_corrupt_shard_found_by_status_verify_and_redone(make_toy_config, damage
     cfg = load_config(path)
     job, _ = generate(cfg)
     good = states_of(cfg)
-    shard_file = store_path(cfg) / "states" / "c" / "1" / "0" / "0" / "0" / "0"     # shard 1 of [S, K+1, C, H, W]
+    shard_file = generated_store_path(cfg) / "states" / "c" / "1" / "0" / "0" / "0" / "0"     # shard 1 of [S, K+1, C, H, W]
     data = shard_file.read_bytes()
     shard_file.write_bytes(data[: len(data) // 2] if damage == "truncate"
                            else data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
@@ -294,7 +294,7 @@ def test_embedded_default_prompts_and_conditions(embedded_tiny):
 
     _, cfg = embedded_tiny
     generate(cfg)
-    store = TrajectoryStore.open(store_path(cfg), store_meta(cfg))
+    store = TrajectoryStore.open(generated_store_path(cfg), store_meta(cfg))
     assert store.prompts == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
     enc = load_teacher(cfg).encode(DIGIT_PROMPTS)
     got = store.cond(np.arange(10))

@@ -9,9 +9,10 @@ from pipeline.methods.base import MethodContext, get_method
 from pipeline.methods.discriminator import (TransformerDiscriminator, feature_matching_loss, hinge_d_loss,
                                             hinge_g_loss)
 from pipeline.methods.flowsteer import resample_windows
-from pipeline.methods.perflow import chord_point, chord_times, chord_velocity, unshift_sigma
-from pipeline.schedule import fixed_sigmas, shift_sigma
+from pipeline.methods.common import chord_point, chord_times, chord_velocity
+from pipeline.schedule import fixed_sigmas, shift_sigma, unshift_sigma
 from pipeline.teachers.toy import make_toy_teacher
+from pipeline.trainer import frozen
 from schemas.config import RunConfig
 
 
@@ -49,7 +50,7 @@ class FixedSegments:
 
 def make_method(name, cfg, data, teacher=None, options=None, seed=0):
     ctx = MethodContext(cfg=cfg, teacher=teacher, data=data,
-                        windows=fixed_sigmas(cfg.schedule.windows, cfg.schedule.shift), device=torch.device("cpu"),
+                        edges=fixed_sigmas(cfg.schedule.windows, cfg.schedule.shift), device=torch.device("cpu"),
                         generator=torch.Generator().manual_seed(seed), options=options or {})
     return get_method(name)(ctx)
 
@@ -246,9 +247,10 @@ def test_flowsteer_gradients_reach_only_their_own_player():
     disc = method.discriminator()
     batch = method.batch(step=0)
     assert len(batch["adv_rows"]) == 2                              # adv_fraction 0.5 of a batch of 4
-    losses = method.generator_losses(student, batch, step=0)
+    with frozen(disc.parameters()):                                 # as the trainer runs the G step
+        losses = method.generator_losses(student, batch, step=0)
+        losses["loss"].backward()
     assert set(losses) >= {"loss", "distill", "adv", "fm", "online_share"}
-    losses["loss"].backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None for p in disc.parameters())
     assert all(p.requires_grad for p in disc.parameters())          # restored after G's forward

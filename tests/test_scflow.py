@@ -64,7 +64,7 @@ def make_method(name, cfg, teacher, store, options=None, seed=0):
     """A registered method on the toy store, with its own seeded generator (shared with test_ayf)."""
     gen = torch.Generator().manual_seed(seed)
     data = DataSource(cfg, teacher, store, "cpu", gen)
-    ctx = MethodContext(cfg=cfg, teacher=teacher, data=data, windows=data.windows, device=torch.device("cpu"),
+    ctx = MethodContext(cfg=cfg, teacher=teacher, data=data, edges=data.edges, device=torch.device("cpu"),
                         generator=gen, options=options or {})
     return get_method(name)(ctx)
 
@@ -102,7 +102,7 @@ def test_batch_points_lie_on_the_chord_of_cached_trajectory_states(toy):
     cfg, teacher, store = toy
     method = make_scflow(cfg, teacher, store, options={"lambda_gan": 0.0})
     b = method.batch(0)
-    w = method.ctx.windows
+    w = method.ctx.edges
     k = b["k"]
     assert ((b["t"] <= w[k]) & (b["t"] >= w[k + 1])).all()
     # z_end is a cached state; z_t lies on the segment between two consecutive cached states
@@ -233,7 +233,7 @@ def test_sampler_is_euler_on_the_fixed_grid_and_equals_multistep_consistency(toy
     noise, cond = torch.randn(3, 1, 8, 8), teacher.encode(PROMPTS)
     vel = lambda x, s, c: Cls.velocity(student, x, s, c)  # noqa: E731
     for nfe in (1, 3, 4):
-        out = Cls.sample(student, noise, cond, nfe, windows=4, shift=3.0)
+        out = Cls.sample(student, noise, cond, nfe, num_windows=4, shift=3.0)
         sig = fixed_sigmas(nfe, 3.0)
         assert torch.allclose(out, euler(vel, noise, sig, cond), atol=1e-6)
         x = noise                                            # x0^ = f(x, t), eps^ = x + (1 - t) v, renoise to s

@@ -6,9 +6,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from conftest import toy_sections, write_config
-from pipeline.sampling import cfg, euler, sample
-from pipeline.schedule import (check_aligned, default_sigmas, fixed_sigmas, make_sigmas, piecewise_sigmas,
-                               window_boundaries)
+from pipeline.sampling import euler, guided, sample
+from pipeline.schedule import default_sigmas, fixed_sigmas, make_sigmas, piecewise_sigmas
 from schemas.config import ConfigError, load_config
 
 
@@ -63,10 +62,8 @@ def test_make_sigmas_rejects_unknown_kind():
 
 @pytest.mark.parametrize("m,k", [(32, 4), (8, 4), (12, 3), (4, 4), (6, 1)])
 def test_teacher_grid_contains_window_boundaries(m, k):
-    check_aligned(m, k)
     grid = fixed_sigmas(m, 3.0)
-    torch.testing.assert_close(grid[:: m // k], window_boundaries(k, 3.0))
-    torch.testing.assert_close(window_boundaries(k, 3.0), fixed_sigmas(k, 3.0))
+    torch.testing.assert_close(grid[:: m // k], fixed_sigmas(k, 3.0))     # DataSource.edges: every (M/K)-th point
 
 
 def test_default_grid_is_not_aligned():
@@ -76,8 +73,6 @@ def test_default_grid_is_not_aligned():
 
 @pytest.mark.parametrize("m,k", [(30, 4), (32, 3), (5, 2)])
 def test_misaligned_grids_are_rejected(m, k, tmp_path):
-    with pytest.raises(ValueError, match=f"multiple of the number of windows \\({k}\\)"):
-        check_aligned(m, k)
     path = write_config(tmp_path / "bad.yaml", **dict(toy_sections(tmp_path), schedule={"teacher_steps": m,
                                                                                          "windows": k}))
     with pytest.raises(ConfigError) as err:
@@ -91,8 +86,6 @@ def test_nonpositive_schedule_values_are_config_errors(bad, tmp_path):
     path = write_config(tmp_path / "bad.yaml", **dict(toy_sections(tmp_path), schedule=bad))
     with pytest.raises(ConfigError, match="schedule"):
         load_config(path)
-    with pytest.raises(ValueError, match=">= 1"):
-        check_aligned(32, 0)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -103,7 +96,7 @@ def test_piecewise_sigmas_keep_window_edges(n, k):
             piecewise_sigmas(n, k, 3.0)
         return
     s = piecewise_sigmas(n, k, 3.0)
-    edges = window_boundaries(k, 3.0)
+    edges = fixed_sigmas(k, 3.0)
     assert len(s) == n + 1 and s[-1] == 0.0 and (s[1:] < s[:-1]).all()
     if n >= k:
         for e in edges:                                # every edge is a step point
@@ -171,9 +164,9 @@ def test_cfg_formula():
     model, cond, null = nonlinear_model(), conds(2, 3), conds(2, 4)
     x, s = torch.randn(2, 1, 4, 4), torch.full((2,), 0.7)
     v_c, v_u = model(x, s, cond), model(x, s, null)
-    torch.testing.assert_close(cfg(model, null, 1.0)(x, s, cond), v_c)
-    torch.testing.assert_close(cfg(model, null, 0.0)(x, s, cond), v_u)
-    torch.testing.assert_close(cfg(model, null, torch.tensor([2.0, 5.0]))(x, s, cond),
+    torch.testing.assert_close(guided(model, null, 1.0)(x, s, cond), v_c)
+    torch.testing.assert_close(guided(model, null, 0.0)(x, s, cond), v_u)
+    torch.testing.assert_close(guided(model, null, torch.tensor([2.0, 5.0]))(x, s, cond),
                                v_u + torch.tensor([2.0, 5.0]).reshape(-1, 1, 1, 1) * (v_c - v_u))
     # Without guidance, sample is plain conditional Euler.
     torch.testing.assert_close(sample(model, x, fixed_sigmas(3), cond), euler(model, x, fixed_sigmas(3), cond))

@@ -144,8 +144,8 @@ def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store)
     batch = data.segments(10, window_probs=(0.0, 0.0, 1.0, 0.0), online_fraction=0.3)
     assert batch["online_mask"].tolist() == [False] * 7 + [True] * 3
     assert (batch["k"] == 2).all()
-    assert torch.equal(batch["sigma_start"], data.windows[2].expand(10))
-    assert torch.equal(batch["sigma_end"], data.windows[3].expand(10))
+    assert torch.equal(batch["sigma_start"], data.edges[2].expand(10))
+    assert torch.equal(batch["sigma_end"], data.edges[3].expand(10))
     # one teacher window from a cached start lands on the cached end
     torch.testing.assert_close(data.teacher_window(batch["z_start"][:7], 2, {c: v[:7] for c, v in batch["cond"].items()},
                                                    batch["guidance"][:7]), batch["z_end"][:7], atol=1e-4, rtol=1e-4)

@@ -1,4 +1,6 @@
-"""Distillation methods; importing this package registers every method module found beside it."""
+"""Distillation methods; importing this package registers every method module found beside it.
+
+base.py (the interface), common.py (shared pieces) and discriminator.py are infrastructure, not methods."""
 import importlib
 import pkgutil
 

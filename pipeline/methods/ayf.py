@@ -31,10 +31,9 @@ import torch.nn as nn
 
 from pipeline.errors import UserError
 from pipeline.methods.base import Method, register
-from pipeline.methods.perflow import unshift_sigma
-from pipeline.methods.scflow import bcast, method_options, on_trajectory_points, uniform, unwrap
-from pipeline.sampling import cfg
-from pipeline.schedule import fixed_sigmas, shift_sigma
+from pipeline.methods.common import on_trajectory_points, parse_options, rowwise, uniform
+from pipeline.sampling import guided
+from pipeline.schedule import fixed_sigmas, shift_sigma, unshift_sigma
 from pipeline.teachers.base import sd3_velocity
 
 DEFAULTS = {
@@ -94,13 +93,13 @@ class FlowMapTransformer(nn.Module):
 
 def flow_map(student, x, t, s, cond):
     """f(x, t, s) = x + (s - t) F(x, t, s)."""
-    return x + bcast(s - t, x) * student(x, t, s, cond)
+    return x + rowwise(s - t, x) * student(x, t, s, cond)
 
 
 def normalised_tangent(F_m, v, dF_dt, t, s, r: float, c: float):
     """g = (F - v) + r (t - s) dF/dt, divided by its per-sample norm + c (AYF-EMD with sCM's normalisation)."""
-    g = (F_m - v) + r * bcast(t - s, v) * dF_dt
-    return g / (g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1)) + c)
+    g = (F_m - v) + r * rowwise(t - s, v) * dF_dt
+    return g / (rowwise(g.flatten(1).norm(dim=1), g) + c)
 
 
 def jvp_torch(fn, x, t, s, v):
@@ -128,14 +127,13 @@ def jvp_fd(module, cond, x, t, s, v, eps: float = 1e-4):
 @register
 class AlignYourFlow(Method):
     name = "ayf-emd"
-    uses_cache = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.opt = method_options(self.name, ctx.options, DEFAULTS)
-        if self.opt["jvp"] not in ("auto", "torch", "fd") or self.opt["guidance"] not in ("auto", "cfg"):
+        self.options = parse_options(self.name, ctx.options, DEFAULTS)
+        if self.options["jvp"] not in ("auto", "torch", "fd") or self.options["guidance"] not in ("auto", "cfg"):
             raise UserError(f"train.method_options.{self.name}: jvp must be auto|torch|fd and guidance auto|cfg")
-        self._jvp = self.opt["jvp"]
+        self._jvp = self.options["jvp"]
 
     # --- the flow-map student
     def make_student(self, teacher_transformer):
@@ -151,7 +149,6 @@ class AlignYourFlow(Method):
     @classmethod
     def save_student(cls, student, directory):
         """The diffusers transformer dir, plus the gap embedding (and its size) in a file inside it."""
-        student = unwrap(student)
         directory = Path(directory)
         student.transformer.save_pretrained(str(directory))
         torch.save(student.gap_embed.state_dict(), directory / GAP_FILE)
@@ -183,32 +180,31 @@ class AlignYourFlow(Method):
     def teacher_velocity(self, x, t, cond, guidance, null_cond):
         """Autoguidance lam T + (1 - lam) T_weak (AYF), or CFG at the row's w when there is no weak teacher."""
         teacher = self.ctx.teacher
-        if self.opt["guidance"] == "cfg" or getattr(teacher, "weak_transformer", None) is None:
-            return cfg(teacher.velocity, null_cond, guidance)(x, t, cond)
-        lo, hi = self.opt["autoguidance"]
-        lam = bcast(lo + (hi - lo) * uniform(len(x), self.ctx.generator, t), x)
+        if self.options["guidance"] == "cfg" or getattr(teacher, "weak_transformer", None) is None:
+            return guided(teacher.velocity, null_cond, guidance)(x, t, cond)
+        lo, hi = self.options["autoguidance"]
+        lam = rowwise(lo + (hi - lo) * uniform(len(x), self.ctx.generator, t), x)
         return lam * teacher.velocity(x, t, cond) + (1 - lam) * teacher.weak_velocity(x, t, cond)
 
     @torch.no_grad()
     def tangent(self, student, x, t, s, v, cond):
         """(F, dF/dt) of the student along the teacher ODE; `jvp: auto` falls back to FD if AD fails."""
-        module = unwrap(student)
         if self._jvp in ("auto", "torch"):
             try:
-                return jvp_torch(lambda x_, t_, s_: module(x_, t_, s_, cond), x, t, s, v)
+                return jvp_torch(lambda x_, t_, s_: student(x_, t_, s_, cond), x, t, s, v)
             except (RuntimeError, NotImplementedError):
                 if self._jvp == "torch":
                     raise
                 self._jvp = "fd"       # this model has an op without forward AD: stay on FD from now on
-        F_m, d = jvp_fd(module, cond, x, t, s, v, self.opt["fd_eps"])
+        F_m, d = jvp_fd(student, cond, x, t, s, v, self.options["fd_eps"])
         return F_m.to(x.dtype), d.to(x.dtype)
 
     def generator_losses(self, student, batch, step):
         x, t, s, cond = batch["x_t"], batch["t"], batch["s"], batch["cond"]
         v = self.teacher_velocity(x, t, cond, batch["guidance"], batch["null_cond"])
         F_m, dF_dt = self.tangent(student, x, t, s, v, cond)
-        r = min(0.99, step / max(1, self.opt["tangent_warmup"]))
-        g = normalised_tangent(F_m, v, dF_dt, t, s, r, self.opt["norm_c"])
+        r = min(0.99, step / max(1, self.options["tangent_warmup"]))
+        g = normalised_tangent(F_m, v, dF_dt, t, s, r, self.options["norm_c"])
         F_theta = student(x, t, s, cond)
         loss = (F_theta - (F_m - g)).square().mean()
         return {"loss": loss, "emd": loss.detach(), "tangent_norm": g.flatten(1).norm(dim=1).mean()}
@@ -216,7 +212,7 @@ class AlignYourFlow(Method):
     # --- sampling
     @classmethod
     @torch.no_grad()
-    def sample(cls, student, noise, cond, nfe, windows, shift, callback=None, sigmas=None):
+    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None, sigmas=None):
         """Chain the flow map over fixed_sigmas(nfe, shift) (or `sigmas`): x_{s_{i+1}} = f(x_{s_i}, s_i, s_{i+1})."""
         sigmas = (fixed_sigmas(nfe, shift) if sigmas is None else sigmas).to(noise.device)
         x = noise
@@ -225,7 +221,7 @@ class AlignYourFlow(Method):
             F_i = student(x, t, s, cond)
             if callback is not None:
                 callback(i, x, sigmas[i], F_i)
-            x = x + bcast(s - t, x) * F_i
+            x = x + rowwise(s - t, x) * F_i
         if callback is not None:
             callback(nfe, x, sigmas[-1], None)
         return x

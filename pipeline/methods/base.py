@@ -36,7 +36,7 @@ class MethodContext:
     cfg: Any                      # schemas.config.RunConfig
     teacher: Any                  # pipeline.teachers.base.Teacher (frozen)
     data: Any                     # pipeline.data.DataSource
-    windows: torch.Tensor         # K + 1 window edges on the fixed grid, [1, ..., 0]
+    edges: torch.Tensor           # the K + 1 window edges on the fixed grid, [1, ..., 0]
     device: torch.device
     generator: torch.Generator    # the method's RNG (seeded from (seed, rank); saved in checkpoints)
     options: dict[str, Any]       # train.method_options[name]
@@ -44,7 +44,6 @@ class MethodContext:
 
 class Method:
     name: ClassVar[str] = ""
-    uses_cache: ClassVar[bool] = False          # needs the trajectory store
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -99,9 +98,9 @@ class Method:
     # --- sampling with the trained student (export, evaluate, `flowsteer sample`)
     @classmethod
     @torch.no_grad()
-    def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, windows: int,
+    def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, num_windows: int,
                shift: float, callback=None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
         """Default: guidance-free Euler on the piecewise grid (every window edge is a step point), or on
         `sigmas` (nfe + 1 values, e.g. diffusers' default scheduler grid) when given."""
-        sigmas = (piecewise_sigmas(nfe, windows, shift) if sigmas is None else sigmas).to(noise.device)
+        sigmas = (piecewise_sigmas(nfe, num_windows, shift) if sigmas is None else sigmas).to(noise.device)
         return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

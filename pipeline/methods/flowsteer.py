@@ -12,28 +12,13 @@ size is drawn for the GAN, which bounds its extra student and discriminator work
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from pipeline.errors import UserError
 from pipeline.methods.base import register
 from pipeline.methods.discriminator import (TransformerDiscriminator, feature_matching_loss, hinge_d_loss,
                                             hinge_g_loss)
-from pipeline.methods.ota import OTA
-from pipeline.methods.perflow import rowwise
-
-
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """Run `module` without recording gradients for its parameters (the graph still reaches its inputs)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
+from pipeline.methods.common import OnTrajectoryChordMethod, rowwise
 
 
 def resample_windows(k: torch.Tensor, probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -53,9 +38,11 @@ def take(batch: dict, rows: torch.Tensor) -> dict:
 
 
 @register
-class FlowSteer(OTA):
+class FlowSteer(OnTrajectoryChordMethod):
+    """OTA's batch and chord loss (common.OnTrajectoryChordMethod) plus the GAN on the one-step jump.
+
+    The trainer freezes the discriminator during the generator step, so G's loss never trains D."""
     name = "flowsteer"
-    uses_cache = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -98,17 +85,16 @@ class FlowSteer(OTA):
             return losses
         adv = take(batch, batch["adv_rows"])
         fake = self.one_step_jump(student, adv["z_start"], adv["sigma_start"], adv["sigma_end"], adv["cond"])
-        with frozen(self.disc):                 # G's loss must not train D
-            if self.lambda_fm:
-                n = len(fake)
-                both = {k: torch.cat([v, v]) for k, v in adv["cond"].items()}
-                logits, feats = self.disc(torch.cat([adv["z_end"].to(fake), fake]),
-                                          torch.cat([adv["sigma_end"]] * 2), both, return_features=True)
-                logits_fake = logits[n:]
-                fm = feature_matching_loss([f[:n] for f in feats], [f[n:] for f in feats])
-            else:
-                logits_fake = self.disc(fake, adv["sigma_end"], adv["cond"])
-                fm = torch.zeros((), device=fake.device)
+        if self.lambda_fm:
+            n = len(fake)
+            both = {k: torch.cat([v, v]) for k, v in adv["cond"].items()}
+            logits, feats = self.disc(torch.cat([adv["z_end"].to(fake), fake]),
+                                      torch.cat([adv["sigma_end"]] * 2), both, return_features=True)
+            logits_fake = logits[n:]
+            fm = feature_matching_loss([f[:n] for f in feats], [f[n:] for f in feats])
+        else:
+            logits_fake = self.disc(fake, adv["sigma_end"], adv["cond"])
+            fm = torch.zeros((), device=fake.device)
         g_adv = hinge_g_loss(logits_fake)
         losses["loss"] = losses["loss"] + self.lambda_adv * g_adv + self.lambda_fm * fm
         losses.update(adv=g_adv.detach(), fm=fm.detach())

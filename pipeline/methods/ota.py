@@ -3,30 +3,15 @@
 Window starts and ends are authentic teacher states z_{s_k} = ODESolve(teacher, eps, 1 -> s_k): the
 trajectory store's boundary states, plus a `train.online_fraction` share of each batch rolled out fresh
 by the frozen teacher (DataSource.segments), so the student never trains from points the teacher does not
-visit (the teacher-trajectory mismatch of PeRFlow's interpolated starts).
+visit (the teacher-trajectory mismatch of PeRFlow's interpolated starts). The batch and loss are
+common.OnTrajectoryChordMethod, which flowsteer shares (flowsteer minus its GAN is exactly ota).
 """
 from __future__ import annotations
 
-import torch
-
 from pipeline.methods.base import register
-from pipeline.methods.perflow import PeRFlow
+from pipeline.methods.common import OnTrajectoryChordMethod
 
 
 @register
-class OTA(PeRFlow):
+class OTA(OnTrajectoryChordMethod):
     name = "ota"
-    uses_cache = True
-
-    @torch.no_grad()
-    def batch(self, step: int) -> dict:
-        """On-trajectory windows, windows uniform (as PeRFlow), a fixed online share per batch."""
-        cfg = self.ctx.cfg
-        return self.ctx.data.segments(cfg.train.batch_size, window_probs=None,
-                                      online_fraction=cfg.train.online_fraction)
-
-    def generator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        losses = super().generator_losses(student, batch, step)
-        # the cache/online mix actually used in this batch (logged next to the losses)
-        losses["online_share"] = batch["online_mask"].float().mean()
-        return losses

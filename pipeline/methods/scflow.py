@@ -32,12 +32,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from pipeline.methods.base import Method, register
+from pipeline.methods.common import on_trajectory_points, parse_options, rowwise, uniform
 from pipeline.methods.discriminator import TransformerDiscriminator, hinge_d_loss, hinge_g_loss
-from pipeline.methods.flowsteer import frozen
-from pipeline.methods.perflow import chord_point, chord_times, chord_velocity
-from pipeline.sampling import cfg, euler
+from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 
 DEFAULTS: dict[str, Any] = {
@@ -50,61 +48,28 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def method_options(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`train.method_options.<name>` over the defaults; an unknown key is a user error."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise UserError(f"train.method_options.{name}: unknown option(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(defaults))})")
-    return {**defaults, **given}
-
-
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     """Elementwise pseudo-Huber sqrt((a-b)^2 + c^2) - c, averaged (iCT / SCFlow consistency metric)."""
     return (torch.sqrt((a - b).square() + c * c) - c).mean()
 
 
-def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-row scalar [B] shaped to broadcast over a batch like `like`."""
-    return t.reshape(-1, *[1] * (like.ndim - 1)).to(like.dtype)
-
-
 def consistency(velocity, z: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
     """f(z, t) = z - t v(z, t): the x0 estimate of a velocity model (SCFlow eq. for f_theta)."""
-    return z - bcast(t, z) * velocity(z, t, cond)
+    return z - rowwise(t, z) * velocity(z, t, cond)
 
 
 def truncated_target(tgt_m: torch.Tensor, z0: torch.Tensor, t_minus: torch.Tensor, tau: float) -> torch.Tensor:
     """Truncated consistency: below tau the target is the ground truth z0, not the EMA's estimate."""
-    return torch.where(bcast(t_minus < tau, tgt_m).bool(), z0, tgt_m)
-
-
-def on_trajectory_points(seg: dict, shift: float, generator: torch.Generator):
-    """t uniform in unshifted time inside the row's window; z_t on the chord of its two cached states."""
-    s0, s1 = seg["sigma_start"], seg["sigma_end"]
-    t = chord_times(s0, s1, shift, generator).to(s0)
-    return t, chord_point(seg["z_start"], chord_velocity(seg["z_start"], seg["z_end"], s0, s1), s0, t)
-
-
-def uniform(n: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """n draws of U[0, 1) from the method generator, on `like`'s device and dtype."""
-    return torch.rand(n, generator=generator, device=generator.device).to(like)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (the EMA tracks the plain module)."""
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    return torch.where(rowwise(t_minus < tau, tgt_m).bool(), z0, tgt_m)
 
 
 @register
 class SCFlow(Method):
     name = "scflow"
-    uses_cache = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.opt = method_options(self.name, ctx.options, DEFAULTS)
+        self.options = parse_options(self.name, ctx.options, DEFAULTS)
         self.target: torch.nn.Module | None = None     # made in make_student (after init from the teacher)
         self._pending_target: dict | None = None       # a state loaded before make_student ran
         self._disc = None
@@ -118,7 +83,7 @@ class SCFlow(Method):
     def _sync_target(self, student):
         """Keep the target a copy of the student's structure: LoRA adapters are added after make_student,
         so the first call after that (before any update) re-copies it; a loaded state is applied here."""
-        net = unwrap(student)
+        net = student
         if self.target is None or self.target.state_dict().keys() != net.state_dict().keys():
             self.target = copy.deepcopy(net).eval().requires_grad_(False)
         if self._pending_target is not None and self._pending_target.keys() == self.target.state_dict().keys():
@@ -129,8 +94,8 @@ class SCFlow(Method):
     def after_step(self, student, step):
         """Target EMA: theta- <- d theta- + (1 - d) theta (decay 0.9, SCFlow's target network)."""
         self._sync_target(student)
-        d = self.opt["target_decay"]
-        src = unwrap(student).state_dict()
+        d = self.options["target_decay"]
+        src = student.state_dict()
         for name, p in self.target.state_dict().items():
             q = src[name].to(p.dtype)
             p.lerp_(q, 1 - d) if p.is_floating_point() else p.copy_(q)
@@ -150,7 +115,7 @@ class SCFlow(Method):
 
     # --- GAN on the one-step output (H5's discriminator and hinge losses: one way to do each thing)
     def discriminator(self):
-        if self.opt["lambda_gan"] <= 0:
+        if self.options["lambda_gan"] <= 0:
             return None
         if self._disc is None:
             blocks = self.ctx.cfg.train.adversarial.disc_blocks
@@ -167,7 +132,7 @@ class SCFlow(Method):
                "guidance": seg["guidance"], "null_cond": data.null_cond(n),
                "z1": torch.randn(z_t.shape, generator=self.ctx.generator, device=self.ctx.generator.device).to(z_t)}
         if self.discriminator() is not None:
-            real = data.segments(n, window_probs=[0.0] * (len(self.ctx.windows) - 2) + [1.0])
+            real = data.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
             out.update(real=real["z_end"], real_cond=real["cond"])     # cached final samples
         return out
 
@@ -176,7 +141,7 @@ class SCFlow(Method):
         """Each needed row's final cached state: its segment end in the last window, else the teacher rolled
         on from there through the remaining windows (deterministic, so it reproduces the cached state)."""
         z0 = z_end.clone()
-        for j in range(int(k[need].min()) + 1, len(self.ctx.windows) - 1):
+        for j in range(int(k[need].min()) + 1, len(self.ctx.edges) - 1):
             rows = need & (k < j)                  # rows whose trajectory still has window j to go
             sub = {c: v[rows] for c, v in cond.items()}
             z0[rows] = self.ctx.data.teacher_window(z0[rows], j, sub, guidance[rows])
@@ -184,14 +149,14 @@ class SCFlow(Method):
 
     def generator_losses(self, student, batch, step):
         self._sync_target(student)
-        o, vel = self.opt, lambda m: (lambda x, s, c: self.velocity(m, x, s, c))
+        o, vel = self.options, lambda m: (lambda x, s, c: self.velocity(m, x, s, c))
         z_t, t, cond, w = batch["z_t"], batch["t"], batch["cond"], batch["guidance"]
         with torch.no_grad():
             g = self.ctx.generator
             u1, u2 = uniform(len(t), g, t), uniform(len(t), g, t)
             dn, up = u1 * torch.clamp(t, max=o["delta"]), u2 * torch.clamp(1 - t, max=o["delta"])
-            v_T = cfg(self.ctx.teacher.velocity, batch["null_cond"], w)(z_t, t, cond)
-            z_m, z_p = z_t - bcast(dn, z_t) * v_T, z_t + bcast(up, z_t) * v_T
+            v_T = guided(self.ctx.teacher.velocity, batch["null_cond"], w)(z_t, t, cond)
+            z_m, z_p = z_t - rowwise(dn, z_t) * v_T, z_t + rowwise(up, z_t) * v_T
             tgt = consistency(vel(self.target), torch.cat([z_m, z_p]), torch.cat([t - dn, t + up]),
                               {k: torch.cat([v, v]) for k, v in cond.items()})
             tgt_m, tgt_p = tgt.chunk(2)
@@ -211,13 +176,11 @@ class SCFlow(Method):
             z1 = batch["z1"]
             ones = torch.ones(len(z1), device=z1.device)
             x0_one = consistency(vel(student), z1, ones, cond)          # one-step output, with grad
-            batch["fake"] = x0_one.detach()                            # for the discriminator step
             if use_rf:
                 losses["rf"] = self.reflow_loss(student, x0_one.detach(), z1, cond)
                 total = total + o["lambda_rf"] * losses["rf"]
             if use_gan:
-                with frozen(self._disc):                               # G's loss must not train D
-                    losses["gan"] = hinge_g_loss(self._disc_logits(x0_one, cond))
+                losses["gan"] = hinge_g_loss(self._disc_logits(x0_one, cond))    # D frozen by the trainer
                 total = total + o["lambda_gan"] * losses["gan"]
         losses["loss"] = total
         return losses
@@ -225,7 +188,7 @@ class SCFlow(Method):
     def reflow_loss(self, student, x0_one, z1, cond):
         """L_rf = MSE(f(z~, t), sg(x0_one)), z~ = (1-t) sg(x0_one) + t z1: straightens the student's own pairs."""
         t = uniform(len(z1), self.ctx.generator, z1)
-        z = (1 - bcast(t, z1)) * x0_one + bcast(t, z1) * z1
+        z = (1 - rowwise(t, z1)) * x0_one + rowwise(t, z1) * z1
         return F.mse_loss(consistency(lambda x, s, c: self.velocity(student, x, s, c), z, t, cond), x0_one)
 
     def _disc_logits(self, x, cond):
@@ -234,13 +197,11 @@ class SCFlow(Method):
 
     def discriminator_losses(self, student, batch, step):
         """Hinge D loss: real = cached final teacher samples, fake = the student's one-step output."""
-        if step <= self.opt["warmup_gan"] or self.discriminator() is None:
+        if step <= self.options["warmup_gan"] or self.discriminator() is None:
             return None
-        fake = batch.get("fake")
-        if fake is None:
-            with torch.no_grad():
-                ones = torch.ones(len(batch["z1"]), device=batch["z1"].device)
-                fake = consistency(lambda x, s, c: self.velocity(student, x, s, c), batch["z1"], ones, batch["cond"])
+        with torch.no_grad():      # the trainer runs the D step first, so the fake is made here, without a graph
+            ones = torch.ones(len(batch["z1"]), device=batch["z1"].device)
+            fake = consistency(lambda x, s, c: self.velocity(student, x, s, c), batch["z1"], ones, batch["cond"])
         d_real, d_fake = self._disc_logits(batch["real"], batch["real_cond"]), self._disc_logits(fake, batch["cond"])
         return {"loss": hinge_d_loss(d_real, d_fake), "d_real": d_real.mean().detach(),
                 "d_fake": d_fake.mean().detach()}
@@ -248,8 +209,8 @@ class SCFlow(Method):
     # --- sampling
     @classmethod
     @torch.no_grad()
-    def sample(cls, student, noise, cond, nfe, windows, shift, callback=None, sigmas=None):
-        """Euler with the student velocity on fixed_sigmas(nfe, shift), any nfe (windows unused).
+    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None, sigmas=None):
+        """Euler with the student velocity on fixed_sigmas(nfe, shift) (or `sigmas`), any nfe (num_windows unused).
 
         This IS deterministic multistep consistency sampling: with x0^ = f(x_t, t) = x_t - t v and
         eps^ = x_t + (1 - t) v, the re-noised (1 - s) x0^ + s eps^ = x_t + (s - t) v, one Euler step."""

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 CONFIG  ?=              # empty = the packaged embedded default (schemas/example.yaml)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench docs clean
 
 # torch first, alone: clean-fid must never be resolved in the same pip command as a different torch.
 $(STAMP): pyproject.toml
@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/schedule_effect.py
 	$(BIN)/python bench/generate_throughput.py
 	$(BIN)/python bench/train_step.py
+
+docs: $(STAMP)                              # regenerate docs/config.md from schemas/config.py
+	$(BIN)/python -m schemas.docgen
 
 clean:
 	rm -rf runs

@@ -14,12 +14,21 @@ from pipeline.errors import UserError
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
-STAGES = ["teacher", "generate", "train", "evaluate", "report"]
+STAGES = ["teacher", "generate", "encode", "train", "evaluate", "report"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "schemas" / "example.yaml"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help=__doc__ + "\n\nStages run in order: teacher -> generate -> train -> evaluate -> report. "
+                  help=__doc__ + "\n\nStages run in order: teacher -> generate -> encode -> train -> evaluate -> report. "
                   "Every stage skips finished units on rerun; `flowsteer status` shows where a run stands.")
+
+
+@app.callback()
+def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' own loading "
+                                                 "bars, info logs and warnings (diffusers, transformers, hub).")):
+    from pipeline.quiet import set_verbose
+
+    set_verbose(verbose)
+
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
                          "omitted = the embedded default (tiny SD3 teacher on MNIST).")
@@ -89,6 +98,13 @@ def generate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Execu
 
 
 @app.command()
+def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+           address: Optional[str] = AddressOpt, workers: Optional[int] = WorkersOpt):
+    """Encode real images (data.images; the MNIST digits for the embedded teacher) into a latent store."""
+    run_stage("encode", get_config(config), executor, address, workers)
+
+
+@app.command()
 def train(config: Optional[Path] = ConfigOpt,
           method: Optional[list[str]] = typer.Option(None, "--method", "-m",
                                                      help="Run names: a method (perflow | ota | flowsteer | "
@@ -148,7 +164,7 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
            schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),
            guidance: Optional[float] = typer.Option(None, help="CFG scale (teacher only; default evaluate.guidance)."),
-           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the embedded set)."),
+           prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the run's generate.prompts, first 10; the digits for the embedded teacher)."),
            per_prompt: int = typer.Option(8, help="Images per prompt."),
            seed: int = typer.Option(0),
            out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid to write.")):

@@ -1,6 +1,9 @@
 """Training data for every method: cached teacher segments, online teacher rollouts, real data.
 
-Guidance (CFG distillation, METHODS.md): the student is guidance-free and sees only the prompt; the
+Everything here is the *batch stream*: drawn with this source's own generator (the trainer gives it one
+that only batch drawing uses, so batches can be prepared ahead on a thread; pipeline/prefetch.py).
+
+Guidance (CFG distillation, docs/methods.md): the student is guidance-free and sees only the prompt; the
 teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
 carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
 w ~ U[generate.guidance] from the method generator, the same law generate used.
@@ -19,8 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
 from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
+
+
+def has_real_data(cfg) -> bool:
+    """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+    return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
 class DataSource:
@@ -49,14 +58,15 @@ class DataSource:
         self._real_pos = [0, 0]          # (epoch, offset) of the global cursor into the real-data permutation
         self._null = None
         self._real = None
+        self._latents = None             # the real-image LatentStore, opened on first use
         if store is not None:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
             self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
-            self.num_prompts = int(store.prompt_embeds.shape[0])
+            self.num_prompts = store.num_prompts
             # Prompt conditions are read on every batch: keep them in memory when they are small (the
             # embedded digits: 10 prompts), else read the rows each batch needs from the store.
-            nbytes = sum(int(np.prod(a.shape)) * 4 for a in (store.prompt_embeds, store.pooled_embeds))
-            self._cond_cache = store.cond(np.arange(self.num_prompts)) if nbytes <= 64 << 20 else None
+            small = store.cond_nbytes() <= 64 << 20
+            self._cond_cache = store.cond(np.arange(self.num_prompts)) if small else None
         else:
             self.num_prompts = 0
 
@@ -86,7 +96,7 @@ class DataSource:
             cond = {k: v[prompt_index] for k, v in self._cond_cache.items()}
         else:
             cond = self.store.cond(prompt_index.numpy())
-        return {k: torch.as_tensor(np.asarray(v)).to(self.device, torch.float32) for k, v in cond.items()}
+        return {k: self._to_device(v) for k, v in cond.items()}
 
     def noise_like(self, n: int) -> torch.Tensor:
         return torch.randn(n, *self.teacher.sample_shape, generator=self.generator).to(self.device)
@@ -135,7 +145,8 @@ class DataSource:
                 "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
 
     def real(self, n: int) -> dict[str, Any]:
-        """Clean samples x0 with their prompt: real MNIST digits (embedded) or the store's final samples."""
+        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher) or the run's latent store
+        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
         t0 = time.perf_counter()
         if self.cfg.teacher.kind == "embedded":
             images, labels = self._real_data()
@@ -145,16 +156,49 @@ class DataSource:
             x0 = images[idx]
             enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
             cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
-            guidance = self._guidance(n)
         else:
-            idx = self._next_real(self.store.num_samples, n)
-            last = np.full(n, self.num_windows - 1)
-            x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
-            cond = self._cond(self._store_prompt[idx])
-            guidance = self._store_guidance[idx]
-        out = {"x0": x0.to(self.device, torch.float32), "cond": cond, "guidance": guidance.to(self.device)}
+            latents = self.latent_store()
+            idx = self._next_real(latents.num_samples, n)
+            rows = idx.numpy()
+            x0 = torch.as_tensor(latents.latents(rows))
+            cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
+        out = {"x0": self._to_device(x0), "cond": cond, "guidance": self._guidance(n).to(self.device),
+               "index": idx}
         self.wait_seconds += time.perf_counter() - t0
         return out
+
+    def teacher_samples(self, n: int) -> dict[str, Any]:
+        """The store's final teacher samples as x0, with their prompt and guidance (reflow on teacher samples:
+        `train.method_options.perflow.x0: teacher_samples`)."""
+        t0 = time.perf_counter()
+        idx = self._next_real(self.store.num_samples, n)
+        last = np.full(n, self.num_windows - 1)
+        x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
+        out = {"x0": self._to_device(x0), "cond": self._cond(self._store_prompt[idx]),
+               "guidance": self._store_guidance[idx].to(self.device), "index": idx}
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def has_real_data(self) -> bool:
+        return has_real_data(self.cfg)
+
+    def latent_store(self):
+        """The run's real-image latent store (opened once; a missing or unfinished one is a UserError)."""
+        if self._latents is None:
+            from pipeline.latents import LatentStore, latent_store_dir
+
+            if not has_real_data(self.cfg):
+                raise UserError(f"no real images for a {self.cfg.teacher.kind} teacher: set data.images and run "
+                                f"`flowsteer encode`")
+            self._latents = LatentStore.open(latent_store_dir(self.cfg))
+        return self._latents
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """float32 on the device; from pinned memory on CUDA so the copy overlaps (the prefetch thread's)."""
+        t = torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).to(torch.float32)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     # ------------------------------------------------------------ teacher solves
     def _window_grid(self, k: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ never loses finished work.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -47,6 +49,7 @@ class Job:
     max_retries: int = 2                      # infrastructure failures (actor/node death) only
     item_name: str = "items"
     sequential: bool = False                  # units depend on each other (training segments): one at a time
+    own_progress: bool = False                # its worker draws a finer bar (per training step) when run locally
 
 
 class JobFailed(RuntimeError):
@@ -122,7 +125,8 @@ def run_job(job: Job, executor: str = "local", address: str | None = None, worke
     write_plan(job)
     pending = [u for u in job.units if not is_done(job.out_dir, u.key)]
     skipped = len(job.units) - len(pending)
-    bar = tqdm(total=sum(u.size for u in pending), unit=f" {job.item_name}", disable=not progress or not pending,
+    quiet_bar = not progress or not pending or (job.own_progress and executor == "local")
+    bar = tqdm(total=sum(u.size for u in pending), unit=f" {job.item_name}", disable=quiet_bar,
                desc=f"{job.stage} ({skipped}/{len(job.units)} units already done)", dynamic_ncols=True)
     if pending:
         if executor == "local":
@@ -253,3 +257,16 @@ def _short_error(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     causes = [ln for ln in lines if ln.split(":")[0].endswith(("Error", "Exception", "Exit"))]
     return (causes[-1] if causes else lines[0] if lines else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """CPU results can depend on the thread count: pin it per unit, the same under every executor."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

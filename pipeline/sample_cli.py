@@ -38,12 +38,17 @@ def resolve_export(cfg, checkpoint: str) -> Path:
     return export
 
 
-def default_prompts(cfg) -> list[str]:
-    if cfg.teacher.kind != "embedded":
-        raise UserError("give the prompts to sample with --prompt (only the embedded teacher has a default set)")
-    from pipeline.digits import DIGIT_PROMPTS
+DEFAULT_ROWS = 10               # without --prompt: the first rows of the run's prompt set (all 10 digits)
 
-    return list(DIGIT_PROMPTS)
+
+def default_prompts(cfg) -> list[str]:
+    """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
+    from pipeline.store import generate_prompts
+
+    if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
+        raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
+                        "(only the embedded teacher has a default set)")
+    return generate_prompts(cfg)[:DEFAULT_ROWS]
 
 
 @torch.no_grad()
@@ -77,7 +82,6 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
         student = load_student(export, teacher.device)
     from pipeline.store import noise_for            # the noise evaluate and generate use too
 
-    dtype = getattr(teacher, "dtype", torch.float32)
     shape = tuple(teacher.sample_shape)
     column_noise = torch.stack([noise_for(seed * SEED_STRIDE + c, shape) for c in range(per_prompt)])
 
@@ -85,7 +89,7 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
     images = []
     for i in range(0, len(rows), cfg.evaluate.batch_size):
         batch = rows[i:i + cfg.evaluate.batch_size]
-        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device, dtype)
+        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device)
         cond = teacher.encode(batch)
         if student is not None:
             x = student.sample(noise, cond, steps)

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-# A velocity model: v = model(x, sigma[B], cond) with v = eps - x0 (rectified flow, METHODS.md).
+# A velocity model: v = model(x, sigma[B], cond) with v = eps - x0 (rectified flow, docs/methods.md).
 Velocity = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (step, x, sigma, v)
 

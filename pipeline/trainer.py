@@ -4,10 +4,17 @@ a registered Method (pipeline/methods) owns the batch and the losses.
 Per step: batch = method.batch(step); if the method has a discriminator, one D step (own AdamW, disc_lr) on
 `discriminator_losses`; then one G step (AdamW, weight decay, grad clip) on `generator_losses`; `after_step`;
 EMA of the student. Every non-finite loss stops the run before any weight changes.
+
+Precision (docs/precision.md): the student and discriminator are float32 master weights whatever the
+teacher's dtype; with `train.mixed_precision` their losses run under torch.autocast (bf16, or fp16 with a
+GradScaler per optimiser); EMA and export stay float32. Batches come from a BatchPrefetcher (pipeline/
+prefetch.py) that draws them with their own generator, `train.prefetch` steps ahead on a background thread.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,7 +29,9 @@ from pipeline.checkpoint import all_finite, rng_state, set_rng_state
 from pipeline.data import DataSource
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodContext, get_method
+from pipeline.prefetch import BatchPrefetcher
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
@@ -97,32 +106,60 @@ class Trainer:
             update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
+        # Two streams: the batch stream (what a batch holds: DataSource and method.batch) and the method
+        # generator (the step's own draws), so batches can be drawn ahead without changing either.
         generator = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
-        self.data = DataSource(self.cfg, teacher, store, self.device, generator, rank, world,
+        batch_generator = torch.Generator().manual_seed(derive_seed(seed, "batch", rank))
+        self.data = DataSource(self.cfg, teacher, store, self.device, batch_generator, rank, world,
                                shared_seed=derive_seed(seed, "method", 0))
         ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, edges=self.data.edges.to(self.device),
                             device=self.device, generator=generator, options=dict(self.run.options))
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
         torch.manual_seed(derive_seed(seed, "init"))
         self.method = get_method(self.method_name)(ctx)
-        self.student = self.method.make_student(teacher.transformer).to(self.device)
+        # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates)
+        self.student = self.method.make_student(teacher.transformer).float().to(self.device)
         if tc.lora_rank > 0:
             add_lora(self.student, tc.lora_rank)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.disc = self.method.discriminator()
+        if self.disc is not None:
+            self.disc.float().to(self.device)     # in place: the method holds the same module
         self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if self.disc is not None else []
         self.disc_opt = (torch.optim.AdamW(self.disc_params, lr=tc.adversarial.disc_lr, weight_decay=tc.weight_decay)
                          if self.disc is not None else None)
         self.ema = EMA(self.student, tc.ema_decay)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(tc.mixed_precision)
+        fp16 = tc.mixed_precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.disc_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        # method.batch as the batch stream sees it: the same method, its context's generator = the batch stream
+        batch_view = copy.copy(self.method)
+        batch_view.ctx = dataclasses.replace(ctx, generator=batch_generator)
+        self.batches = BatchPrefetcher(batch_view.batch, self._batch_state, self._set_batch_state, tc.prefetch,
+                                       last_step=tc.steps, read_seconds=lambda: self.data.wait_seconds)
         self.step = 0
         self.log_path = Path(log_path) if log_path is not None and rank == 0 else None
+        self.tensorboard = None           # a pipeline.tensorboard.TensorBoardLogger, set by the train stage on rank 0
+        self.on_step = None               # on_step(step, values) after every step (the train stage's progress bar)
 
     # ------------------------------------------------------------ state
+    def _batch_state(self) -> dict[str, Any]:
+        return {"generator": self.data.generator.get_state(), "data": self.data.state_dict()}
+
+    def _set_batch_state(self, state: dict[str, Any]) -> None:
+        self.data.generator.set_state(state["generator"])
+        self.data.load_state_dict(state["data"])
+
+    def close(self) -> None:
+        """Stop the prefetch thread (batches drawn ahead are dropped)."""
+        self.batches.close()
+
     def state_dict(self) -> dict[str, Any]:
         """Shared weights and optimisers, plus each rank's own streams (collective when world > 1)."""
-        own = {"method": self.method.state_dict(), "generator": self.data.generator.get_state(),
-               "data": self.data.state_dict(), "rng": rng_state()}
+        own = {"method": self.method.state_dict(), "generator": self.method.ctx.generator.get_state(),
+               "batches": self.batches.state_dict(), "rng": rng_state()}
         ranks = [own]
         if self.world > 1:
             import torch.distributed as dist
@@ -132,7 +169,8 @@ class Trainer:
         return {"method_name": self.method_name, "world": self.world, "student": self.student.state_dict(),
                 "ema": self.ema.shadow, "opt": self.opt.state_dict(),
                 "disc": self.disc.state_dict() if self.disc is not None else None,
-                "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks}
+                "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks,
+                "scalers": [self.scaler.state_dict(), self.disc_scaler.state_dict()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -144,8 +182,11 @@ class Trainer:
         # A different worker count resumes with rank r's streams from rank r % old world (no longer exact).
         own = state["ranks"][self.rank % len(state["ranks"])]
         self.method.load_state_dict(own["method"])
-        self.data.generator.set_state(own["generator"])
-        self.data.load_state_dict(own["data"])
+        self.method.ctx.generator.set_state(own["generator"])
+        self.batches.load_state_dict(own["batches"])
+        for scaler, saved in zip((self.scaler, self.disc_scaler), state.get("scalers") or ()):
+            if saved:
+                scaler.load_state_dict(saved)
         set_rng_state(own["rng"])
         self.step = int(state["step"])
         self.trim_log()
@@ -181,33 +222,44 @@ class Trainer:
             p.grad = flat[offset:offset + n].view_as(p).clone()
             offset += n
 
-    def _update(self, opt, params, loss: torch.Tensor, step: int, clip: float, name: str) -> float:
+    def _update(self, opt, scaler, params, loss: torch.Tensor, step: int, clip: float, name: str) -> float:
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()            # a no-op scale unless fp16
         self._sync_grads(params)
+        scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if not torch.isfinite(norm):
+        if not torch.isfinite(norm) and not scaler.is_enabled():
             raise NonFiniteLoss(f"{self.method_name} step {step}: gradient norm of '{name}' is {float(norm)}; "
                                 f"training stopped, the last good checkpoint is kept")
-        opt.step()
+        scaler.step(opt)                         # fp16: skipped on inf/nan gradients, and the scale lowered
+        scaler.update()
         return float(norm)
+
+    def autocast(self):
+        """The student/discriminator forward region: torch.autocast at train.mixed_precision, else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns the named loss values (D losses prefixed 'd_')."""
         step, tc = self.step + 1, self.cfg.train
         torch.manual_seed(derive_seed(self.run.seed, self.rank, step))   # global RNG (dropout etc.) per step
-        with torch.no_grad():
-            batch = self.method.batch(self.step)
+        batch = self.batches.next(self.step)
         values: dict[str, float] = {}
         if self.disc is not None:
-            d_losses = self.method.discriminator_losses(self.student, batch, self.step)
+            with self.autocast():
+                d_losses = self.method.discriminator_losses(self.student, batch, self.step)
             if d_losses is not None:
                 values.update(self._check(d_losses, step, "d_"))
-                self._update(self.disc_opt, self.disc_params, d_losses["loss"], step, 0.0, "d_loss")
+                self._update(self.disc_opt, self.disc_scaler, self.disc_params, d_losses["loss"], step, 0.0,
+                             "d_loss")
         with frozen(self.disc_params):
-            g_losses = self.method.generator_losses(self.student, batch, self.step)
+            with self.autocast():
+                g_losses = self.method.generator_losses(self.student, batch, self.step)
             values.update(self._check(g_losses, step))
-            values["grad_norm"] = self._update(self.opt, self.params, g_losses["loss"], step, tc.grad_clip, "loss")
+            values["grad_norm"] = self._update(self.opt, self.scaler, self.params, g_losses["loss"], step,
+                                               tc.grad_clip, "loss")
         self.method.after_step(self.student, self.step)
         self.ema.update(self.student)
         self.step = step
@@ -224,10 +276,13 @@ class Trainer:
         """Steps until `boundary` steps are done; logs every train.log_every steps; returns the last losses."""
         last: dict[str, float] = {}
         while self.step < boundary:
-            t0, w0, s0 = time.perf_counter(), self.data.wait_seconds, self.data.teacher_seconds
+            t0, w0, s0 = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds
             last = self.train_step()
+            if self.on_step is not None:
+                self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
-                self.log({"step": self.step, **last, "data_wait_s": self.data.wait_seconds - w0,
+                self.log({"step": self.step, **last, "lr": self.opt.param_groups[0]["lr"],
+                          "data_wait_s": self.batches.wait_seconds - w0,
                           "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
         return last
 
@@ -238,6 +293,8 @@ class Trainer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(row)
 
     def trim_log(self) -> None:
         """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone)."""

@@ -47,7 +47,10 @@ class TeacherConfig(Section):
     kind: Literal["embedded", "sd3", "byo"] = "embedded"
     path: str | None = None             # sd3: local diffusers pipeline dir (from_pretrained, offline)
     factory: str | None = None          # byo: "module:function" returning a Teacher
+    describe: str | None = None         # byo: "module:function" returning its TeacherLayout without building it
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Precision every teacher call runs in (docs/precision.md); inputs are cast to it, outputs back to float32.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
     seed: int = 0
 
@@ -57,6 +60,10 @@ class TeacherConfig(Section):
             raise ValueError("teacher.path is required when teacher.kind is 'sd3'")
         if self.kind == "byo" and (not self.factory or ":" not in self.factory):
             raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
+        if "dtype" in self.kwargs:
+            raise ValueError("teacher.kwargs.dtype is now teacher.dtype (float32 | bfloat16 | float16)")
+        if self.describe is not None and ":" not in self.describe:
+            raise ValueError("teacher.describe must be 'module:function'")
         return self
 
 
@@ -74,8 +81,14 @@ class ScheduleConfig(Section):
         return self
 
 
+StoreDtype = Literal["float32", "float16", "bfloat16"]
+
+
 class GenerateConfig(Section):
-    prompts: str | None = None          # text file, one prompt a line; None = the embedded digit prompts
+    prompts: str | None = None          # .txt / .jsonl / .csv / .parquet / saved HF dataset dir; None = digit prompts
+    prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
+    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded), float16 (sd3)
+    compressor: Literal["none", "zstd", "blosc"] = "none"
     samples_per_prompt: int = 64
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
     shard_size: int = 64                # samples per unit = per Zarr shard
@@ -87,9 +100,20 @@ class GenerateConfig(Section):
     max_retries: int = 2
 
 
+class DataConfig(Section):
+    """Real images with captions for `flowsteer encode` (latents via the teacher's encode_images)."""
+    images: str | None = None           # image folder (+ .txt caption per image), .parquet, .jsonl or HF dataset dir;
+                                        # None = the 4000 training MNIST digits (embedded teacher) or no real set
+    image_column: str | None = None     # table column with an image path or bytes; None = first of image, image_path, path
+    caption_column: str | None = None   # None = first of caption, prompt, text
+    limit: int | None = Field(None, ge=1)   # encode only the first N images
+    shard_size: int = Field(256, ge=1)  # images per unit = per Zarr shard
+    batch_size: int = Field(32, ge=1)   # images per encode_images call
+
+
 class AdversarialConfig(Section):
     disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = 0.1             # unknown in the paper: a choice, see METHODS.md
+    lambda_adv: float = 0.1             # unknown in the paper: a choice, see docs/methods.md
     lambda_fm: float = 0.0
     disc_lr: float = 2e-4
     window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
@@ -100,8 +124,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    method: str                         # the method it trains (perflow, ota, flowsteer, scflow, ayf-emd)
+    options: dict[str, Any] = Field(default_factory=dict)   # its options (as in train.method_options)
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,11 @@ class TrainConfig(Section):
     log_every: int = 10
     workers: int = 1                    # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     lora_rank: int = 0                  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
+    tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -176,22 +204,44 @@ class RunConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_store_dtype(cls, data: Any) -> Any:
+        """generate.store_dtype defaults by teacher: float32 for the tiny embedded one, float16 for sd3."""
+        if isinstance(data, dict):
+            gen = data.get("generate")
+            gen = dict(gen.model_dump() if isinstance(gen, BaseModel) else gen or {})
+            if gen.get("store_dtype") is None:
+                teacher = data.get("teacher") or {}
+                kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
+                gen["store_dtype"] = "float16" if kind == "sd3" else "float32"
+                data = {**data, "generate": gen}
+        return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
     # so changing the learning rate keeps cached trajectories and changing the teacher does not.
     def fingerprint(self, stage: str, run: TrainRun | None = None) -> str:
         parts: dict[str, Any] = {"teacher": self.teacher.model_dump(mode="json")}
+        if stage == "teacher":            # the embedded teacher trains in float32 whatever dtype it later runs in
+            parts["teacher"].pop("dtype")
         if stage in ("generate", "train", "evaluate"):
             parts["schedule"] = self.schedule.model_dump(mode="json")
+        if stage in ("generate", "train", "encode"):
+            parts["device"] = self.device.split(":")[0]      # cpu and cuda numerics differ; the GPU index does not
+        if stage == "encode":
+            parts["data"] = self.data.model_dump(mode="json")
+            parts["store"] = {k: getattr(self.generate, k) for k in ("store_dtype", "compressor")}
         if stage in ("generate", "train"):
             parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store"):
+                      "store", "prefetch", "tensorboard"):
                 tr.pop(k)
             parts["train"] = tr
             if run is None:

@@ -99,10 +99,18 @@ def _prepare(cfg: RunConfig | None, job: Job, names: list[str]) -> None:
 
 
 def after(cfg: RunConfig, methods=None) -> str:
-    """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet."""
+    """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet, then
+    put each evaluated student's scores into its export's model card (export/README.md)."""
+    from pipeline.metrics.tables import checkpoint_scores
+    from pipeline.model_card import refresh_model_card
+
     root = cfg.stage_dir("evaluate")
     table = scores.gather(root)
     atomic_write_parquet(root / "scores.parquet", table)
+    for run in cfg.train_runs(list(methods) if methods else None):
+        export = cfg.train_dir(run) / "export"
+        if (export / "flowsteer.json").is_file():
+            refresh_model_card(export, cfg, checkpoint_scores(cfg, run))
     return f"evaluate: {table.num_rows} score rows -> {root / 'scores.parquet'}"
 
 

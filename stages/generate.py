@@ -4,12 +4,17 @@ Plan: sample i has prompt i % P, seed sample_seeds(generate.seed)[i] and w ~ U[g
 seed; units are shards of `generate.shard_size` consecutive samples. Everything a unit writes depends only
 on the config and its shard (batches are cut inside the shard, torch threads = cpus_per_worker), so local,
 Ray, any worker count and kill-and-resume all give bit-identical stores.
+
+The driver never builds the teacher: it plans from the prompt count, copies the prompts beside the store
+and creates the arrays from the teacher's layout (`describe_teacher`, config files only). Each unit
+encodes its own shard's prompts on its worker's device and writes those conditions with its states
+(docs/store.md: why conditions are stored per sample row).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +24,15 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet
-from pipeline.runner import Job, Unit, drop_record, read_record
-from pipeline.store import (STORE_NAME, TrajectoryStore, generate_prompts, guidance_for, noise_for, sample_seeds,
-                            shard_key, store_meta)
+from pipeline.runner import Job, Unit, drop_record, read_record, torch_threads
+from pipeline.store import (PROMPTS_FILE, STORE_NAME, TrajectoryStore, guidance_for, noise_for, prompt_summary,
+                            sample_seeds, shard_key, store_meta)
+from pipeline.typed_arrays import round_trip
 
 
 def plan_samples(cfg) -> dict[str, np.ndarray]:
     """The per-sample plan: sample, prompt_index, seed, guidance (deterministic from the config)."""
-    n_prompts = len(generate_prompts(cfg))
+    n_prompts, _ = prompt_summary(cfg)
     S = n_prompts * cfg.generate.samples_per_prompt
     seeds = sample_seeds(cfg.generate.seed, S)
     lo, hi = cfg.generate.guidance
@@ -35,13 +41,13 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
 
 
 def jobs(cfg, **_) -> list[Job]:
-    """One job: a unit per shard. Cheap (reads the prompt list only); the teacher loads in workers."""
+    """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
     if cfg.generate.samples_per_prompt < 1 or cfg.generate.shard_size < 1 or cfg.generate.batch_size < 1:
         raise UserError("generate.samples_per_prompt, shard_size and batch_size must all be >= 1")
     # Absolute paths: Ray actors (maybe on other nodes, other working dirs) resolve the same files.
     cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
     out_dir = cfg.stage_dir("generate")
-    S = len(generate_prompts(cfg)) * cfg.generate.samples_per_prompt
+    S = prompt_summary(cfg)[0] * cfg.generate.samples_per_prompt
     shard = min(cfg.generate.shard_size, S)
     units = [Unit(shard_key(j), {"shard": j, "start": lo, "stop": min(lo + shard, S)}, min(lo + shard, S) - lo)
              for j, lo in enumerate(range(0, S, shard))]
@@ -54,7 +60,8 @@ def jobs(cfg, **_) -> list[Job]:
 
 
 def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
-    """Driver side, before any unit: create the store (plan + prompt embeddings) or check the existing one."""
+    """Driver side, before any unit: create the store (plan, prompts copy, empty arrays) or check the existing
+    one. Needs no model: shapes come from the teacher's layout."""
     path = out_dir / STORE_NAME
     plan = plan_samples(cfg)
     _write_sample_table(out_dir, plan)
@@ -63,35 +70,33 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str]) -> None:
         return
     for key in keys:                                                 # a rebuilt store has no finished shards
         drop_record(out_dir, key)
-    from pipeline.teachers import load_teacher
+    from pipeline.teachers import describe_teacher
 
-    prompts = generate_prompts(cfg)
-    teacher = load_teacher(cfg, _driver_device(cfg.device))
-    with torch.no_grad():
-        cond, null = teacher.encode(prompts), teacher.encode([""])
-    TrajectoryStore.create(path, meta, prompts, teacher.sample_shape, cfg.generate.shard_size,
-                           cfg.schedule.teacher_steps, cfg.schedule.windows, plan, cond, null,
-                           cfg.generate.record_every_step)
+    layout = describe_teacher(cfg)
+    n_prompts = _copy_prompts(cfg, out_dir / PROMPTS_FILE)
+    g = cfg.generate
+    TrajectoryStore.create(path, meta, n_prompts, layout.sample_shape, g.shard_size, cfg.schedule.teacher_steps,
+                           cfg.schedule.windows, plan, record_every_step=g.record_every_step,
+                           store_dtype=g.store_dtype, compressor=g.compressor, cond_shapes=layout.cond_shapes)
 
 
-def _driver_device(name: str) -> str:
-    # The driver may sit on a CPU-only head node; prompt encoding is cheap there.
-    return name if not name.startswith("cuda") or torch.cuda.is_available() else "cpu"
+def _copy_prompts(cfg, dest: Path) -> int:
+    """The prompt rows into prompts.parquet beside the store, streamed and checked; returns their count."""
+    if cfg.generate.prompts is None:
+        import pyarrow as pa
+
+        from pipeline.digits import DIGIT_PROMPTS
+
+        atomic_write_parquet(dest, pa.table({"text": pa.array(DIGIT_PROMPTS, pa.string())}))
+        return len(DIGIT_PROMPTS)
+    from pipeline.datasets import copy_text_column
+
+    rows, _ = copy_text_column(cfg.generate.prompts, dest, cfg.generate.prompt_column)
+    return rows
 
 
 def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
     atomic_write_parquet(out_dir / "samples.parquet", pa.table(plan))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """CPU results can depend on the thread count: pin it per unit, the same under every executor."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 class GenerateWorker:
@@ -105,15 +110,31 @@ class GenerateWorker:
         self.threads = cfg.generate.cpus_per_worker
         with torch_threads(self.threads):
             self.teacher = load_teacher(cfg)
-        self.dtype = getattr(self.teacher, "dtype", torch.float32)
         self.store = TrajectoryStore.open(cfg.stage_dir("generate") / STORE_NAME, meta, mode="r+",
                                           check_complete=False)
+        self.teacher_seconds = 0.0
         self.grid = fixed_sigmas(cfg.schedule.teacher_steps, cfg.schedule.shift)
         self.per_window = cfg.schedule.teacher_steps // cfg.schedule.windows
 
     def velocity(self, x, sigma, cond):
-        """The teacher in its own dtype (bf16 on GPU); the ODE state stays float32."""
-        return self.teacher.velocity(x.to(self.dtype), sigma, cond).float()
+        """The teacher (float32 in and out: load_teacher casts to teacher.dtype itself), timed."""
+        t0 = time.perf_counter()
+        v = self.teacher.velocity(x, sigma, cond)
+        self.teacher_seconds += time.perf_counter() - t0
+        return v
+
+    def encode_shard(self, lo: int, hi: int) -> tuple[dict, dict]:
+        """The shard's rows' prompt conditions and the "" condition, as the store will hold them (float32):
+        each distinct prompt of the shard is encoded once, here, on this worker's device."""
+        st = self.store
+        p = st.prompt_index[lo:hi]
+        uniq, inv = np.unique(p, return_inverse=True)
+        with torch.no_grad():
+            enc = self.teacher.encode(st.prompts.take(uniq))
+            null = self.teacher.encode([""])
+        kind = st.store_dtype
+        cond = {k: round_trip(v, kind)[torch.as_tensor(inv.reshape(-1))] for k, v in enc.items()}
+        return cond, {k: round_trip(v[:1], kind) for k, v in null.items()}
 
     def run(self, unit: Unit) -> dict[str, Any]:
         from pipeline.sampling import sample
@@ -123,13 +144,17 @@ class GenerateWorker:
         dev = self.teacher.device
         states = np.empty((hi - lo, *st.states.shape[1:]), dtype=np.float32)
         steps = np.empty((hi - lo, *st.steps.shape[1:]), dtype=np.float32) if st.steps is not None else None
+        self.teacher_seconds, t0 = 0.0, time.perf_counter()
         with torch_threads(self.threads):
+            shard_cond, shard_null = self.encode_shard(lo, hi)
+            encode_seconds = time.perf_counter() - t0
             for b in range(lo, hi, self.cfg.generate.batch_size):
                 rows = slice(b - lo, min(b + self.cfg.generate.batch_size, hi) - lo)
                 n = rows.stop - rows.start
                 noise = noise_for(st.seed[b:b + n], st.sample_shape).to(dev)
-                cond = {k: v.to(dev, self.dtype) for k, v in st.cond(st.prompt_index[b:b + n]).items()}
-                null = {k: v.to(dev, self.dtype) for k, v in st.null_cond(n).items()}
+                # float32 states and conditions: the teacher casts to teacher.dtype itself (load_teacher)
+                cond = {k: v[rows].to(dev) for k, v in shard_cond.items()}
+                null = {k: v.expand(n, *v.shape[1:]).to(dev) for k, v in shard_null.items()}
                 w = torch.from_numpy(st.guidance[b:b + n]).to(dev)
 
                 def record(i, x, sigma, v, rows=rows):
@@ -139,8 +164,12 @@ class GenerateWorker:
                         steps[rows, i] = x.float().cpu().numpy()
 
                 sample(self.velocity, noise, self.grid, cond, null, w, record)
-        digest = st.write_shard(unit.params["shard"], states, steps)
-        return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid()}
+        t1 = time.perf_counter()
+        shard = unit.params["shard"]
+        digest = st.write_shard(shard, states, steps, shard_cond, shard_null if shard == 0 else None)
+        return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid(),
+                "encode_seconds": round(encode_seconds, 4), "teacher_seconds": round(self.teacher_seconds, 4),
+                "write_seconds": round(time.perf_counter() - t1, 4)}
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:

@@ -5,8 +5,12 @@ a method or a `train.variants` entry, times `train.seeds`); every run reads the 
 Units of `cfg.train_dir(run)` = `<root>/train/<name>-s<seed>-<fp>/`: `steps-000100`, `steps-000200`, ... (each trains up to its step
 boundary and commits ONE checkpoint file before its record), then `export` (the EMA student as a diffusers
 dir in `export/`). Every start resumes from the latest committed checkpoint, so a killed run loses at most
-the steps since it. Losses go to `losses.jsonl`. With `train.workers > 1` a segment runs on Ray Train's
+the steps since it. Losses go to `losses.jsonl` and, with `train.tensorboard`, to TensorBoard in `tb/`
+(plus a 1/4-NFE sample grid at each checkpoint). With `train.workers > 1` a segment runs on Ray Train's
 TorchTrainer (N ranks, gradients averaged, gloo on CPU); otherwise in the unit's own process.
+
+The teacher is loaded once per process and shared by every method's jobs of one invocation
+(`SharedTeacher`); run locally, each method shows its own per-step progress bar.
 """
 from __future__ import annotations
 
@@ -43,20 +47,46 @@ def open_store(cfg):
     return store
 
 
-def build_trainer(cfg, run, out_dir: Path, device=None, rank: int = 0, world: int = 1):
-    """A Trainer at the latest committed checkpoint of `out_dir` (or at step 0)."""
+class SharedTeacher:
+    """The teacher, loaded on first use and kept for every method trained by this invocation in this process.
+    Pickled (to a Ray actor) it travels without the network, and the actor loads its own once."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._loaded: dict[str, Any] = {}        # device -> teacher
+
+    def get(self, device):
+        from pipeline.teachers import load_teacher
+
+        key = str(device)
+        if key not in self._loaded:
+            self._loaded[key] = load_teacher(self.cfg, device)
+        return self._loaded[key]
+
+    def __getstate__(self):
+        return {"cfg": self.cfg, "_loaded": {}}
+
+
+def build_trainer(cfg, run, out_dir: Path, device=None, rank: int = 0, world: int = 1,
+                  teacher: SharedTeacher | None = None):
+    """A Trainer at the latest committed checkpoint of `out_dir` (or at step 0), logging to TensorBoard on rank 0
+    when `train.tensorboard` is on."""
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.teachers import load_teacher, resolve_device
+    from pipeline.teachers import resolve_device
     from pipeline.trainer import Trainer
 
     dev = resolve_device(str(device or cfg.device))
-    trainer = Trainer(cfg, run, load_teacher(cfg, dev), open_store(cfg), dev, rank, world,
+    trainer = Trainer(cfg, run, (teacher or SharedTeacher(cfg)).get(dev), open_store(cfg), dev, rank, world,
                       log_path=Path(out_dir) / LOSSES)
     state = load_checkpoint(out_dir)
     if state is not None:
         trainer.load_state_dict(state)
     else:
         trainer.trim_log()
+    if rank == 0 and cfg.train.tensorboard:
+        from pipeline.tensorboard import TensorBoardLogger, tb_dir
+
+        trainer.tensorboard = TensorBoardLogger(tb_dir(out_dir), resume_step=trainer.step)
     return trainer
 
 
@@ -72,24 +102,51 @@ def train_segment(trainer, out_dir: Path, until: int) -> dict[str, Any]:
     state = trainer.state_dict()          # collective under several ranks: every rank calls it
     if trainer.rank == 0:
         save_checkpoint(out_dir, trainer.step, state)
+        if trainer.tensorboard is not None:
+            from pipeline.tensorboard import sample_grid
+
+            sample_grid(trainer.tensorboard, trainer, trainer.step)
     return {"step": trainer.step, **{k: round(v, 6) for k, v in last.items()}}
 
 
 class TrainWorker:
     """Runs one training run's units in order, keeping the trainer in memory between consecutive segments."""
 
-    def __init__(self, cfg, run, out_dir: str):
+    def __init__(self, cfg, run, out_dir: str, teacher: SharedTeacher | None = None, progress: bool = True):
         self.cfg, self.train_run, self.out_dir = cfg, run, Path(out_dir)
+        self.teacher = teacher or SharedTeacher(cfg)
+        self.progress = progress
         self.trainer = None
+        self.bar = None
 
     def _trainer(self):
         from pipeline.checkpoint import latest_step
 
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
         if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
-            self.trainer = None
-            self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir)
+            self._drop_trainer()
+            self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir, teacher=self.teacher)
+            self.trainer.on_step = self._on_step if self.progress else None
         return self.trainer
+
+    def _drop_trainer(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()          # its prefetch thread
+            if self.trainer.tensorboard is not None:
+                self.trainer.tensorboard.close()
+        self.trainer = None
+
+    def _on_step(self, step: int, values: dict[str, float]) -> None:
+        """One bar per method, moved every step, with the last loss (tqdm adds s/step)."""
+        from tqdm.auto import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.cfg.train.steps, initial=step - 1, desc=f"train {self.train_run.label}",
+                            unit="step", dynamic_ncols=True)
+        self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4g}", refresh=False)
+        self.bar.update(1)
+        if step >= self.cfg.train.steps:
+            self.bar.close()
 
     def run(self, unit: Unit) -> dict[str, Any]:
         if unit.params["kind"] == "export":
@@ -103,7 +160,7 @@ class TrainWorker:
         try:
             return train_segment(trainer, self.out_dir, until)
         except BaseException:
-            self.trainer = None           # uncommitted steps: the next unit reloads the checkpoint
+            self._drop_trainer()          # uncommitted steps: the next unit reloads the checkpoint
             raise
 
     def _export(self) -> dict[str, Any]:
@@ -114,6 +171,7 @@ class TrainWorker:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
         path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
                               trainer.data.teacher.sample_shape)
+        self._drop_trainer()              # the method is finished: free its student and close its event file
         return {"export": str(path), "step": trainer.step}
 
 
@@ -127,8 +185,11 @@ def _ray_train_loop(config: dict) -> None:
     cfg, out_dir = config["cfg"], Path(config["out_dir"])
     device = cfg.device if not cfg.device.startswith("cuda") else f"cuda:{ctx.get_local_rank()}"
     trainer = build_trainer(cfg, config["run"], out_dir, device, rank, world)
-    if trainer.step < config["until"]:
-        train_segment(trainer, out_dir, config["until"])
+    try:
+        if trainer.step < config["until"]:
+            train_segment(trainer, out_dir, config["until"])
+    finally:
+        trainer.close()
 
 
 def train_distributed(cfg, run, out_dir: Path, until: int) -> dict[str, Any]:
@@ -170,7 +231,7 @@ def runs(cfg, methods=None):
     for name in names:
         method = cfg.train.variants[name].method if name in cfg.train.variants else name
         try:
-            get_method(method)
+            get_method(method).check_config(cfg, cfg.train_runs([name])[0].options)
         except KeyError:
             where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
             raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
@@ -180,6 +241,7 @@ def runs(cfg, methods=None):
 
 def jobs(cfg, methods=None) -> list[Job]:
     out = []
+    teacher = SharedTeacher(cfg)          # one teacher load for every run of this invocation (per process)
     for run in runs(cfg, methods):
         out_dir = cfg.train_dir(run)
         bounds = segment_boundaries(cfg.train.steps, cfg.train.checkpoint_every)
@@ -188,8 +250,9 @@ def jobs(cfg, methods=None) -> list[Job]:
         units.append(Unit("export", {"kind": "export"}, size=1))
         distributed = cfg.train.workers > 1
         out.append(Job(stage="train", out_dir=out_dir, units=units,
-                       make_worker=functools.partial(TrainWorker, cfg, run, str(out_dir)),
+                       make_worker=functools.partial(TrainWorker, cfg, run, str(out_dir), teacher),
                        prepare=functools.partial(_check_store, cfg), sequential=True, item_name="steps",
+                       own_progress=not distributed,
                        # the Ray Train workers hold the CPUs; the unit's actor only orchestrates them
                        num_cpus=0 if distributed else 1,
                        num_gpus=0 if distributed else (1 if cfg.device.startswith("cuda") else 0)))
@@ -204,7 +267,12 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     if not is_done(job.out_dir, unit.key):
         return None
     if unit.params["kind"] == "export":
-        missing = [p for p in ("transformer", "scheduler", "flowsteer.json") if not (job.out_dir / "export" / p).exists()]
+        import json
+
+        export = job.out_dir / "export"
+        meta = json.loads((export / "flowsteer.json").read_text()) if (export / "flowsteer.json").is_file() else {}
+        needed = ("flowsteer.json", meta.get("network", "transformer"), "scheduler", "README.md")
+        missing = [p for p in needed if not (export / p).exists()]
         return f"export is missing {', '.join(missing)}" if missing else None
     if latest_step(job.out_dir) < unit.params["until"]:
         return f"no committed checkpoint at step {unit.params['until']}"
@@ -223,4 +291,6 @@ def after(cfg, methods=None) -> str | None:
         last = json.loads(rows[-1]) if rows else {}
         loss = f", loss {last['loss']:.4g} at step {last['step']}" if "loss" in last else ""
         lines.append(f"train: {run.label}: export {out_dir / 'export'}{loss}")
+    if lines and cfg.train.tensorboard:
+        lines.append(f"train: curves and sample grids: tensorboard --logdir {Path(cfg.root) / 'train'}")
     return "\n".join(lines) or None

@@ -46,7 +46,9 @@ def toy_sections(tmp_path) -> dict:
         "teacher": {"kind": "byo", "factory": "pipeline.teachers.toy:make_toy_teacher", "kwargs": {}},
         "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
         "generate": {"prompts": str(prompts), "samples_per_prompt": 2, "shard_size": 4, "batch_size": 4},
-        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        # the toy teacher has no real images: PeRFlow reflows on its samples (docs/precision.md)
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+                  "method_options": {"perflow": {"x0": "teacher_samples"}}},
         "evaluate": {"n_samples": 8, "nfes": [1, 2, 4], "teacher_nfe": 8, "batch_size": 8},
     }
 

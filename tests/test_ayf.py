@@ -165,7 +165,7 @@ def test_save_load_round_trip_and_chained_sampler(toy, tmp_path):
     one = torch.ones(3)
     with torch.no_grad():
         assert torch.allclose(loaded.sample(noise, cond, 1), flow_map(student, noise, one, 0 * one, cond), atol=1e-5)
-    (tmp_path / "export" / "transformer" / ayf.GAP_FILE).unlink()
+    (tmp_path / "export" / "flow_map" / ayf.GAP_FILE).unlink()       # not a drop-in: no transformer/
     with pytest.raises(UserError, match="not an ayf-emd"):
         load_student(tmp_path / "export")
 

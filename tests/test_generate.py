@@ -295,7 +295,7 @@ def test_embedded_default_prompts_and_conditions(embedded_tiny):
     _, cfg = embedded_tiny
     generate(cfg)
     store = TrajectoryStore.open(generated_store_path(cfg), store_meta(cfg))
-    assert store.prompts == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
+    assert list(store.prompts) == DIGIT_PROMPTS and store.states.shape[1:] == (cfg.schedule.windows + 1, 1, 32, 32)
     enc = load_teacher(cfg).encode(DIGIT_PROMPTS)
     got = store.cond(np.arange(10))
     assert all(torch.equal(got[k], enc[k].float()) for k in enc)
@@ -311,3 +311,78 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     types = cluster["available_node_types"]
     assert cluster["head_node_type"] in types and any("g5" in t["node_config"]["InstanceType"] for t in types.values())
     assert any("pip install" in c and "-e ." in c for c in cluster["setup_commands"])
+
+
+# ---------------------------------------------------------------- workers encode; typed stores
+RECORDING = "test_generate:make_recording_toy_teacher"
+TOY_DESCRIBE = "pipeline.teachers.toy:describe_toy_teacher"
+
+
+def make_recording_toy_teacher(device="cpu", log_dir: str = "", **kw):
+    """The toy teacher, leaving a file named after the pid of every process that builds it."""
+    from pipeline.teachers.toy import make_toy_teacher
+
+    Path(log_dir, str(os.getpid())).touch()
+    return make_toy_teacher(device=device, **kw)
+
+
+@pytest.mark.timeout(300)
+def test_ray_driver_never_builds_the_teacher(make_toy_config, ray_local, tmp_path):
+    """generate --executor ray: the driver plans and creates the store from the teacher's layout; the teacher
+    is built only in the workers, which encode their own shards' prompts (float16 store = local run)."""
+    log = tmp_path / "built"
+    log.mkdir()
+    ray_cfg = gen_config(make_toy_config, "ray.yaml", store_dtype="float16")
+    ray_cfg = load_config(make_toy_config("ray.yaml", teacher={"kind": "byo", "factory": RECORDING,
+                                                              "describe": TOY_DESCRIBE, "kwargs": {"log_dir": str(log)}},
+                                          generate={"samples_per_prompt": 2, "shard_size": 2, "batch_size": 2,
+                                                    "store_dtype": "float16"}))
+    job, st = generate(ray_cfg, "ray", workers=2)
+    builders = {int(p.name) for p in log.iterdir()}
+    workers = {read_record(job.out_dir, u.key)["worker_pid"] for u in job.units}
+    assert st["done"] == 3 and os.getpid() not in builders and os.getpid() not in workers
+    assert workers <= builders
+    store = TrajectoryStore.open(generated_store_path(ray_cfg))
+    assert str(store.states.dtype) == "float16" and str(store.group["prompt_embeds"].dtype) == "float16"
+    ref = gen_config(make_toy_config, "ref.yaml", store_dtype="float16")
+    generate(ref)
+    assert np.array_equal(np.asarray(store.states[:]), np.asarray(TrajectoryStore.open(generated_store_path(ref)).states[:]))
+    assert np.array_equal(np.asarray(store.group["prompt_embeds"][:]),
+                          np.asarray(TrajectoryStore.open(generated_store_path(ref)).group["prompt_embeds"][:]))
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_typed_store_resumes_bit_identical_and_verifies(make_toy_config, store_dtype):
+    """Half the shards, then a fresh worker finishes: the same bytes as one unbroken run; readers get float32
+    values equal to the float32 store's rounded to the store dtype."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.runner import execute_unit
+    from stages.generate import jobs
+
+    whole = gen_config(make_toy_config, "whole.yaml", store_dtype=store_dtype)
+    generate(whole)
+    path = make_toy_config("parts.yaml", root=str(Path(whole.root).parent / "other"),
+                           generate={"samples_per_prompt": 2, "shard_size": 2, "batch_size": 2,
+                                     "store_dtype": store_dtype})
+    parts = load_config(path)
+    [job] = jobs(parts)
+    job.prepare()
+    worker = job.make_worker()
+    execute_unit(worker, job.out_dir, job.units[1])            # one shard, then this "process" is gone
+    job2, st = generate(parts)
+    assert (st["done"], st["skipped"]) == (3, 1)
+    a, b = TrajectoryStore.open(generated_store_path(whole)), TrajectoryStore.open(generated_store_path(parts))
+    for name in ("states", "prompt_embeds", "pooled_embeds", "null_prompt_embeds"):
+        assert np.array_equal(np.asarray(a.group[name][:]), np.asarray(b.group[name][:])), name
+    res = CliRunner().invoke(app, ["status", "--verify", "--config", str(path)])
+    assert "corrupt" not in res.output and res.exit_code == 0
+    f32 = gen_config(make_toy_config, "f32.yaml")
+    generate(f32)
+    exact = TrajectoryStore.open(generated_store_path(f32))
+    z0, z1 = b.segments([0, 5], [0, 3])
+    e0, e1 = exact.segments([0, 5], [0, 3])
+    assert z1.dtype == np.float32 and np.allclose(z1, e1, atol=0.05, rtol=0.02) and not np.array_equal(z1, e1)
+    c = b.cond([1])["encoder_hidden_states"]
+    assert c.dtype == torch.float32 and torch.allclose(c, exact.cond([1])["encoder_hidden_states"], atol=0.02)

@@ -85,6 +85,10 @@ def test_a_registered_metric_reaches_evaluate_rows_and_the_report(make_toy_confi
                                                            noise_seeds(0, 12)))
     assert value["teacher", 4] == pytest.approx(float(teacher_images.mean()), rel=1e-6)
 
+    card = (cfg.train_dir(cfg.train_runs(["ota"])[0]) / "export" / "README.md").read_text()   # model card
+    assert "| schedule | NFE | FID (lower is better) | Trajectory fidelity (MSE) (lower is better) | " \
+           "Mean brightness (higher is better) |" in card and "| fixed | 2 | " in card
+
     [run_job(job, "local", progress=False) for job in report.jobs(cfg, methods=["ota"])]
     md = open(cfg.root + "/report/report.md").read()
     assert "### Mean brightness (higher is better)" in md

@@ -109,9 +109,19 @@ def test_user_errors_are_one_line(toy_config, tmp_path, args, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_byo_teacher_needs_prompts(toy_config, tmp_path):
+def test_byo_teacher_without_a_prompt_file_needs_prompts(make_toy_config, tmp_path):
     with pytest.raises(UserError, match="--prompt"):
-        sample_grid(load_config(toy_config), out=tmp_path / "x.png")
+        sample_grid(load_config(make_toy_config(generate={"prompts": None})), out=tmp_path / "x.png")
+
+
+def test_no_prompt_defaults_to_the_runs_prompt_file(toy_config, tmp_path):
+    """`flowsteer sample` with no --prompt on a run with generate.prompts: one row per prompt of that file."""
+    res = run_cli("-c", toy_config, "--per-prompt", 2, "-n", 2, "-o", tmp_path / "run.png")
+    assert res.exit_code == 0, res.output
+    explicit = run_cli("-c", toy_config, *[a for p in TOY_PROMPTS for a in ("-p", p)], "--per-prompt", 2, "-n", 2,
+                       "-o", tmp_path / "explicit.png")
+    assert explicit.exit_code == 0, explicit.output
+    assert torch.equal(tiles(tmp_path / "run.png", len(TOY_PROMPTS), 2), tiles(tmp_path / "explicit.png", len(TOY_PROMPTS), 2))
 
 
 def test_embedded_teacher_defaults_to_digit_prompts(embedded_tiny, tmp_path):

@@ -52,15 +52,17 @@ def losses(cfg, method):
     return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
 
 
-@pytest.mark.parametrize("method", ["perflow", "flowsteer"])
-def test_resume_is_exact(toy_store, monkeypatch, method):
-    """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run."""
+@pytest.mark.parametrize("method,train", [("perflow", {}), ("flowsteer", {}),
+                                          ("ota", {"mixed_precision": "bf16", "prefetch": 2})])
+def test_resume_is_exact(toy_store, monkeypatch, method, train):
+    """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run
+    (also with bf16 autocast and batches drawn two steps ahead: the pending ones are redrawn on resume)."""
     from pipeline.trainer import Trainer
 
-    whole = config_at(toy_store, f"whole-{method}")
+    whole = config_at(toy_store, f"whole-{method}", **train)
     run_job(train_job(whole, method), progress=False)
 
-    cut = config_at(toy_store, f"cut-{method}")
+    cut = config_at(toy_store, f"cut-{method}", **train)
     job = train_job(cut, method)
     run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)     # steps 1, 2 committed
     original = Trainer.train_step

@@ -1,7 +1,7 @@
 """Align Your Flow, Eulerian map distillation (AYF-EMD; Sabour et al. 2025) on flowsteer's trajectories.
 
 A flow-map student f(x, t, s) = x + (s - t) F(x, t, s) jumps from time t straight to any s < t; s = 0 is a
-consistency model, s -> t is flow matching (F(x, t, t) = v). Per step (METHODS.md, AYF):
+consistency model, s -> t is flow matching (F(x, t, t) = v). Per step (docs/methods.md, Align Your Flow):
   v = lam T(x_t, t) + (1 - lam) T_weak(x_t, t), lam ~ U[1, 3]      autoguidance from the weak teacher
   (Fm, dF/dt) = jvp(F, (x_t, t, s), (v, 1, 0))                     no grad: total derivative along the ODE
   g = (Fm - v) + r (t - s) dF/dt,  r = min(0.99, step / warmup)    tangent warm-up
@@ -139,12 +139,16 @@ class AlignYourFlow(Method):
     def make_student(self, teacher_transformer):
         import copy
 
-        return FlowMapTransformer(copy.deepcopy(teacher_transformer)).train().requires_grad_(True)
+        return FlowMapTransformer(copy.deepcopy(teacher_transformer).float()).train().requires_grad_(True)
 
     @staticmethod
     def velocity(student, x, sigma, cond, s=None, **extra):
         """F(x, t, s); with s omitted, F(x, t, t): the instantaneous velocity (the s -> t limit)."""
         return student(x, sigma, sigma if s is None else s, cond)
+
+    # Not a drop-in: StableDiffusion3Pipeline would load the transformer without the gap embedding (it never
+    # passes s) and run Euler, which is neither F(x, t, t) nor the flow map; its samples differ silently.
+    drop_in = False
 
     @classmethod
     def save_student(cls, student, directory):

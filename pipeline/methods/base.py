@@ -48,12 +48,28 @@ class Method:
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
 
+    @classmethod
+    def check_config(cls, cfg, options: dict[str, Any]) -> None:
+        """Refuse, with one UserError line, a config this method cannot train (called before anything runs)."""
+
+    @classmethod
+    def x0_source(cls, cfg, options: dict[str, Any]) -> str | None:
+        """Where the method's clean samples x0 come from ("digits", "latents", "teacher_samples"; None: it uses
+        none); written into the export's flowsteer.json so the report can label the row."""
+        return None
+
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
-        """The trainable student, initialised from the teacher (a deep copy by default)."""
+        """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights
+        even for a bf16 teacher, docs/precision.md)."""
         import copy
 
-        return copy.deepcopy(teacher_transformer).train().requires_grad_(True)
+        return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
+
+    # True when the saved student is a plain SD3Transformer2DModel that StableDiffusion3Pipeline runs as
+    # trained (Euler on the fixed grid). False: the export puts it under `flow_map/`, not `transformer/`,
+    # so a plain-diffusers load fails loudly instead of silently dropping what the pipeline cannot feed.
+    drop_in: ClassVar[bool] = True
 
     @classmethod
     def save_student(cls, student: torch.nn.Module, directory) -> None:

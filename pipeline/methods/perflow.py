@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.data import has_real_data
+from pipeline.errors import UserError
 from pipeline.methods.base import register
-from pipeline.methods.common import ChordMethod, rowwise
+from pipeline.methods.common import ChordMethod, parse_options, rowwise
+
+X0_SOURCES = ("real", "teacher_samples")
+DEFAULTS = {"x0": "real"}          # where x0 comes from (docs/precision.md)
 
 
 def uniform_windows(n: int, num_windows: int, generator: torch.Generator) -> torch.Tensor:
@@ -23,14 +28,38 @@ def uniform_windows(n: int, num_windows: int, generator: torch.Generator) -> tor
 @register
 class PeRFlow(ChordMethod):
     name = "perflow"
+    # x0 (docs/precision.md): real images, as PeRFlow trains: the MNIST digits (embedded teacher) or the
+    # run's latent store (data.images); `method_options.perflow.x0: teacher_samples` = the store's final
+    # samples instead, a different baseline ("reflow on teacher samples").
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.options = parse_options(self.name, ctx.options, DEFAULTS)
+
+    @classmethod
+    def check_config(cls, cfg, options) -> None:
+        x0 = parse_options(cls.name, options, DEFAULTS)["x0"]
+        if x0 not in X0_SOURCES:
+            raise UserError(f"train.method_options.{cls.name}.x0 must be one of {', '.join(X0_SOURCES)}, got {x0!r}")
+        if x0 == "real" and not has_real_data(cfg):
+            raise UserError(f"{cls.name} draws x0 from real images, and a {cfg.teacher.kind} teacher has none: set "
+                            f"data.images (then `flowsteer encode`), or train.method_options.{cls.name}.x0: "
+                            f"teacher_samples for reflow on teacher samples")
+
+    @classmethod
+    def x0_source(cls, cfg, options) -> str | None:
+        if parse_options(cls.name, options, DEFAULTS)["x0"] == "teacher_samples":
+            return "teacher_samples"
+        return "digits" if cfg.teacher.kind == "embedded" else "latents"
 
     @torch.no_grad()
     def batch(self, step: int) -> dict:
         """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window.
 
-        real() comes from the dataset for the embedded teacher, and from the store's final samples otherwise."""
+        x0 and its prompt: DataSource.real (digits or the run's latents), or DataSource.teacher_samples."""
         ctx = self.ctx
-        real = ctx.data.real(ctx.cfg.train.batch_size)
+        draw = ctx.data.teacher_samples if self.options["x0"] == "teacher_samples" else ctx.data.real
+        real = draw(ctx.cfg.train.batch_size)
         x0 = real["x0"].to(ctx.device)
         n = x0.shape[0]
         k = uniform_windows(n, self.num_windows, ctx.generator).to(ctx.device)

@@ -1,13 +1,14 @@
 """SCFlow: Self-Corrected Flow Distillation (Dao et al., AAAI 2025), on flowsteer's cached teacher trajectories.
 
-Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (METHODS.md, SCFlow):
+Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (docs/methods.md, SCFlow):
   z_m = z_t - dn v_T,  z_p = z_t + up v_T                 teacher Euler skips, CFG at the row's w, no grad
   tgt_m = f_ema(z_m, t - dn),  tgt_p = f_ema(z_p, t + up)  from the target EMA (decay 0.9) of the student
   tgt_m := z0 where t - dn < tau                           truncated consistency (ground truth at small t)
   L = PH(f(z_t,t), tgt_m) + 0.1[s>w_rf] L_rf + 0.1[s>w_gan] L_G + 0.1[s>w_bi] PH(f(z_t,t), tgt_p)
 with the reflow loss on the student's own one-step output and a GAN on that output. The GAN is a choice:
 flowsteer's discriminator (the teacher's first blocks + token head, spectral norm) with hinge losses, on
-clean samples (sigma = 0), real = cached final teacher samples, fake = the one-step output; SCFlow's
+clean samples (sigma = 0), real = real data when the run has it (the digits of the embedded teacher, the
+latents of `data.images`), else cached final teacher samples; fake = the one-step output; SCFlow's
 non-saturating loss + R1 would need a double backward through attention on every D step.
 
 Where z_t comes from (a choice): ON the cached teacher trajectory, not on the reflow line (1-t) z0 + t eps.
@@ -132,8 +133,12 @@ class SCFlow(Method):
                "guidance": seg["guidance"], "null_cond": data.null_cond(n),
                "z1": torch.randn(z_t.shape, generator=self.ctx.generator, device=self.ctx.generator.device).to(z_t)}
         if self.discriminator() is not None:
-            real = data.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
-            out.update(real=real["z_end"], real_cond=real["cond"])     # cached final samples
+            if data.has_real_data():          # SCFlow's GAN sees real data: digits or the run's image latents
+                real = data.real(n)
+                out.update(real=real["x0"], real_cond=real["cond"])
+            else:                             # no real set (byo/sd3 without data.images): cached final samples
+                real = data.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
+                out.update(real=real["z_end"], real_cond=real["cond"])
         return out
 
     @torch.no_grad()
@@ -196,7 +201,7 @@ class SCFlow(Method):
         return self._disc(x, torch.zeros(len(x), device=x.device), cond)
 
     def discriminator_losses(self, student, batch, step):
-        """Hinge D loss: real = cached final teacher samples, fake = the student's one-step output."""
+        """Hinge D loss: real = real data (or cached final teacher samples), fake = the student's one-step output."""
         if step <= self.options["warmup_gan"] or self.discriminator() is None:
             return None
         with torch.no_grad():      # the trainer runs the D step first, so the fake is made here, without a graph

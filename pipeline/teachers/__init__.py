@@ -6,7 +6,8 @@ import importlib
 import torch
 
 from pipeline.errors import UserError
-from pipeline.teachers.base import Teacher, TransformerTeacher, sd3_velocity  # noqa: F401
+from pipeline.teachers.base import (DTYPES, Teacher, TeacherAtPrecision, TeacherLayout, TransformerTeacher,  # noqa: F401
+                                    sd3_velocity)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,9 +18,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
-    """The configured teacher, frozen, on `device` (default cfg.device)."""
-    dev = resolve_device(str(device or cfg.device))
+def load_teacher(cfg, device: str | torch.device | None = None) -> TeacherAtPrecision:
+    """The configured teacher, frozen, on `device` (default cfg.device), at `teacher.dtype`: every call casts
+    its inputs to that dtype and returns float32 (TeacherAtPrecision; docs/precision.md)."""
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
+    return TeacherAtPrecision(_load(cfg, resolve_device(str(device or cfg.device))), DTYPES[cfg.teacher.dtype])
+
+
+def _load(cfg, dev: torch.device):
     kind = cfg.teacher.kind
     if kind == "embedded":
         from pipeline.teachers.embedded import load_embedded_teacher
@@ -28,14 +36,44 @@ def load_teacher(cfg, device: str | torch.device | None = None) -> Teacher:
     if kind == "sd3":
         from pipeline.teachers.sd3 import load_sd3_teacher
 
-        return load_sd3_teacher(cfg.teacher.path, dev, **cfg.teacher.kwargs)
-    module_name, _, func = cfg.teacher.factory.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), func)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"teacher.factory '{cfg.teacher.factory}' cannot be imported: {exc}") from None
+        return load_sd3_teacher(cfg.teacher.path, dev, dtype=cfg.teacher.dtype, **cfg.teacher.kwargs)
+    factory = _import(cfg.teacher.factory, "teacher.factory")
     teacher = factory(device=dev, **cfg.teacher.kwargs)
     missing = [m for m in ("sample_shape", "encode", "velocity", "decode") if not hasattr(teacher, m)]
     if missing:
         raise UserError(f"teacher.factory '{cfg.teacher.factory}' returned an object without {', '.join(missing)}")
     return teacher
+
+
+def _import(spec: str, key: str):
+    module_name, _, func = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), func)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{key} '{spec}' cannot be imported: {exc}") from None
+
+
+def describe_teacher(cfg) -> TeacherLayout:
+    """The teacher's shapes and condition layout without building its networks (the driver plans and
+    creates stores with this; workers build the teacher). A byo teacher without `teacher.describe` is
+    built once on the CPU to look (slow for a large model: give it a describe function)."""
+    kind = cfg.teacher.kind
+    if kind == "embedded":
+        from pipeline.teachers.embedded import describe_embedded
+
+        return describe_embedded(cfg.teacher.embedded)
+    if kind == "sd3":
+        from pipeline.teachers.sd3 import describe_sd3
+
+        return describe_sd3(cfg.teacher.path, **cfg.teacher.kwargs)
+    if cfg.teacher.describe:
+        layout = _import(cfg.teacher.describe, "teacher.describe")(**cfg.teacher.kwargs)
+        if not isinstance(layout, TeacherLayout):
+            raise UserError(f"teacher.describe '{cfg.teacher.describe}' returned {type(layout).__name__}, "
+                            f"not a TeacherLayout")
+        return layout
+    teacher = load_teacher(cfg, "cpu")
+    with torch.no_grad():
+        cond = teacher.encode([""])
+    image = tuple(teacher.sample_shape) if hasattr(teacher, "encode_images") else None
+    return TeacherLayout.of(teacher.sample_shape, {k: v.shape[1:] for k, v in cond.items()}, image)

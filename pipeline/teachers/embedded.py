@@ -98,7 +98,17 @@ def load_embedded_teacher(teacher_dir, ecfg, device="cpu") -> TransformerTeacher
     if (teacher_dir / WEAK / "config.json").is_file():
         weak = SD3Transformer2DModel.from_pretrained(str(teacher_dir / WEAK)).to(device)
     return TransformerTeacher(net, lambda prompts: encode_prompts(prompts, ecfg.max_tokens), decode_digits,
-                              (1, ecfg.sample_size, ecfg.sample_size), weak_transformer=weak)
+                              (1, ecfg.sample_size, ecfg.sample_size), weak_transformer=weak,
+                              encode_images=lambda images: images)   # pixel space: the "VAE" is the identity
+
+
+def describe_embedded(ecfg):
+    """Shapes from the config alone: 1 x size x size digits, MiniLM token states and their mean."""
+    from pipeline.teachers.base import TeacherLayout
+
+    shape = (1, ecfg.sample_size, ecfg.sample_size)
+    return TeacherLayout.of(shape, {"encoder_hidden_states": (ecfg.max_tokens, TEXT_DIM),
+                                    "pooled_projections": (TEXT_DIM,)}, shape)
 
 
 # ---------------------------------------------------------------- training

@@ -1,8 +1,9 @@
 """SD3 teacher from a local diffusers pipeline directory (offline: `from_pretrained(..., local_files_only=True)`).
 
 Prompts go through the pipeline's own `encode_prompt` (CLIP-L + CLIP-G, plus T5 when the dir has it), the
-velocity through `sd3_velocity`, and latents back to images through the VAE. `teacher.kwargs` may set
-`dtype` (float32 | float16 | bfloat16), `max_sequence_length` (T5 tokens) and `use_t5` (false skips T5).
+velocity through `sd3_velocity`, and latents back to images through the VAE. The pipeline loads in
+`teacher.dtype` (docs/precision.md); `teacher.kwargs` may set `max_sequence_length` (T5 tokens) and
+`use_t5` (false skips T5).
 """
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.teachers.base import TransformerTeacher
+from pipeline.teachers.base import DTYPES, TransformerTeacher
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def check_sd3_dir(path) -> Path:
@@ -40,6 +40,23 @@ def _has_t5(p: Path) -> bool:
     return entry[0] is not None and (p / "text_encoder_3").is_dir() and (p / "tokenizer_3").is_dir()
 
 
+def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool = True, **_):
+    """The layout from the pipeline's config files alone (no weights read). Token count as encode_prompt
+    builds it: CLIP's context (padded to the joint width) + max_sequence_length T5 tokens (zeros without T5)."""
+    from pipeline.teachers.base import TeacherLayout
+
+    p = check_sd3_dir(path)
+    tc = json.loads((p / "transformer" / "config.json").read_text())
+    vae = json.loads((p / "vae" / "config.json").read_text())
+    tok = json.loads((p / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
+    factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    size = tc["sample_size"]
+    return TeacherLayout.of((tc["in_channels"], size, size),
+                            {"encoder_hidden_states": (tok + max_sequence_length, tc["joint_attention_dim"]),
+                             "pooled_projections": (tc["pooled_projection_dim"],)},
+                            (vae.get("in_channels", 3), size * factor, size * factor))
+
+
 def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_length: int = 256,
                      use_t5: bool = True, **unknown) -> TransformerTeacher:
     """A frozen SD3 teacher: sample_shape = (in_channels, sample_size, sample_size) latents."""
@@ -47,9 +64,7 @@ def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_le
 
     if unknown:
         raise UserError(f"unknown teacher.kwargs for sd3: {', '.join(sorted(unknown))} "
-                        f"(known: dtype, max_sequence_length, use_t5)")
-    if dtype not in DTYPES:
-        raise UserError(f"teacher.kwargs.dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+                        f"(known: max_sequence_length, use_t5; the precision is teacher.dtype)")
     p = check_sd3_dir(path)
     extra = {} if use_t5 and _has_t5(p) else {"text_encoder_3": None, "tokenizer_3": None}
     try:
@@ -78,7 +93,16 @@ def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_le
         z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        # The latent distribution's mean (deterministic, as for a distillation data set), then SD3's
+        # normalisation: z = (mean - shift_factor) * scaling_factor (the inverse of `decode`).
+        vae = pipe.vae
+        mean = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+        return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
     tc = pipe.transformer.config
-    teacher = TransformerTeacher(pipe.transformer, encode, decode, (tc.in_channels, tc.sample_size, tc.sample_size))
+    teacher = TransformerTeacher(pipe.transformer, encode, decode, (tc.in_channels, tc.sample_size, tc.sample_size),
+                                 encode_images=encode_images)
     teacher.pipeline = pipe            # the loaded components, e.g. for a CLIP score with the same tokenizer
     return teacher

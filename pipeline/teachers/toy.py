@@ -40,4 +40,14 @@ def make_toy_teacher(device="cpu", sample_size: int = 8, channels: int = 1, laye
     net = make_toy_transformer(sample_size, channels, layers, seed).to(device)
     weak = make_toy_transformer(sample_size, channels, layers, seed + 1).to(device)
     return TransformerTeacher(net, _hash_encoder, lambda x: ((x.clamp(-1, 1) + 1) / 2),
-                              (channels, sample_size, sample_size), weak_transformer=weak)
+                              (channels, sample_size, sample_size), weak_transformer=weak,
+                              encode_images=lambda images: images)
+
+
+def describe_toy_teacher(sample_size: int = 8, channels: int = 1, **_):
+    """`teacher.describe` of the toy teacher: its layout from the same kwargs, nothing built."""
+    from pipeline.teachers.base import TeacherLayout
+
+    shape = (channels, sample_size, sample_size)
+    return TeacherLayout.of(shape, {"encoder_hidden_states": (TOKENS, TEXT_DIM), "pooled_projections": (TEXT_DIM,)},
+                            shape)

@@ -1,0 +1,350 @@
+"""Prompt tables and image-caption sets as users keep them (docs/store.md, "Input formats").
+
+Prompts (`generate.prompts`): .txt (one a line, blank lines skipped), .jsonl, .csv, .parquet or a directory
+saved by HF `datasets` (`save_to_disk`: Arrow stream files listed in state.json). The text column is
+`generate.prompt_column`, else the first of prompt / caption / text that exists. Everything is read in
+batches (Parquet row groups, Arrow record batches, CSV blocks, lines), never whole into Python lists: the
+driver copies the column into `prompts.parquet` beside the store while checking it and hashing it, and
+workers read back only their shard's rows (`TextColumn.take`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import UserError
+
+TEXT_COLUMNS = ("prompt", "caption", "text")
+BATCH_ROWS = 8192           # rows per read batch and per row group of the copies we write
+FORMATS = ".txt, .jsonl, .csv, .parquet or a saved HF datasets directory"
+
+
+# ---------------------------------------------------------------- reading any format in batches
+def _hf_files(path: Path) -> list[Path]:
+    """The Arrow files of a `Dataset.save_to_disk` directory (a DatasetDict: its `train` split)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if not splits:
+            raise UserError(f"{path}: HF DatasetDict without splits")
+        path = path / ("train" if "train" in splits else splits[0])
+    state = path / "state.json"
+    if not state.is_file():
+        raise UserError(f"{path} is a directory but not a saved HF dataset (no state.json); "
+                        f"expected {FORMATS}")
+    return [path / f["filename"] for f in json.loads(state.read_text()).get("_data_files", [])]
+
+
+def table_batches(path: Path, columns: Sequence[str] | None = None) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """(column names, record batches of at most BATCH_ROWS rows) of a table of any supported format but .txt."""
+    names, batches = _table_batches(path, columns, BATCH_ROWS)
+
+    def sliced():
+        for batch in batches:
+            for lo in range(0, batch.num_rows, BATCH_ROWS):
+                yield batch.slice(lo, BATCH_ROWS)
+    return names, sliced()
+
+
+def _table_batches(path: Path, columns, batch_rows: int):
+    import pyarrow.csv as pcsv
+    import pyarrow.ipc as ipc
+    import pyarrow.parquet as pq
+
+    if path.is_dir():
+        files = _hf_files(path)
+        names = list(ipc.open_stream(pa.memory_map(str(files[0]))).schema.names) if files else []
+
+        def hf():
+            for f in files:
+                for batch in ipc.open_stream(pa.memory_map(str(f))):
+                    yield batch.select(list(columns)) if columns else batch
+        return names, hf()
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        pf = pq.ParquetFile(str(path))
+        return list(pf.schema_arrow.names), pf.iter_batches(batch_size=batch_rows, columns=columns)
+    if suffix == ".csv":
+        text_types = {c: pa.string() for c in columns or ()}     # a CSV cell is text, even "123"
+        reader = pcsv.open_csv(str(path), convert_options=pcsv.ConvertOptions(
+            column_types=text_types, include_columns=list(columns) if columns else None))
+        return list(reader.schema.names), iter(reader)
+    if suffix == ".jsonl":
+        return _jsonl_batches(path, columns, batch_rows)
+    raise UserError(f"{path}: unknown extension '{path.suffix}' (expected {FORMATS})")
+
+
+def _jsonl_batches(path: Path, columns, batch_rows: int):
+    """JSON lines parsed one line at a time (exact row numbers in errors, constant memory)."""
+    names: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                names = list(json.loads(line))
+                break
+
+    def gen():
+        rows: list[dict] = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}: line {n + 1} is not valid JSON ({exc.msg})") from None
+                rows.append({c: obj.get(c) for c in columns or names})
+                if len(rows) == batch_rows:
+                    yield _py_batch(rows, columns or names)
+                    rows = []
+        if rows:
+            yield _py_batch(rows, columns or names)
+    return names, gen()
+
+
+def _py_batch(rows: list[dict], columns) -> pa.RecordBatch:
+    """Values kept as Python objects until checked (a number among captions must be reported, not cast)."""
+    arrays = []
+    for c in columns:
+        values = [r.get(c) for r in rows]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):     # mixed types: keep them as text-or-not markers
+            arrays.append(pa.array([v if isinstance(v, str) or v is None else _NOT_TEXT for v in values]))
+    return pa.RecordBatch.from_arrays(arrays, names=list(columns))
+
+
+_NOT_TEXT = "\x00<not text>\x00"
+
+
+def pick_column(path: Path, names: Sequence[str], wanted: str | None, candidates: Sequence[str], key: str) -> str:
+    """The configured column, else the first candidate present; a missing one names what was found."""
+    if wanted is not None:
+        if wanted not in names:
+            raise UserError(f"{key} '{wanted}' is not a column of {path} (columns found: {', '.join(names) or 'none'})")
+        return wanted
+    for c in candidates:
+        if c in names:
+            return c
+    raise UserError(f"{path} has none of the columns {', '.join(candidates)} (columns found: "
+                    f"{', '.join(names) or 'none'}); set {key}")
+
+
+def text_batches(path: str | Path, column: str | None = None, key: str = "generate.prompts",
+                 column_key: str = "generate.prompt_column") -> Iterator[list[str]]:
+    """Checked text rows of any supported format, in batches: a null or non-text row is a UserError
+    naming its row (0-based, counting data rows)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{key} not found: {path}")
+    if path.is_file() and path.suffix.lower() == ".txt":
+        yield from _txt_batches(path)
+        return
+    names, _ = table_batches(path)
+    col = pick_column(path, names, column, TEXT_COLUMNS, column_key)
+    _, batches = table_batches(path, [col])
+    start = 0
+    for batch in batches:
+        arr = batch.column(0)
+        if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type)):
+            raise UserError(f"{path}: column '{col}' row {start} is {arr.type}, not text")
+        values = arr.to_pylist()
+        for i, v in enumerate(values):
+            if v is None:
+                raise UserError(f"{path}: column '{col}' row {start + i} is null")
+            if v == _NOT_TEXT:
+                raise UserError(f"{path}: column '{col}' row {start + i} is not text")
+        start += len(values)
+        yield values
+
+
+def _txt_batches(path: Path) -> Iterator[list[str]]:
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                batch.append(line.strip())
+                if len(batch) >= BATCH_ROWS:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def copy_text_column(src: str | Path, dest: Path, column: str | None = None, key: str = "generate.prompts",
+                     column_key: str = "generate.prompt_column") -> tuple[int, str]:
+    """Stream the checked text column of `src` into a one-column Parquet `dest` (row groups of BATCH_ROWS);
+    returns (rows, sha256 of the rows joined by newlines). Written atomically; an empty source is an error."""
+    import pyarrow.parquet as pq
+
+    from pipeline.files import atomic_path
+
+    h, rows = hashlib.sha256(), 0
+    with atomic_path(dest) as tmp:
+        with pq.ParquetWriter(str(tmp), pa.schema([("text", pa.string())])) as writer:
+            for values in text_batches(src, column, key, column_key):
+                for v in values:
+                    h.update(b"\n" if rows else b"")
+                    h.update(v.encode())
+                    rows += 1
+                writer.write_table(pa.table({"text": pa.array(values, pa.string())}), row_group_size=BATCH_ROWS)
+        if rows == 0:
+            raise UserError(f"{key} {src} has no rows (empty file)")
+    return rows, h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- reading a written text column back
+class TextColumn:
+    """A one-column Parquet file written by `copy_text_column`: length from metadata, rows by row group."""
+
+    def __init__(self, path: str | Path):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self._file = pq.ParquetFile(str(self.path))
+        meta = self._file.metadata
+        self._starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def take(self, indices) -> list[str]:
+        """Rows at `indices` (reads only the row groups holding them)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"text row out of range (rows < {len(self)})")
+        groups = np.searchsorted(self._starts, idx, side="right") - 1
+        out: list[str] = [""] * len(idx)
+        for g in np.unique(groups):
+            col = self._file.read_row_group(int(g), columns=["text"]).column(0).to_pylist()
+            for j in np.nonzero(groups == g)[0]:
+                out[j] = col[idx[j] - self._starts[g]]
+        return out
+
+    def __getitem__(self, i: int) -> str:
+        return self.take([i])[0]
+
+    def __iter__(self) -> Iterator[str]:
+        for g in range(len(self._starts) - 1):
+            yield from self._file.read_row_group(g, columns=["text"]).column(0).to_pylist()
+
+
+# ---------------------------------------------------------------- image-caption sets (data.images)
+IMAGE_COLUMNS = ("image", "image_path", "path")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """Images under `folder` (recursively, sorted), each needing a .txt caption of the same stem beside it."""
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise UserError(f"data.images folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    for p in images:
+        if not p.with_suffix(".txt").is_file():
+            raise UserError(f"data.images: {p} has no caption file {p.with_suffix('.txt').name} beside it")
+    return images
+
+
+def image_column_kind(path: Path, column: str) -> str:
+    """'path' (text: a file path, relative to the table's folder) or 'bytes' (binary, or HF Image structs)."""
+    _, batches = table_batches(path, [column])
+    for batch in batches:
+        t = batch.column(0).type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "path"
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or (pa.types.is_struct(t) and
+                                                                     t.get_field_index("bytes") >= 0):
+            return "bytes"
+        raise UserError(f"{path}: image column '{column}' is {t}, not a path or image bytes")
+    raise UserError(f"data.images {path} has no rows (empty file)")
+
+
+def copy_image_set(data, captions_dest: Path, paths_dest: Path) -> int:
+    """Plan an image-caption set (`data` = the config's data section): captions into `captions_dest`, image
+    paths (absolute; empty where the image is bytes in the source table) into `paths_dest`, both one-column
+    Parquet files read back with TextColumn; returns the number of rows (after data.limit)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.files import atomic_path
+
+    src = Path(data.images)
+    if not src.exists():
+        raise UserError(f"data.images not found: {src}")
+    limit = data.limit or None
+    if src.is_dir() and not (src / "state.json").is_file() and not (src / "dataset_dict.json").is_file():
+        images = folder_images(src)[:limit]
+        caps = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+        pairs = [([str(p.absolute()) for p in images], caps)]
+    else:
+        names, _ = table_batches(src)
+        image_col = pick_column(src, names, data.image_column, IMAGE_COLUMNS, "data.image_column")
+        kind = image_column_kind(src, image_col)
+        base = src if src.is_dir() else src.parent
+        captions = text_batches(src, data.caption_column, "data.images", "data.caption_column")
+        paths = (_path_batches(src, image_col, base) if kind == "path" else
+                 ([""] * len(c) for c in text_batches(src, data.caption_column, "data.images", "data.caption_column")))
+        pairs = zip(paths, captions)
+    rows = 0
+    with atomic_path(captions_dest) as ctmp, atomic_path(paths_dest) as ptmp:
+        schema = pa.schema([("text", pa.string())])
+        with pq.ParquetWriter(str(ctmp), schema) as cw, pq.ParquetWriter(str(ptmp), schema) as pw:
+            for paths, caps in pairs:
+                take = len(caps) if limit is None else max(0, min(len(caps), limit - rows))
+                if take == 0:
+                    break
+                cw.write_table(pa.table({"text": pa.array(caps[:take], pa.string())}), row_group_size=BATCH_ROWS)
+                pw.write_table(pa.table({"text": pa.array(list(paths)[:take], pa.string())}),
+                               row_group_size=BATCH_ROWS)
+                rows += take
+        if rows == 0:
+            raise UserError(f"data.images {src} has no rows (empty)")
+    return rows
+
+
+def _path_batches(src: Path, column: str, base: Path) -> Iterator[list[str]]:
+    start = 0
+    for batch in table_batches(src, [column])[1]:
+        values = batch.column(0).to_pylist()
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not v:
+                raise UserError(f"{src}: image column '{column}' row {start + i} is {'null' if v is None else 'empty'}")
+        start += len(values)
+        yield [str((base / v).absolute()) if not Path(v).is_absolute() else v for v in values]
+
+
+def source_image_bytes(src: Path, column: str, lo: int, hi: int) -> list[bytes]:
+    """Image bytes of rows [lo, hi) of a table (Parquet row groups / Arrow batches outside the range are skipped)."""
+    out: list[bytes] = []
+    start = 0
+    for batch in table_batches(src, [column])[1]:
+        n = batch.num_rows
+        if start + n > lo and start < hi:
+            part = batch.slice(max(0, lo - start), min(hi, start + n) - max(lo, start)).column(0).to_pylist()
+            out += [v["bytes"] if isinstance(v, dict) else v for v in part]
+        start += n
+        if start >= hi:
+            break
+    return out
+
+
+def load_image(source, shape: Sequence[int]):
+    """A path or encoded bytes -> float32 tensor [C, H, W] in [-1, 1]: shorter side resized to fit, centre
+    crop (C = 1: greyscale, else RGB)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    c, h, w = (int(s) for s in shape)
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    img = img.convert("L" if c == 1 else "RGB")
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    arr = np.asarray(img, dtype=np.float32).reshape(h, w, -1).transpose(2, 0, 1)
+    return torch.from_numpy(arr / 127.5 - 1.0)

@@ -1,0 +1,123 @@
+"""The latent store: real images through the teacher's `encode_images`, with their captions' conditions.
+
+Layout (`latent_store_dir(cfg) / "latents.zarr"`; N images, store dtype T = data.store_dtype):
+    latents        [N, C, H, W] T    teacher.encode_images(image): SD3 (VAE mean - shift) * scale;
+                                     embedded: the [-1, 1] pixels themselves
+    prompt_embeds  [N, L, D] T       the caption's teacher condition, one row per image
+    pooled_embeds  [N, D'] T
+    null_*         [1, ...] T        the "" condition (written by shard 0's unit)
+    attrs          meta (what decides the store + fingerprint), sample_shape, shard_size, store_dtype
+captions.parquet beside it holds row -> caption. Shards of `data.shard_size` rows are the units of
+`flowsteer encode`, with the same completion records, resume and `status --verify` as trajectories.
+Reader API (what training uses; values always float32): `LatentStore.open`, `num_samples`, `latents`,
+`cond`, `null_cond`, `captions`.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.typed_arrays import RowStore, create_rows, digest, encode
+
+FORMAT = 1
+LATENT_STORE = "latents.zarr"
+CAPTIONS = "captions.parquet"
+
+
+def latent_store_dir(cfg) -> Path | None:
+    """Where `flowsteer encode` writes; None when there is no real image set (no data.images, not embedded)."""
+    if getattr(cfg, "data", None) is None or (cfg.data.images is None and cfg.teacher.kind != "embedded"):
+        return None
+    return cfg.stage_dir("encode")
+
+
+class LatentStore(RowStore):
+    """Reader (and per-shard writer) of one latent store."""
+
+    kind = "latent store"
+
+    def __init__(self, group, path: Path):
+        super().__init__(group, path)
+        self._captions = None
+
+    @classmethod
+    def create(cls, path: Path, meta: dict, num_rows: int, sample_shape: Sequence[int],
+               cond_shapes: dict[str, Sequence[int]], shard_size: int, store_dtype: str = "float32",
+               compressor: str = "none") -> "LatentStore":
+        """Allocate every array; `meta` is written last (a store without it is an interrupted creation)."""
+        import zarr
+
+        path = Path(path)
+        if path.exists():
+            shutil.rmtree(path)
+        shard = max(1, min(shard_size, num_rows))
+        g = zarr.open_group(str(path), mode="w")
+        create_rows(g, "latents", num_rows, sample_shape, shard, store_dtype, compressor)
+        names = cls.create_cond_arrays(g, num_rows, cond_shapes, shard, store_dtype, compressor)
+        g.attrs.update({"sample_shape": [int(s) for s in sample_shape], "shard_size": shard, "cond_arrays": names,
+                        "store_dtype": store_dtype, "num_rows": int(num_rows)})
+        g.attrs["meta"] = meta
+        return cls.open(path, mode="r+", check_complete=False)
+
+    @classmethod
+    def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
+             check_complete: bool = True) -> "LatentStore":
+        """Open a latents.zarr (or the encode dir holding one); refuse one made by another config."""
+        import zarr
+
+        from pipeline.store import meta_mismatch
+
+        path = Path(path)
+        if (path / LATENT_STORE).is_dir():
+            path = path / LATENT_STORE
+        if not cls.created(path):
+            raise UserError(f"no latent store at {path}; run `flowsteer encode` first")
+        store = cls(zarr.open_group(str(path), mode=mode), path)
+        if expected_meta is not None:
+            meta_mismatch(store.meta, expected_meta, f"latent store {path}", "run `flowsteer encode`")
+        if check_complete:
+            store.check_complete("run `flowsteer encode` to finish it")
+        return store
+
+    # ------------------------------------------------------------ writing (one unit = one shard)
+    def write_shard(self, shard: int, latents, cond: dict[str, torch.Tensor],
+                    null: dict[str, torch.Tensor] | None = None) -> str:
+        """Write a shard's latents and conditions (shard 0 also the "" condition); returns its checksum."""
+        arrays = {"latents": encode(latents, self.store_dtype), **self.cond_shard(cond, null)}
+        self.write_rows(shard, {k: v for k, v in arrays.items() if not k.startswith("null_")})
+        if null is not None:
+            self.write_null(null)
+        return digest(*arrays.values())
+
+    def shard_checksum(self, shard: int) -> str:
+        """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
+        lo, hi = self.shard_range(shard)
+        names = ["latents", *self.cond_arrays.values()]
+        if shard == 0:
+            names += ["null_" + n for n in self.cond_arrays.values()]
+        return digest(*(np.asarray(self.group[n][lo:hi] if not n.startswith("null_") else self.group[n][:1])
+                        for n in names))
+
+    # ------------------------------------------------------------ reader API
+    def latents(self, indices) -> np.ndarray:
+        """float32 [n, C, H, W] latents of rows `indices`."""
+        return self.rows("latents", indices)
+
+    def cond(self, indices) -> dict[str, torch.Tensor]:
+        """Teacher conditions of the rows' captions (float32, CPU; encoder_hidden_states, pooled_projections)."""
+        return self.row_cond(indices)
+
+    def captions(self, indices) -> list[str]:
+        from pipeline.datasets import TextColumn
+
+        if self._captions is None:
+            self._captions = TextColumn(self.path.parent / CAPTIONS)
+        return self._captions.take(indices)
+
+    def info(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "sample_shape": self.sample_shape, "store_dtype": self.store_dtype}

@@ -1,0 +1,234 @@
+"""Typed, sharded row arrays shared by the trajectory store and the latent store (docs/store.md).
+
+A row array is [N, *row_shape], one inner chunk per row and `shard` rows per shard file, so a unit writes
+exactly one file per array and no two writers share one. Values live on disk in `store_dtype`:
+    float32, float16   numpy dtypes as they are
+    bfloat16           raw uint16 holding the upper 16 bits of the float32 (round-to-nearest-even);
+                       view: float32 = (uint32(raw) << 16).view(float32). Zarr has no bfloat16 dtype.
+Readers always get float32 back (`decode`). Compression (`none | zstd | blosc`) is Zarr's own codec chain.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+COMPRESSORS = ("none", "zstd", "blosc")
+_ON_DISK = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+
+def on_disk_dtype(store_dtype: str) -> str:
+    if store_dtype not in _ON_DISK:
+        raise ValueError(f"store dtype '{store_dtype}' is not one of {', '.join(STORE_DTYPES)}")
+    return _ON_DISK[store_dtype]
+
+
+def encode(values, store_dtype: str) -> np.ndarray:
+    """float values (numpy or torch, any float dtype) -> the on-disk array of `store_dtype`."""
+    if isinstance(values, torch.Tensor):
+        a = values.detach().float().cpu().contiguous().numpy()
+    else:
+        a = np.ascontiguousarray(values, dtype=np.float32)
+    if store_dtype == "float32":
+        return a
+    if store_dtype == "float16":
+        return a.astype(np.float16)
+    if store_dtype == "bfloat16":
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        return t.bfloat16().view(torch.int16).numpy().view(np.uint16)
+    raise ValueError(f"store dtype '{store_dtype}' is not one of {', '.join(STORE_DTYPES)}")
+
+
+def decode(raw: np.ndarray, store_dtype: str) -> np.ndarray:
+    """The on-disk array -> float32 (exact: every float16 / bfloat16 value is a float32)."""
+    raw = np.asarray(raw)
+    if store_dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+def round_trip(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
+    """`values` as they will read back from the store (float32), on their device."""
+    if store_dtype == "float32":
+        return values.float()
+    return values.to(torch.float16 if store_dtype == "float16" else torch.bfloat16).float()
+
+
+def compressors(name: str):
+    """Zarr v3 codecs for `generate.compressor` / `data.compressor` (None = raw bytes)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [ZstdCodec(level=3)]
+    if name == "blosc":
+        return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    raise ValueError(f"compressor '{name}' is not one of {', '.join(COMPRESSORS)}")
+
+
+def create_rows(group, name: str, rows: int, row_shape: Sequence[int], shard: int, store_dtype: str,
+                compressor: str = "none"):
+    """An empty row array [rows, *row_shape]: one chunk per row, `shard` rows per shard file."""
+    row_shape = tuple(int(s) for s in row_shape)
+    return group.create_array(name, shape=(rows, *row_shape), chunks=(1, *row_shape),
+                              shards=(max(1, min(shard, rows)), *row_shape), dtype=on_disk_dtype(store_dtype),
+                              fill_value=0, compressors=compressors(compressor))
+
+
+def write_shard_rows(group_path, arr, shard: int, lo: int, data: np.ndarray) -> None:
+    """Write one whole shard of a row array (one write). Zarr reads an existing shard file before
+    overwriting it, so a damaged leftover of an interrupted writer is removed first."""
+    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+    (Path(group_path) / arr.path / key).unlink(missing_ok=True)
+    arr[lo:lo + len(data)] = data
+
+
+def digest(*arrays: np.ndarray | None) -> str:
+    """Checksum of arrays as stored on disk (their raw bytes, in order; None entries skipped)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if a is not None:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
+
+
+def read_rows(arr, rows: np.ndarray, threads: int = 4) -> np.ndarray:
+    """arr[rows] for sorted unique `rows`, one slice per run of consecutive rows, runs read in a few threads.
+    (Zarr's own `oindex` on a sharded array is ~100x slower here: it decodes shard by shard per request.)"""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    if not len(rows):
+        return out
+    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
+    runs = [(int(rows[r[0]]), int(rows[r[-1]]) + 1, int(r[0])) for r in np.split(np.arange(len(rows)), cuts)]
+
+    def one(run):
+        lo, hi, at = run
+        out[at:at + hi - lo] = arr[lo:hi]
+    if len(runs) == 1 or threads <= 1:
+        for run in runs:
+            one(run)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(runs))) as pool:
+            list(pool.map(one, runs))
+    return out
+
+
+def shard_key(shard: int) -> str:
+    """The unit (and completion record) key of a shard."""
+    return f"shard-{shard:05d}"
+
+
+class RowStore:
+    """What both stores share: sharded row arrays, per-row teacher conditions and the "" condition,
+    completion records beside the Zarr group (one `done` record per shard, written by the runner)."""
+
+    kind = "store"
+
+    def __init__(self, group, path: Path):
+        attrs = group.attrs.asdict()
+        self.group, self.path = group, Path(path)
+        self.meta: dict[str, Any] = attrs["meta"]
+        self.sample_shape: tuple[int, ...] = tuple(attrs["sample_shape"])
+        self.shard_size: int = attrs["shard_size"]
+        self.cond_arrays: dict[str, str] = attrs["cond_arrays"]
+        self.store_dtype: str = attrs.get("store_dtype", "float32")
+        self.num_samples: int = int(attrs["num_rows"])
+
+    @staticmethod
+    def created(path: Path) -> bool:
+        """Whether `path` holds a store whose creation finished (`meta` is written last)."""
+        import zarr
+
+        try:
+            return "meta" in zarr.open_group(str(path), mode="r").attrs
+        except Exception:
+            return False
+
+    @staticmethod
+    def create_cond_arrays(group, rows: int, cond_shapes: dict[str, Sequence[int]], shard: int,
+                           store_dtype: str, compressor: str) -> dict[str, str]:
+        """Per-row condition arrays and their one-row "" (null_) twins; returns key -> array name."""
+        names = {k: COND_ARRAYS.get(k, k) for k in cond_shapes}
+        for key, name in names.items():
+            create_rows(group, name, rows, cond_shapes[key], shard, store_dtype, compressor)
+            create_rows(group, "null_" + name, 1, cond_shapes[key], 1, store_dtype, compressor)
+        return names
+
+    # ------------------------------------------------------------ shards
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)
+
+    def missing_shards(self) -> list[int]:
+        """Shards without a `done` completion record."""
+        from pipeline.runner import is_done
+
+        return [j for j in range(self.num_shards) if not is_done(self.path.parent, shard_key(j))]
+
+    def check_complete(self, hint: str) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise UserError(f"{self.kind} {self.path} is incomplete ({len(missing)} of {self.num_shards} "
+                            f"shards not written); {hint}")
+
+    def write_rows(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write a whole shard of each named row array (values already encoded to the store dtype)."""
+        lo, hi = self.shard_range(shard)
+        for name, data in arrays.items():
+            arr = self.group[name]
+            if data.shape != (hi - lo, *arr.shape[1:]):
+                raise ValueError(f"shard {shard} of '{name}' expects {(hi - lo, *arr.shape[1:])}, got {data.shape}")
+            write_shard_rows(self.path, arr, shard, lo, data)
+
+    def cond_shard(self, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None
+                   ) -> dict[str, np.ndarray]:
+        """Teacher conditions of a shard's rows (and, from shard 0, the "" condition) as stored arrays."""
+        out = {name: encode(cond[k], self.store_dtype) for k, name in self.cond_arrays.items()}
+        if null is not None:
+            out.update({"null_" + name: encode(null[k][:1], self.store_dtype) for k, name in self.cond_arrays.items()})
+        return out
+
+    def write_null(self, null: dict[str, torch.Tensor]) -> None:
+        for k, name in self.cond_arrays.items():
+            self.group["null_" + name][0:1] = encode(null[k][:1], self.store_dtype)
+
+    def read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self.group[name][lo:hi])
+
+    # ------------------------------------------------------------ reader API
+    def rows(self, name: str, indices) -> np.ndarray:
+        """float32 rows of a row array; each distinct row is read once (one chunk read per row)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise IndexError(f"row index out of range (rows < {self.num_samples})")
+        uniq, inv = np.unique(idx, return_inverse=True)
+        arr = self.group[name]
+        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
+
+    def row_cond(self, indices) -> dict[str, torch.Tensor]:
+        """Teacher conditions (float32, CPU) of the given rows."""
+        return {k: torch.from_numpy(self.rows(name, indices)) for k, name in self.cond_arrays.items()}
+
+    def null_cond(self, n: int) -> dict[str, torch.Tensor]:
+        """The unconditional ("" prompt) condition, n rows (float32)."""
+        if not hasattr(self, "_null"):
+            self._null = {k: torch.from_numpy(decode(np.asarray(self.group["null_" + name][:1]), self.store_dtype))
+                          for k, name in self.cond_arrays.items()}
+        return {k: v.expand(n, *v.shape[1:]).clone() for k, v in self._null.items()}
+
+
+# Teacher condition keys (SD3 argument names) -> store array names.
+COND_ARRAYS = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_embeds"}

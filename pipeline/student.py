@@ -45,8 +45,7 @@ def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_s
     from pipeline.model_card import write_model_card
 
     network = network_dir(run.method)
-    method = get_method(run.method)
-    method.save_student(student_module, tmp / network)
+    get_method(run.method).save_student(student_module, tmp / network)
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
     meta = {"method": run.method, "run": run.name, "train_seed": run.seed, "options": run.options,
             "network": network, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
@@ -54,6 +53,7 @@ def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_s
             "sample_shape": list(sample_shape) if sample_shape else None,
             # float32 weights whatever teacher.dtype / train.mixed_precision were (docs/precision.md)
             "dtype": "float32", "teacher_dtype": cfg.teacher.dtype, **extra}
+    method = get_method(run.method)
     x0 = method.x0_source(cfg, run.options)
     if x0 is not None:                # what the method's x0 was; the report labels teacher-sample reflow
         meta["x0_source"] = x0

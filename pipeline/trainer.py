@@ -44,24 +44,65 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
-class EMA:
-    """Exponential moving average of the trainable parameters (with LoRA: of the adapters only)."""
+def ema_beta(step: int, decay: float, warmup: str, images_per_step: int = 1, rampup: float = 0.05) -> float:
+    """The EMA's decay for update number `step` (0-based): how much of the old average it keeps.
 
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
+    none:  `decay` from the first step (at 0.99 over 150 steps, 22% of the average stays at the init).
+    power: min(decay, (1 + t) / (10 + t)) (the warm-up of the original EMA-for-GANs recipes).
+    edm:   EDM (Karras et al. 2022, training/training_loop.py): a half-life in images that ramps up with
+           the images seen, h_t = min(h, rampup * images seen after this step), h = the half-life of `decay`
+           (images_per_step * ln 0.5 / ln decay); beta_t = 0.5 ** (images_per_step / h_t). See docs/ablation.md."""
+    if warmup == "none":
+        return decay
+    if warmup == "power":
+        return min(decay, (1 + step) / (10 + step))
+    if warmup == "edm":
+        halflife = images_per_step * math.log(0.5) / math.log(decay) if 0 < decay < 1 else float("inf")
+        ramped = min(halflife, rampup * images_per_step * (step + 1))
+        return 0.5 ** (images_per_step / max(ramped, 1e-8))
+    raise ValueError(f"unknown EMA warm-up '{warmup}' (use none, power or edm)")
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (with LoRA: of the adapters only), with a
+    warm-up (`ema_beta`) so that the exported average leaves the initial weights as the raw ones do.
+
+    `origin` keeps the initial values (on the CPU) to report how far the average has moved from them
+    relative to the raw weights (`relative_distance`)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: str = "none", images_per_step: int = 1,
+                 rampup: float = 0.05):
+        self.decay, self.warmup, self.images_per_step, self.rampup = decay, warmup, images_per_step, rampup
+        ema_beta(0, decay, warmup, images_per_step, rampup)          # an unknown warm-up fails here
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        self.origin = {n: p.detach().to("cpu", copy=True) for n, p in self.shadow.items()}
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, step: int) -> float:
+        """Move the average towards `module`'s weights after optimisation step `step` (0-based); returns beta."""
+        beta = ema_beta(step, self.decay, self.warmup, self.images_per_step, self.rampup)
         for n, p in module.named_parameters():
             if n in self.shadow:
-                self.shadow[n].lerp_(p.detach(), 1 - self.decay)
+                self.shadow[n].lerp_(p.detach(), 1 - beta)
+        return beta
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
         for n, p in module.named_parameters():
             if n in self.shadow:
                 p.copy_(self.shadow[n])
+
+    @torch.no_grad()
+    def relative_distance(self, module: torch.nn.Module) -> float:
+        """||EMA - init|| / ||raw - init|| over all averaged parameters: 1 = the average moved as far from
+        the initial (teacher) weights as the raw student, 0 = it is still the teacher. NaN before any move."""
+        ema_sq = raw_sq = 0.0
+        for n, p in module.named_parameters():
+            if n in self.shadow:
+                origin = self.origin[n].to(p.device)
+                ema_sq += float((self.shadow[n].float() - origin.float()).pow(2).sum())
+                raw_sq += float((p.detach().float() - origin.float()).pow(2).sum())
+        return math.sqrt(ema_sq / raw_sq) if raw_sq > 0 else float("nan")
 
 
 @contextmanager
@@ -129,7 +170,7 @@ class Trainer:
         self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if self.disc is not None else []
         self.disc_opt = (torch.optim.AdamW(self.disc_params, lr=tc.adversarial.disc_lr, weight_decay=tc.weight_decay)
                          if self.disc is not None else None)
-        self.ema = EMA(self.student, tc.ema_decay)
+        self.ema = EMA(self.student, tc.ema_decay, tc.ema_warmup, tc.batch_size, tc.ema_rampup)
         self.autocast_dtype = AUTOCAST_DTYPES.get(tc.mixed_precision)
         fp16 = tc.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -261,7 +302,7 @@ class Trainer:
             values["grad_norm"] = self._update(self.opt, self.scaler, self.params, g_losses["loss"], step,
                                                tc.grad_clip, "loss")
         self.method.after_step(self.student, self.step)
-        self.ema.update(self.student)
+        values["ema_beta"] = self.ema.update(self.student, self.step)
         self.step = step
         if self.world > 1:                    # log the mean over ranks
             import torch.distributed as dist
@@ -282,6 +323,7 @@ class Trainer:
                 self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
                 self.log({"step": self.step, **last, "lr": self.opt.param_groups[0]["lr"],
+                          "ema_rel_distance": self.ema.relative_distance(self.student),
                           "data_wait_s": self.batches.wait_seconds - w0,
                           "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
         return last

@@ -153,7 +153,10 @@ class TrainConfig(Section):
     lr: float = 2e-4
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
-    ema_decay: float = 0.99
+    ema_decay: float = Field(0.99, gt=0, le=1)   # the EMA's decay once warmed up
+    # warm-up of the student EMA (pipeline/trainer.py ema_beta): edm = half-life ramped with the images seen
+    ema_warmup: Literal["none", "power", "edm"] = "edm"
+    ema_rampup: float = Field(0.05, gt=0)       # edm: half-life <= ema_rampup x images seen (EDM's default)
     online_fraction: float = 0.25       # share of each OTA batch from fresh online teacher rollouts
     checkpoint_every: int = 50
     log_every: int = 10

@@ -29,7 +29,7 @@ from schemas.config import RunConfig
 
 LOSSES = "losses.jsonl"                 # the train stage's loss log (one JSON object per logged step)
 EXPORT_META = "flowsteer.json"          # an export's metadata (pipeline/student.py)
-EMA_DISTANCE_KEY = "ema_vs_raw"         # in flowsteer.json: EMA's distance from the teacher / the raw weights'
+EMA_DISTANCE_KEY = "ema_rel_distance"   # flowsteer.json: the EMA's distance from the teacher / the raw weights'
 
 
 def report_dir(cfg: RunConfig) -> Path:

@@ -169,10 +169,13 @@ class TrainWorker:
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
+        # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
+        extra = {"ema_rel_distance": round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
+                 **trainer.method.export_meta()}
         path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
-                              trainer.data.teacher.sample_shape)
-        self._drop_trainer()              # the method is finished: free its student and close its event file
-        return {"export": str(path), "step": trainer.step}
+                              trainer.data.teacher.sample_shape, extra)
+        self._drop_trainer()              # the run is finished: free its student and close its event file
+        return {"export": str(path), "step": trainer.step, "ema_rel_distance": extra["ema_rel_distance"]}
 
 
 # ---------------------------------------------------------------- Ray Train (train.workers > 1)
@@ -231,12 +234,15 @@ def runs(cfg, methods=None):
     for name in names:
         method = cfg.train.variants[name].method if name in cfg.train.variants else name
         try:
-            get_method(method).check_config(cfg, cfg.train_runs([name])[0].options)
+            get_method(method)
         except KeyError:
             where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
             raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
                             f"train.variants entry ({', '.join(sorted(cfg.train.variants)) or 'none defined'})") from None
-    return cfg.train_runs(names)
+    out = cfg.train_runs(names)
+    for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
+        get_method(run.method).check_config(cfg, run.options)
+    return out
 
 
 def jobs(cfg, methods=None) -> list[Job]:

@@ -190,11 +190,12 @@ def test_hinge_and_feature_matching_hand_values():
     assert feature_matching_loss(real, fake).item() == pytest.approx(1.0 + 4.0)
 
 
-def test_discriminator_copies_the_teachers_first_blocks_and_leaves_the_teacher_alone():
+@pytest.mark.parametrize("backbone", ["frozen", "trainable"])
+def test_discriminator_copies_the_teachers_first_blocks_and_leaves_the_teacher_alone(backbone):
     teacher = make_toy_teacher("cpu", layers=3)
     before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
-    disc = TransformerDiscriminator(teacher.transformer, blocks=2)
-    assert len(disc.blocks) == 2
+    disc = TransformerDiscriminator(teacher.transformer, blocks=2, backbone=backbone)
+    assert len(disc.blocks) == 2 and len(disc.heads) == 2
     for name in ("pos_embed", "time_text_embed", "context_embedder"):
         for (a, pa), (b, pb) in zip(getattr(disc, name).named_parameters(),
                                     getattr(teacher.transformer, name).named_parameters()):
@@ -202,18 +203,21 @@ def test_discriminator_copies_the_teachers_first_blocks_and_leaves_the_teacher_a
     for i in range(2):
         for pa, pb in zip(disc.blocks[i].parameters(), teacher.transformer.transformer_blocks[i].parameters()):
             assert torch.equal(pa, pb)
-    assert all(p.requires_grad for p in disc.parameters())
+    assert all(p.requires_grad for p in disc.heads.parameters())
+    assert all(p.requires_grad == (backbone == "trainable") for p in disc.blocks.parameters())
 
     x = torch.randn(3, 1, 8, 8)
     cond = teacher.encode(["a", "b", "c"])
     logits, feats = disc(x, torch.tensor([0.0, 0.5, 1.0]), cond, return_features=True)
-    assert logits.shape == (3,) and len(feats) == 2
-    opt = torch.optim.SGD(disc.parameters(), lr=0.1)
+    assert logits.shape == (3, 2 * 16) and len(feats) == 2          # 2 heads x 16 image tokens (8x8, patch 2)
+    opt = torch.optim.SGD([p for p in disc.parameters() if p.requires_grad], lr=0.1)
     logits.sum().backward()
     opt.step()
     assert not any(p.requires_grad for p in teacher.transformer.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.transformer.state_dict().items())
-    assert not torch.equal(disc.blocks[0].ff.net[0].proj.weight, teacher.transformer.transformer_blocks[0].ff.net[0].proj.weight)
+    moved = not torch.equal(disc.blocks[0].ff.net[0].proj.weight,
+                            teacher.transformer.transformer_blocks[0].ff.net[0].proj.weight)
+    assert moved == (backbone == "trainable")
     with pytest.raises(UserError, match="disc_blocks"):
         TransformerDiscriminator(teacher.transformer, blocks=4)
 

@@ -74,7 +74,7 @@ def _write_run_files(cfg) -> None:
     for run in cfg.train_runs(METHODS):
         d = cfg.train_dir(run)
         (d / "export").mkdir(parents=True, exist_ok=True)
-        meta = {"method": run.method, "ema_vs_raw": 0.95 - 0.02 * run.seed}
+        meta = {"method": run.method, "ema_rel_distance": 0.95 - 0.02 * run.seed}
         if run.name == "ota":
             meta["x0_source"] = "teacher_samples"
         (d / "export" / "flowsteer.json").write_text(json.dumps(meta))

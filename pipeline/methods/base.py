@@ -105,6 +105,10 @@ class Method:
     def after_step(self, student: torch.nn.Module, step: int) -> None:
         """Hook after the optimiser step (e.g. SCFlow's target EMA)."""
 
+    def export_meta(self) -> dict[str, Any]:
+        """What the export's flowsteer.json records about how this student was trained (e.g. its grid)."""
+        return {"grid": "fixed"}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -1,4 +1,4 @@
-"""FlowSteer's discriminator: the teacher transformer's first blocks (a trainable copy) plus a token head.
+"""FlowSteer's discriminator: the teacher transformer's first blocks (a copy) plus a token head per block.
 
 Like LADD / SANA-Sprint, the backbone is the pretrained teacher itself, so the discriminator starts with
 features that already know the data at every noise level; it is conditioned on the prompt (joint attention
@@ -19,9 +19,9 @@ from pipeline.errors import UserError
 
 class TokenHead(nn.Module):
     """StyleGAN-T / LADD style head over image tokens: 1x1 conv, residual k=3 conv, per-token logits
-    plus a projection onto the condition embedding (projection discriminator), averaged over tokens."""
+    plus a projection onto the condition embedding (projection discriminator): [B, N] logits, one per token."""
 
-    def __init__(self, dim: int, cond_dim: int, hidden: int | None = None, spectral_norm: bool = True):
+    def __init__(self, dim: int, cond_dim: int, hidden: int | None = None, spectral_norm: bool = False):
         super().__init__()
         hidden = hidden or dim
         sn = _spectral_norm if spectral_norm else (lambda m: m)
@@ -37,45 +37,69 @@ class TokenHead(nn.Module):
         h = h + self.act(self.mix(h))
         logits = self.out(h).squeeze(1)                                      # [B, N]
         proj = (h * self.cond_map(cond_embedding).unsqueeze(-1)).sum(1) / math.sqrt(h.shape[1])
-        return (logits + proj).mean(1)                                       # one logit per sample
+        return logits + proj
 
 
 class TransformerDiscriminator(nn.Module):
-    """D(x, sigma, cond) -> [B] logits (and per-block image-token features for feature matching)."""
+    """D(x, sigma, cond) -> [B, L*N] per-token logits of L heads (one on every used block, as LADD), and
+    per-block image-token features for feature matching.
 
-    def __init__(self, transformer: nn.Module, blocks: int, spectral_norm: bool = True):
+    backbone "frozen" (default; LADD): the copied teacher blocks are fixed feature extractors, only the heads
+    train -- the diagnosis in docs/ablation.md: a trainable copy with spectral-norm heads on the last block
+    stayed at a constant output (hinge d_loss ~2.0). "trainable": the blocks fine-tune too (the paper's
+    choice; takes the discriminator learning rate)."""
+
+    def __init__(self, transformer: nn.Module, blocks: int, spectral_norm: bool = False, backbone: str = "frozen"):
         super().__init__()
         available = len(transformer.transformer_blocks)
         if not 1 <= blocks <= available:
             raise UserError(f"train.adversarial.disc_blocks is {blocks} but the teacher transformer has "
                             f"{available} blocks (use 1..{available})")
+        if backbone not in ("frozen", "trainable"):
+            raise UserError(f"discriminator backbone must be 'frozen' or 'trainable', got '{backbone}'")
         # copies of exactly what the first blocks need: patch/pos embed, time-text embed, context embedder
         self.pos_embed = copy.deepcopy(transformer.pos_embed)
         self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
         self.context_embedder = copy.deepcopy(transformer.context_embedder)
         self.blocks = nn.ModuleList(copy.deepcopy(transformer.transformer_blocks[i]) for i in range(blocks))
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-        self.head = TokenHead(dim, dim, spectral_norm=spectral_norm)
+        self.heads = nn.ModuleList(TokenHead(dim, dim, spectral_norm=spectral_norm) for _ in range(blocks))
+        self.backbone = backbone
         self.float().train().requires_grad_(True)
+        if backbone == "frozen":
+            for part in (self.pos_embed, self.time_text_embed, self.context_embedder, self.blocks):
+                part.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
                 return_features: bool = False):
-        dtype = self.head.cond_map.weight.dtype
+        dtype = self.heads[0].cond_map.weight.dtype
         x = x.to(dtype)
         tokens = self.pos_embed(x).contiguous()
         timestep = (sigma * 1000).to(dtype).expand(x.shape[0])
         temb = self.time_text_embed(timestep, cond["pooled_projections"].to(dtype))
         context = self.context_embedder(cond["encoder_hidden_states"].to(dtype))
-        features = []
-        for block in self.blocks:
+        features, logits = [], []
+        for block, head in zip(self.blocks, self.heads):
             context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
             features.append(tokens)
-        logits = self.head(tokens, temb)
+            logits.append(head(tokens, temb))
+        logits = torch.cat(logits, 1)
         return (logits, features) if return_features else logits
 
 
+def sample_logits(logits: torch.Tensor) -> torch.Tensor:
+    """One score per sample: the mean of its per-token logits (> 0 means 'real')."""
+    return logits.reshape(logits.shape[0], -1).mean(1)
+
+
+def accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Share of real samples scored > 0 and of fake samples scored < 0 (d_acc_real, d_acc_fake)."""
+    return ((sample_logits(logits_real) > 0).float().mean(), (sample_logits(logits_fake) < 0).float().mean())
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))] (hinge GAN)."""
+    """L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))] (hinge GAN), the mean over every token's logit
+    (LADD / SANA-Sprint: a token already on the right side of the margin stops pulling)."""
     return torch.relu(1 - logits_real).mean() + torch.relu(1 + logits_fake).mean()
 
 

@@ -75,11 +75,23 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
 
 @app.command()
 def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to write the example config."),
-         force: bool = typer.Option(False, help="Overwrite an existing file.")):
+         force: bool = typer.Option(False, help="Overwrite an existing file."),
+         preset: Optional[str] = typer.Option(None, help="study: the whole ablation ladder, 3 training seeds, "
+                                              "1000 steps (docs/ablation.md).")):
     """Write a commented example config (the embedded default) to edit."""
     if path.exists() and not force:
         fail(f"{path} exists (use --force to overwrite)")
-    shutil.copyfile(EXAMPLE, path)
+    if preset is None:
+        shutil.copyfile(EXAMPLE, path)
+    else:
+        from pipeline.files import atomic_write_bytes
+        from pipeline.ladder import preset_yaml
+
+        try:
+            text = preset_yaml(preset, EXAMPLE.read_text())
+        except KeyError as exc:
+            fail(exc.args[0])
+        atomic_write_bytes(path, text.encode())
     typer.echo(f"wrote {path}")
 
 
@@ -128,6 +140,21 @@ def report(config: Optional[Path] = ConfigOpt,
            method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods).")):
     """Write report.md / report.html with the ablation table, plots and image grids."""
     run_stage("report", get_config(config), methods=method or None)
+
+
+@app.command()
+def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
+           address: Optional[str] = AddressOpt):
+    """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
+    (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
+    and report them (docs/ablation.md)."""
+    from pipeline.ladder import with_ladder
+
+    cfg = with_ladder(get_config(config))
+    t0 = time.time()
+    for name in STAGES:
+        run_stage(name, cfg, executor, address)
+    typer.echo(f"ablate: finished in {time.time() - t0:.1f}s")
 
 
 @app.command()

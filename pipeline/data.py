@@ -207,13 +207,14 @@ class DataSource:
         return self.grid[cols]
 
     @torch.no_grad()
-    def teacher_window(self, z: torch.Tensor, k, cond: dict, guidance) -> torch.Tensor:
-        """The teacher with CFG over window k (M/K Euler sub-steps from edge k to k+1); k int or per row."""
+    def teacher_window(self, z: torch.Tensor, k, cond: dict, guidance, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher with CFG over window k (M/K Euler sub-steps from edge k to k+1); k int or per row.
+        `grid`: per-row sub-grids [steps + 1, B] of another grid's windows (e.g. diffusers' default grid)."""
         t0 = time.perf_counter()
         k = torch.as_tensor(k).expand(z.shape[0])
         g = torch.as_tensor(guidance, dtype=torch.float32, device=z.device).expand(z.shape[0])
         model = guided(self.teacher.velocity, self.null_cond(z.shape[0]), g)
-        out = euler(model, z, self._window_grid(k).to(z.device), cond)
+        out = euler(model, z, (self._window_grid(k) if grid is None else grid).to(z.device), cond)
         self.teacher_seconds += time.perf_counter() - t0
         return out
 

@@ -112,11 +112,16 @@ class DataConfig(Section):
 
 
 class AdversarialConfig(Section):
+    """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any of these keys."""
     disc_blocks: int = 2                # first teacher transformer blocks used as the discriminator backbone
     lambda_adv: float = 0.1             # unknown in the paper: a choice, see docs/methods.md
-    lambda_fm: float = 0.0
-    disc_lr: float = 2e-4
-    window_probs: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)
+    lambda_fm: float = 0.1              # feature matching on the discriminator's blocks (docs/ablation.md)
+    disc_lr: float = 1e-3               # the discriminator's heads (a frozen backbone has no other weights)
+    disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
+    spectral_norm: bool = False         # on the heads' convolutions
+    fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
+    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
+    window_probs: tuple[float, ...] = (0.2, 0.2, 0.2, 0.4)
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

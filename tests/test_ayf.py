@@ -60,11 +60,19 @@ def test_loss_value_is_mean_squared_normalised_tangent_and_warmup_scales_the_jvp
     assert losses["loss"].item() == pytest.approx(float(g.square().mean()), rel=1e-4)
     losses["loss"].backward()
     assert student.gap_embed.linear_2.weight.grad.abs().sum() > 0     # s conditioning is trained
+    # |g|^2 does not see g's sign; the update does: a small step must move F against g (towards Fm - g).
+    # A target Fm + g (a sign error) moves F along g and fails here.
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.grad is not None:
+                p.sub_(1e-3 * p.grad)
+        F_new = student(batch["x_t"], batch["t"], batch["s"], batch["cond"])
+    assert float(((F_new - F_m) * g).sum()) < 0
 
 
 def test_autoguidance_mixes_teacher_and_weak_teacher(toy):
     cfg, teacher, store = toy
-    method = make_ayf(cfg, teacher, store, options={"autoguidance": [1.0, 3.0]})
+    method = make_ayf(cfg, teacher, store, options={"autoguidance": [1.0, 3.0], "guidance": "auto"})
     x, t, _, _, cond = inputs(teacher)
     state = method.ctx.generator.get_state()
     v = method.teacher_velocity(x, t, cond, torch.full((3,), 4.0), None)
@@ -74,6 +82,18 @@ def test_autoguidance_mixes_teacher_and_weak_teacher(toy):
     with torch.no_grad():
         want = lam * teacher.velocity(x, t, cond) + (1 - lam) * teacher.weak_velocity(x, t, cond)
     assert torch.allclose(v, want, atol=1e-6)
+
+
+def test_default_target_is_the_same_cfg_field_as_the_other_methods(toy):
+    """The ladder compares like with like: AYF distills the teacher with CFG at the row's w by default."""
+    cfg, teacher, store = toy
+    method = make_ayf(cfg, teacher, store)
+    x, t, _, _, cond = inputs(teacher)
+    w, null = torch.tensor([3.0, 4.0, 5.0]), teacher.encode([""] * 3)
+    v = method.teacher_velocity(x, t, cond, w, null)
+    with torch.no_grad():
+        v_c, v_u = teacher.velocity(x, t, cond), teacher.velocity(x, t, null)
+    assert torch.allclose(v, v_u + w.view(-1, 1, 1, 1) * (v_c - v_u), atol=1e-6)
 
 
 def test_bad_options_are_user_errors(toy):

@@ -146,6 +146,44 @@ def test_perflow_window_start_interpolates_real_data_and_window_end_is_the_teach
     assert torch.allclose(batch["sigma_end"], fixed_sigmas(4, 3.0)[k + 1])
 
 
+def test_perflow_on_the_diffusers_grid_takes_the_schedulers_edges_and_solves_them_with_the_teacher():
+    """grid: diffusers -- windows on FlowMatchEulerDiscreteScheduler.set_timesteps(K) (double-shifted sigma_min),
+    each window end the teacher's CFG solve over M/K sub-steps between those edges."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipeline.data import DataSource
+    from pipeline.schedule import default_sigmas, shift_sigma, unshift_sigma
+
+    cfg = toy_cfg()
+    teacher = make_toy_teacher("cpu")
+    data = DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(3))
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond, w_cfg = teacher.encode(["a", "b", "c", "d"]), torch.tensor([1.0, 2.0, 3.0, 4.5])
+    data.real = lambda n: {"x0": x0[:n], "cond": cond, "guidance": w_cfg}
+    method = make_method("perflow", cfg, data, teacher=teacher, seed=3, options={"grid": "diffusers"})
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    assert torch.allclose(method.grid_edges, sched.sigmas.float())
+    assert torch.allclose(method.grid_edges, default_sigmas(4, 3.0), atol=1e-6)
+    assert method.grid_edges[-2] < 0.01 and method.export_meta()["grid"] == "diffusers"
+    batch = method.batch(step=0)
+    k = batch["k"]
+    assert torch.allclose(batch["sigma_start"], method.grid_edges[k]) and torch.allclose(batch["sigma_end"],
+                                                                                          method.grid_edges[k + 1])
+    null = teacher.encode([""] * 4)
+    for row in range(4):
+        u0, u1 = (unshift_sigma(method.grid_edges[k[row] + d].double(), 3.0) for d in (0, 1))
+        sub = shift_sigma(torch.stack([u0, (u0 + u1) / 2, u1]), 3.0).float()
+        z = batch["z_start"][row:row + 1]
+        c, nc = ({key: v[row:row + 1] for key, v in d.items()} for d in (cond, null))
+        for i in range(2):
+            v_c, v_u = teacher.velocity(z, sub[i].reshape(1), c), teacher.velocity(z, sub[i].reshape(1), nc)
+            z = z + (sub[i + 1] - sub[i]) * (v_u + w_cfg[row] * (v_c - v_u))
+        assert torch.allclose(batch["z_end"][row:row + 1], z, atol=1e-5)
+    with pytest.raises(UserError, match="grid"):
+        get_method("perflow").check_config(cfg, {"grid": "default", "x0": "teacher_samples"})
+
+
 def test_real_data_is_sharded_across_ranks_and_one_rank_draws_the_global_batch():
     from pipeline.data import DataSource
 
@@ -257,7 +295,7 @@ def test_flowsteer_gradients_reach_only_their_own_player():
     assert set(losses) >= {"loss", "distill", "adv", "fm", "online_share"}
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None for p in disc.parameters())
-    assert all(p.requires_grad for p in disc.parameters())          # restored after G's forward
+    assert all(p.requires_grad for p in disc.heads.parameters())    # restored after G's forward
     student.zero_grad(set_to_none=True)
 
     d_losses = method.discriminator_losses(student, batch, step=0)
@@ -286,6 +324,8 @@ def test_flowsteer_fake_is_the_students_one_step_jump_and_d_loss_is_the_hinge_on
                                              rel=1e-5)
     assert d["logit_real"].item() == pytest.approx(d_real.mean().item(), rel=1e-5)
     assert d["logit_fake"].item() == pytest.approx(d_fake.mean().item(), rel=1e-5)
+    assert d["acc_real"].item() == pytest.approx((d_real.mean(1) > 0).float().mean().item())
+    assert d["acc_fake"].item() == pytest.approx((d_fake.mean(1) < 0).float().mean().item())
 
 
 def test_flowsteer_without_adversarial_terms_is_ota():

@@ -3,7 +3,6 @@ public code's teacher/EMA bugs, and its sampler; on real toy-teacher trajectorie
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from pipeline.data import DataSource
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodContext, get_method
 from pipeline.methods.scflow import consistency, pseudo_huber, truncated_target
-from pipeline.sampling import euler
+from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 from pipeline.teachers.toy import make_toy_teacher
 from schemas.config import RunConfig
@@ -77,10 +76,37 @@ def make_scflow(cfg, teacher, store, options=None, seed=0):
 def test_pseudo_huber_hand_values():
     a = torch.tensor([[0.03, -0.04], [0.0, 1.0]])
     b = torch.zeros(2, 2)
-    c = 0.01
-    want = [math.sqrt(0.03 ** 2 + c * c) - c, math.sqrt(0.04 ** 2 + c * c) - c, 0.0, math.sqrt(1 + c * c) - c]
-    assert pseudo_huber(a, b, c).item() == pytest.approx(sum(want) / 4, rel=1e-6)
-    assert pseudo_huber(a, b, c).item() == pytest.approx((0.0216228 + 0.0312311 + 0 + 0.99005) / 4, abs=1e-6)
+    # sqrt(d^2 + c^2) - c per element, mean: 0.0216228, 0.0312311, 0, 0.99005 (worked out by hand)
+    assert pseudo_huber(a, b, 0.01).item() == pytest.approx((0.0216228 + 0.0312311 + 0 + 0.99005) / 4, abs=1e-6)
+    assert pseudo_huber(b, a, 0.01).item() == pytest.approx(pseudo_huber(a, b, 0.01).item())
+
+
+def test_consistency_loss_targets_the_ema_one_teacher_step_towards_the_data(toy):
+    """L_con = PH(f(z_t, t), f_ema(z_t - dn v_T, t - dn)): built by hand from the replayed draws; a target one
+    step AWAY from the data (z_t + dn v_T, a sign error) or the bidirectional one gives another value."""
+    cfg, teacher, store = toy
+    method = make_scflow(cfg, teacher, store, options={"lambda_gan": 0.0, "tau": 0.0, "warmup_bi": 10})
+    student = method.make_student(teacher.transformer)
+    with torch.no_grad():                           # a target EMA that differs from the student
+        for p in method.target.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = method.batch(0)
+    state = method.ctx.generator.get_state()
+    con = method.generator_losses(student, batch, step=0)["con"]
+    g = torch.Generator().set_state(state)
+    z_t, t, cond = batch["z_t"], batch["t"], batch["cond"]
+    u1, u2 = torch.rand(len(t), generator=g), torch.rand(len(t), generator=g)
+    dn = u1 * t.clamp(max=method.options["delta"])
+    vel = lambda m: (lambda x, s, c: method.velocity(m, x, s, c))
+    with torch.no_grad():
+        v_T = guided(teacher.velocity, batch["null_cond"], batch["guidance"])(z_t, t, cond)
+        f_t = consistency(vel(student), z_t, t, cond)
+        back = z_t - dn.view(-1, 1, 1, 1) * v_T
+        want = pseudo_huber(f_t, consistency(vel(method.target), back, t - dn, cond), method.options["huber_c"])
+        wrong_sign = z_t + dn.view(-1, 1, 1, 1) * v_T
+        flipped = pseudo_huber(f_t, consistency(vel(method.target), wrong_sign, t - dn, cond), method.options["huber_c"])
+    assert con.item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(flipped.item() - want.item()) > 1e-3 * want.item()
 
 
 def test_consistency_function_and_truncation_switch():

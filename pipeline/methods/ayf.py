@@ -2,7 +2,10 @@
 
 A flow-map student f(x, t, s) = x + (s - t) F(x, t, s) jumps from time t straight to any s < t; s = 0 is a
 consistency model, s -> t is flow matching (F(x, t, t) = v). Per step (docs/methods.md, Align Your Flow):
-  v = lam T(x_t, t) + (1 - lam) T_weak(x_t, t), lam ~ U[1, 3]      autoguidance from the weak teacher
+  v = T_w(x_t, t) = T_u + w (T_c - T_u), w the row's CFG scale      the SAME guided field as every other
+                                                                     method (guidance: cfg, the default), so
+                                                                     the ladder compares like with like;
+  or v = lam T + (1 - lam) T_weak, lam ~ U[1, 3]                     AYF's autoguidance (guidance: auto)
   (Fm, dF/dt) = jvp(F, (x_t, t, s), (v, 1, 0))                     no grad: total derivative along the ODE
   g = (Fm - v) + r (t - s) dF/dt,  r = min(0.99, step / warmup)    tangent warm-up
   g <- g / (||g|| + c), c = 0.1 per sample                          tangent normalisation
@@ -40,7 +43,9 @@ DEFAULTS = {
     "tangent_warmup": 100,          # r = min(0.99, step / tangent_warmup)
     "norm_c": 0.1,                  # g / (||g|| + c)
     "autoguidance": [1.0, 3.0],     # lam ~ U[lo, hi]; v = lam T + (1 - lam) T_weak
-    "guidance": "auto",             # auto: autoguidance when the teacher has a weak model, else CFG at w
+    # cfg: the teacher with CFG at the row's w (the target of perflow/ota/flowsteer, and of evaluation);
+    # auto: AYF's autoguidance when the teacher has a weak model (another target: an ablation, not the ladder)
+    "guidance": "cfg",
     "jvp": "auto",                  # auto | torch (torch.func.jvp, math SDPA) | fd (central difference)
     "fd_eps": 1e-4,
 }
@@ -182,7 +187,7 @@ class AlignYourFlow(Method):
 
     @torch.no_grad()
     def teacher_velocity(self, x, t, cond, guidance, null_cond):
-        """Autoguidance lam T + (1 - lam) T_weak (AYF), or CFG at the row's w when there is no weak teacher."""
+        """CFG at the row's w (default: the ladder's shared target), or autoguidance lam T + (1 - lam) T_weak."""
         teacher = self.ctx.teacher
         if self.options["guidance"] == "cfg" or getattr(teacher, "weak_transformer", None) is None:
             return guided(teacher.velocity, null_cond, guidance)(x, t, cond)

@@ -1,14 +1,18 @@
 """FlowSteer (Ke et al. 2025): OTA + adversarial distillation on the teacher's ODE trajectory.
 
 G loss = L_dist (OTA's chord loss) + lambda_adv L_adv + lambda_fm L_FM, with a hinge GAN whose
-  real = the teacher's authentic window end z_e (at sigma = s_e),
-  fake = the student's one-step jump from the same authentic window start, z_s + (s_e - s_s) v_theta(z_s, s_s),
-which is exactly the step the student takes at K-NFE inference, so the GAN (and feature matching, a paired
-perceptual loss here since real and fake share their start) trains the jump that is actually sampled.
-Adversarial rows are resampled from OTA's batch so their windows follow train.adversarial.window_probs
-while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is exactly ota, and the GAN
-costs no teacher calls beyond OTA's. Only `method_options.flowsteer.adv_fraction` (default 0.5) of a batch's
-size is drawn for the GAN, which bounds its extra student and discriminator work per step.
+  real = the teacher's authentic state at a window end z_e (sigma = s_e), and fake (`fake_source`) =
+  one_step: the student's one-step jump from the same authentic window start, z_s + (s_e - s_s) v_theta(z_s, s_s),
+            exactly the step the student takes at K-NFE inference from a teacher state; feature matching is
+            then a paired perceptual loss (real and fake share their start): sum_l ||D_l(z_e) - D_l(fake)||^2;
+  rollout:  the student's OWN K-step sampler from fresh noise up to edge k+1 (the earlier steps without a
+            graph, the last one with it), so D sees the states the student reaches at inference, with its own
+            errors carried from window to window (the inter-segment mismatch); unpaired with the real state,
+            so feature matching compares batch means of D's features (Salimans et al. 2016).
+Adversarial rows are resampled from OTA's batch so their windows follow `window_probs` (default: the clean
+end weighted, docs/ablation.md) while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is
+exactly ota. Only `adv_fraction` (default 0.5) of a batch's size is drawn for the GAN. Every key of
+`train.adversarial` except disc_lr can be overridden per run in the method options (ablation variants).
 """
 from __future__ import annotations
 
@@ -16,9 +20,15 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.methods.base import register
-from pipeline.methods.discriminator import (TransformerDiscriminator, feature_matching_loss, hinge_d_loss,
+from pipeline.methods.common import OnTrajectoryChordMethod, parse_options, rowwise
+from pipeline.methods.discriminator import (TransformerDiscriminator, accuracy, feature_matching_loss, hinge_d_loss,
                                             hinge_g_loss)
-from pipeline.methods.common import OnTrajectoryChordMethod, rowwise
+
+# options a run may set (train.method_options.flowsteer or a train.variants entry); None = train.adversarial's
+OVERRIDABLE = ("disc_blocks", "lambda_adv", "lambda_fm", "disc_backbone", "spectral_norm", "fake_source",
+               "window_probs")
+DEFAULTS = {"adv_fraction": 0.5, **{k: None for k in OVERRIDABLE}}
+FAKE_SOURCES = ("one_step", "rollout")
 
 
 def resample_windows(k: torch.Tensor, probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,32 +56,41 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        adv = ctx.cfg.train.adversarial
+        self.options = opts = parse_options(self.name, ctx.options, DEFAULTS)
+        adv = ctx.cfg.train.adversarial.model_copy(
+            update={k: opts[k] for k in OVERRIDABLE if opts[k] is not None})
         probs = torch.tensor(adv.window_probs, dtype=torch.float64)
         if len(probs) != self.num_windows or (probs < 0).any() or probs.sum() <= 0:
             raise UserError(f"train.adversarial.window_probs {list(adv.window_probs)} must be {self.num_windows} "
                             f"non-negative numbers (one per window of schedule.windows)")
+        if adv.fake_source not in FAKE_SOURCES:
+            raise UserError(f"flowsteer fake_source must be one of {', '.join(FAKE_SOURCES)}, got {adv.fake_source!r}")
         self.window_probs = probs / probs.sum()
-        self.lambda_adv, self.lambda_fm = adv.lambda_adv, adv.lambda_fm
-        # share of the batch that gets a one-step jump + D calls: half keeps the GAN's cost per step small
-        self.adv_fraction = float(ctx.options.get("adv_fraction", 0.5))
+        self.lambda_adv, self.lambda_fm, self.fake_source = adv.lambda_adv, adv.lambda_fm, adv.fake_source
+        # share of the batch that gets a student jump + D calls: half keeps the GAN's cost per step small
+        self.adv_fraction = float(opts["adv_fraction"])
         if not 0 < self.adv_fraction <= 1:
             raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {self.adv_fraction}")
         transformer = getattr(ctx.teacher, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
             raise UserError("flowsteer's discriminator is built from the teacher's SD3 transformer blocks; "
                             "this teacher has no `.transformer` with `transformer_blocks`")
-        self.disc = TransformerDiscriminator(transformer, adv.disc_blocks,
-                                             spectral_norm=ctx.options.get("spectral_norm", True)).to(ctx.device)
+        self.disc = TransformerDiscriminator(transformer, adv.disc_blocks, spectral_norm=adv.spectral_norm,
+                                             backbone=adv.disc_backbone).to(ctx.device)
 
     def discriminator(self) -> torch.nn.Module:
         return self.disc
+
+    def export_meta(self) -> dict:
+        return {**super().export_meta(), "fake_source": self.fake_source}
 
     @torch.no_grad()
     def batch(self, step: int) -> dict:
         batch = super().batch(step)
         n = max(1, round(len(batch["k"]) * self.adv_fraction))
         batch["adv_rows"] = resample_windows(batch["k"], self.window_probs, n, self.ctx.generator)
+        if self.fake_source == "rollout":     # the student's rollouts start from fresh noise (batch stream)
+            batch["adv_noise"] = self.ctx.data.noise_like(n)
         return batch
 
     def one_step_jump(self, student, z_start, sigma_start, sigma_end, cond) -> torch.Tensor:
@@ -79,19 +98,44 @@ class FlowSteer(OnTrajectoryChordMethod):
         v = self.velocity(student, z_start, sigma_start, cond)
         return z_start + rowwise(sigma_end - sigma_start, z_start) * v
 
+    @torch.no_grad()
+    def rollout_start(self, student, noise, k, cond) -> torch.Tensor:
+        """The student's own K-step sampler from noise (edge 0) to edge k of each row, without a graph."""
+        edges, z = self.ctx.edges.to(noise.device), noise.clone()
+        for j in range(int(k.max()) if len(k) else 0):
+            live = k > j
+            sub = {c: v[live] for c, v in cond.items()}
+            s = edges[j].expand(int(live.sum()))
+            z[live] = self.one_step_jump(student, z[live], s, edges[j + 1].expand_as(s), sub)
+        return z
+
+    def fake(self, student, batch: dict, adv: dict) -> torch.Tensor:
+        """The fake state at each GAN row's window end (with a graph to the student's last step)."""
+        if self.fake_source == "rollout":
+            if "adv_rollout" not in batch:    # the D step and the G step see the same student: roll out once
+                k = batch["k"][batch["adv_rows"]]
+                batch["adv_rollout"] = self.rollout_start(student, batch["adv_noise"], k, adv["cond"])
+            start = batch["adv_rollout"]
+        else:
+            start = adv["z_start"]
+        return self.one_step_jump(student, start, adv["sigma_start"], adv["sigma_end"], adv["cond"])
+
     def generator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
         losses = super().generator_losses(student, batch, step)
         if not (self.lambda_adv or self.lambda_fm):
             return losses
         adv = take(batch, batch["adv_rows"])
-        fake = self.one_step_jump(student, adv["z_start"], adv["sigma_start"], adv["sigma_end"], adv["cond"])
+        fake = self.fake(student, batch, adv)
         if self.lambda_fm:
             n = len(fake)
             both = {k: torch.cat([v, v]) for k, v in adv["cond"].items()}
             logits, feats = self.disc(torch.cat([adv["z_end"].to(fake), fake]),
                                       torch.cat([adv["sigma_end"]] * 2), both, return_features=True)
             logits_fake = logits[n:]
-            fm = feature_matching_loss([f[:n] for f in feats], [f[n:] for f in feats])
+            if self.fake_source == "one_step":    # paired: same start, same window
+                fm = feature_matching_loss([f[:n] for f in feats], [f[n:] for f in feats])
+            else:                                  # unpaired: match the batch means of D's features
+                fm = feature_matching_loss([f[:n].mean(0) for f in feats], [f[n:].mean(0) for f in feats])
         else:
             logits_fake = self.disc(fake, adv["sigma_end"], adv["cond"])
             fm = torch.zeros((), device=fake.device)
@@ -101,12 +145,15 @@ class FlowSteer(OnTrajectoryChordMethod):
         return losses
 
     def discriminator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """Hinge D loss on real = teacher window ends vs fake = the student's jumps (no gradient to the student)."""
+        """Hinge D loss on real = teacher window ends vs fake = the student's states (no gradient to the student);
+        logs the mean logits and D's accuracy on each side (acc_real: share scored > 0, acc_fake: < 0)."""
         adv = take(batch, batch["adv_rows"])
         with torch.no_grad():   # the trainer runs the D step first, so the fake is made here, without a graph
-            fake = self.one_step_jump(student, adv["z_start"], adv["sigma_start"], adv["sigma_end"], adv["cond"])
+            fake = self.fake(student, batch, adv)
         n = len(fake)
         both = {k: torch.cat([v, v]) for k, v in adv["cond"].items()}
         logits = self.disc(torch.cat([adv["z_end"].to(fake), fake]), torch.cat([adv["sigma_end"]] * 2), both)
         loss = hinge_d_loss(logits[:n], logits[n:])
-        return {"loss": loss, "logit_real": logits[:n].mean().detach(), "logit_fake": logits[n:].mean().detach()}
+        acc_real, acc_fake = accuracy(logits[:n].detach(), logits[n:].detach())
+        return {"loss": loss, "logit_real": logits[:n].mean().detach(), "logit_fake": logits[n:].mean().detach(),
+                "acc_real": acc_real, "acc_fake": acc_fake}

@@ -15,9 +15,29 @@ from pipeline.data import has_real_data
 from pipeline.errors import UserError
 from pipeline.methods.base import register
 from pipeline.methods.common import ChordMethod, parse_options, rowwise
+from pipeline.schedule import shift_sigma, unshift_sigma
 
 X0_SOURCES = ("real", "teacher_samples")
-DEFAULTS = {"x0": "real"}          # where x0 comes from (docs/precision.md)
+GRIDS = ("fixed", "diffusers")
+# x0: where x0 comes from (docs/precision.md); grid: where the K windows lie (docs/ablation.md)
+DEFAULTS = {"x0": "real", "grid": "fixed"}
+
+
+def diffusers_edges(windows: int, shift: float) -> torch.Tensor:
+    """The K + 1 window edges of diffusers' default FlowMatchEulerDiscreteScheduler.set_timesteps(K) grid,
+    taken from the scheduler itself: [1, ..., double-shifted sigma_min, 0] (pipeline/schedule.default_sigmas)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(windows)
+    return scheduler.sigmas.to(torch.float32).cpu()
+
+
+def sub_grids(edges: torch.Tensor, k: torch.Tensor, steps: int, shift: float) -> torch.Tensor:
+    """[steps + 1, B] teacher sub-grids of windows k of `edges`, evenly spaced in unshifted time."""
+    u_s, u_e = unshift_sigma(edges[k].double(), shift), unshift_sigma(edges[k + 1].double(), shift)
+    frac = torch.arange(steps + 1, dtype=torch.float64)[:, None] / steps
+    return shift_sigma(u_s[None] + frac * (u_e - u_s)[None], shift).float()
 
 
 def uniform_windows(n: int, num_windows: int, generator: torch.Generator) -> torch.Tensor:
@@ -35,10 +55,19 @@ class PeRFlow(ChordMethod):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.options = parse_options(self.name, ctx.options, DEFAULTS)
+        # grid "diffusers": PeRFlow as users run it today, its windows on the default scheduler's grid (the
+        # paper's first ablation row); the teacher then solves each window with M/K sub-steps of its own.
+        self.grid_edges = (diffusers_edges(self.num_windows, ctx.cfg.schedule.shift).to(ctx.device)
+                           if self.options["grid"] == "diffusers" else None)
+
+    def export_meta(self) -> dict:
+        return {**super().export_meta(), "grid": self.options["grid"]}
 
     @classmethod
     def check_config(cls, cfg, options) -> None:
         x0 = parse_options(cls.name, options, DEFAULTS)["x0"]
+        if parse_options(cls.name, options, DEFAULTS)["grid"] not in GRIDS:
+            raise UserError(f"train.method_options.{cls.name}.grid must be one of {', '.join(GRIDS)}")
         if x0 not in X0_SOURCES:
             raise UserError(f"train.method_options.{cls.name}.x0 must be one of {', '.join(X0_SOURCES)}, got {x0!r}")
         if x0 == "real" and not has_real_data(cfg):
@@ -63,10 +92,14 @@ class PeRFlow(ChordMethod):
         x0 = real["x0"].to(ctx.device)
         n = x0.shape[0]
         k = uniform_windows(n, self.num_windows, ctx.generator).to(ctx.device)
-        edges = ctx.edges.to(ctx.device)
+        edges = (ctx.edges if self.grid_edges is None else self.grid_edges).to(ctx.device)
         s_s, s_e = edges[k], edges[k + 1]
         eps = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0)
         z_s = (1 - rowwise(s_s, x0)) * x0 + rowwise(s_s, x0) * eps
-        z_e = ctx.data.teacher_window(z_s, k, real["cond"], real["guidance"])
+        grid = None
+        if self.grid_edges is not None:
+            cfg = ctx.cfg.schedule
+            grid = sub_grids(self.grid_edges.cpu(), k.cpu(), cfg.teacher_steps // cfg.windows, cfg.shift)
+        z_e = ctx.data.teacher_window(z_s, k, real["cond"], real["guidance"], grid=grid)
         return dict(z_start=z_s, z_end=z_e, sigma_start=s_s, sigma_end=s_e, k=k, cond=real["cond"],
                     guidance=real["guidance"])

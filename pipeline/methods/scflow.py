@@ -6,7 +6,7 @@ Consistency function f(z, t) = z - t v(z, t) (sigma=1 noise). Per step (docs/met
   tgt_m := z0 where t - dn < tau                           truncated consistency (ground truth at small t)
   L = PH(f(z_t,t), tgt_m) + 0.1[s>w_rf] L_rf + 0.1[s>w_gan] L_G + 0.1[s>w_bi] PH(f(z_t,t), tgt_p)
 with the reflow loss on the student's own one-step output and a GAN on that output. The GAN is a choice:
-flowsteer's discriminator (the teacher's first blocks + token head, spectral norm) with hinge losses, on
+flowsteer's discriminator (the teacher's first blocks + token heads, train.adversarial) with hinge losses, on
 clean samples (sigma = 0), real = real data when the run has it (the digits of the embedded teacher, the
 latents of `data.images`), else cached final teacher samples; fake = the one-step output; SCFlow's
 non-saturating loss + R1 would need a double backward through attention on every D step.
@@ -119,8 +119,9 @@ class SCFlow(Method):
         if self.options["lambda_gan"] <= 0:
             return None
         if self._disc is None:
-            blocks = self.ctx.cfg.train.adversarial.disc_blocks
-            self._disc = TransformerDiscriminator(self.ctx.teacher.transformer, blocks).to(self.ctx.device)
+            adv = self.ctx.cfg.train.adversarial
+            self._disc = TransformerDiscriminator(self.ctx.teacher.transformer, adv.disc_blocks, adv.spectral_norm,
+                                                  adv.disc_backbone).to(self.ctx.device)
         return self._disc
 
     # --- one step

@@ -1,0 +1,62 @@
+"""The ablation ladder (FlowSteer Table 5 style) as named training runs, and the `study` preset.
+
+Each row adds one thing to the row above, all trained from ONE trajectory store (docs/ablation.md):
+  perflow-diffusers  PeRFlow with its windows on diffusers' default scheduler grid (as users run it today)
+  perflow            + the fixed schedule (windows on sigma_i = shift(1 - i/K), ending at 0)
+  ota                + Online Trajectory Alignment (authentic teacher states as window starts and ends)
+  flowsteer-adv      + adversarial distillation (hinge GAN on the one-step jump, no feature matching)
+  flowsteer          + feature matching (train.adversarial.lambda_fm) = the full objective
+  flowsteer-rollout  fake states from the student's own K-step rollout instead of the one-step jump
+plus scflow and ayf-emd under the same CFG target. The rows are `train.variants` entries, so the fingerprint
+of a row is that of its method and options: the `perflow` row IS the plain `perflow` run.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+LADDER_VARIANTS: dict[str, dict[str, Any]] = {
+    "perflow-diffusers": {"method": "perflow", "options": {"grid": "diffusers"}},
+    "flowsteer-adv": {"method": "flowsteer", "options": {"lambda_fm": 0.0}},
+    "flowsteer-rollout": {"method": "flowsteer", "options": {"fake_source": "rollout"}},
+}
+LADDER = ["perflow-diffusers", "perflow", "ota", "flowsteer-adv", "flowsteer", "flowsteer-rollout", "scflow", "ayf-emd"]
+
+# `flowsteer init --preset study`: long enough for the students to leave the teacher, 3 training seeds, the
+# whole ladder; sized for ~2 h on 2 CPU cores (estimate and its basis: docs/ablation.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "study": {
+        "root": "runs/study",
+        "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 1000,
+                  "batch_size": 12, "checkpoint_every": 250, "log_every": 25},
+        "evaluate": {"nfes": [1, 2, 4], "n_samples": 500},
+    },
+}
+
+
+def with_ladder(cfg):
+    """`cfg` training the whole ladder: train.methods = LADDER, its variants added (the config's own win)."""
+    from schemas.config import RunConfig
+
+    data = cfg.model_dump(mode="json")
+    data["train"]["methods"] = list(LADDER)
+    data["train"]["variants"] = {**LADDER_VARIANTS, **data["train"]["variants"]}
+    return RunConfig.model_validate(data)
+
+
+def preset_yaml(name: str, example_text: str) -> str:
+    """The example config with the preset laid over it, as YAML (a header says which preset)."""
+    import yaml
+
+    from schemas.config import RunConfig
+
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset '{name}' (known: {', '.join(sorted(PRESETS))})")
+    data = yaml.safe_load(example_text)
+    for section, values in PRESETS[name].items():
+        if isinstance(values, dict):
+            data[section] = {**data[section], **values}
+        else:
+            data[section] = values
+    RunConfig.model_validate(data)
+    return (f"# flowsteer preset '{name}' (docs/ablation.md): the example config with the preset's keys set;\n"
+            f"# run it with `flowsteer ablate -c <this file>`.\n" + yaml.safe_dump(data, sort_keys=False))

@@ -16,7 +16,7 @@ import pandas as pd
 from pipeline.metrics.base import registered
 from pipeline.metrics.scores import WARN, cell, separated, summarize
 
-LADDER_METHODS = ("perflow", "ota", "flowsteer", "scflow", "ayf")   # FlowSteer's Table 5 order, then the rest
+LADDER_METHODS = ("perflow", "ota", "flowsteer", "scflow", "ayf-emd")   # FlowSteer's Table 5 order, then the rest
 LADDER_NFES = (1, 2, 4)
 
 

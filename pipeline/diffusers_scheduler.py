@@ -32,3 +32,18 @@ class FixedFlowMatchEulerScheduler(FlowMatchEulerDiscreteScheduler):
             sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         super().set_timesteps(num_inference_steps=num_inference_steps, device=device, sigmas=sigmas, mu=mu,
                               timesteps=timesteps)
+
+
+def diffusers_sigmas(nfe: int, scheduler_config: dict | None = None, shift: float = 3.0) -> "torch.Tensor":
+    """The nfe + 1 sigmas diffusers' own FlowMatchEulerDiscreteScheduler steps through after set_timesteps(nfe)
+    (read from the scheduler, not recomputed): the grid a student gets when users keep the default scheduler.
+    `scheduler_config`: an export's scheduler config (its shift etc.); else a default one with `shift`."""
+    import torch
+
+    if scheduler_config is not None:
+        config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(nfe)
+    return torch.as_tensor(scheduler.sigmas, dtype=torch.float32).cpu()

@@ -71,9 +71,13 @@ class Student:
     meta: dict[str, Any]
 
     @torch.no_grad()
-    def sample(self, noise: torch.Tensor, cond: dict, nfe: int, callback=None) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor, cond: dict, nfe: int, callback=None,
+               sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """`nfe` steps of the method's sampler on its own grid, or on `sigmas` (nfe + 1 values) when given."""
+        if sigmas is not None and len(sigmas) != nfe + 1:
+            raise ValueError(f"{nfe} steps need {nfe + 1} sigmas, got {len(sigmas)}")
         return self.method.sample(self.module, noise, cond, nfe, self.meta["windows"], self.meta["shift"],
-                                  callback=callback)
+                                  callback=callback, sigmas=sigmas)
 
 
 def load_student(directory, device="cpu") -> Student:

@@ -243,6 +243,10 @@ class EvaluateConfig(Section):
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
     batch_size: Batch = 250
+    # student grids: "fixed" = the method's own sampler on the fixed grid; "diffusers" = the sigmas of diffusers'
+    # default FlowMatchEulerDiscreteScheduler.set_timesteps(nfe), as users who keep that scheduler sample
+    schedules: list[Literal["fixed", "diffusers"]] = Field(default_factory=lambda: ["fixed"], min_length=1)
+    metrics: list[str] | None = None    # names from pipeline/metrics (None = every metric that applies)
 
 
 class RunConfig(Section):
@@ -306,8 +310,10 @@ class RunConfig(Section):
             if self.train.store:         # the data trained on: the pointed store's own fingerprint
                 parts["store"] = pointed_store_fingerprint(self.train.store)
         if stage == "evaluate":
-            # nfes and seeds only choose units (each unit's key holds its nfe and seed): adding one reuses the rest
-            parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds"})
+            # nfes, seeds and schedules only choose units (a unit key holds them): adding one reuses the rest;
+            # the metrics a unit computed are in its record (stages/evaluate.py redoes units missing one)
+            parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds",
+                                                                                "schedules", "metrics"})
         return fingerprint(parts)
 
     def stage_dir(self, stage: str) -> Path:

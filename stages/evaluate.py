@@ -1,34 +1,37 @@
-"""Evaluate stage: score the teacher and every exported student at each NFE on fixed prompts and noise.
+"""Evaluate stage: score the teacher and every trained student at each NFE and grid on fixed prompts and noise.
 
-Units are (checkpoint, NFE, seed). Two jobs run in order under `cfg.stage_dir("evaluate")`:
-  teacher/   the teacher at evaluate.teacher_nfe steps with CFG, one unit per seed; its final samples are
-             kept (teacher/outputs/seed<s>.npz) as the target of trajectory fidelity
-  students/  every exported student at every NFE in evaluate.nfes, guidance-free, one unit per seed
-Each unit writes its score rows to <job>/scores/<unit>.parquet, then its record; `after` gathers every row
-into scores.parquet. Rows: (checkpoint, fingerprint, nfe, metric, value, n, seed, ...).
-Sample i of seed s starts from `noise_for(noise_seeds(s, n)[i])` and asks for prompt i mod P, for every
-checkpoint alike, so students, teacher and the image grids share noise and prompts.
+Units are (checkpoint, schedule, NFE, evaluation seed). Two jobs run in order under `cfg.stage_dir("evaluate")`:
+  teacher/   the teacher at evaluate.teacher_nfe steps with CFG on the fixed grid, one unit per seed; its final
+             samples are kept (teacher/outputs/seed<s>.npz) as the target of trajectory fidelity
+  students/  every training run (train.methods x train.seeds, schemas.config.TrainRun) at every NFE in
+             evaluate.nfes on every grid in evaluate.schedules ("fixed": the method's own sampler; "diffusers":
+             the sigmas of diffusers' default FlowMatchEulerDiscreteScheduler), guidance-free, one unit per seed
+The metrics are the registry's (pipeline/metrics/base.py): every one that applies to the run, or those named
+in evaluate.metrics. Each unit writes its rows (pipeline/metrics/scores.py) to <job>/scores/<unit>.parquet,
+then its record, which names the metrics computed (a unit missing a metric added since is redone); `after`
+gathers every row into scores.parquet. Sample i of seed s starts from `noise_for(noise_seeds(s, n)[i])` and
+asks for prompt i mod P, for every checkpoint alike, so students, teacher and the image grids share noise
+and prompts.
 """
 from __future__ import annotations
 
 import functools
 import io
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_path, atomic_write_bytes, temp_name
-from pipeline.runner import Job, Unit, is_done
+from pipeline.files import atomic_write_bytes, atomic_write_parquet
+from pipeline.metrics import scores
+from pipeline.metrics.base import EvalContext, Samples, metrics_for
+from pipeline.runner import Job, Unit, drop_record, is_done, read_record
 from schemas.config import RunConfig
 
 NOISE_SEED_OFFSET = 1 << 40     # evaluation noise never coincides with the training trajectories' seeds
-GRID_IMAGES = 20                # images kept per (checkpoint, nfe) for the report's grids
+GRID_IMAGES = 20                # images kept per (checkpoint, schedule, nfe) for the report's grids
 
 
 # ---------------------------------------------------------------- what is evaluated
@@ -38,78 +41,83 @@ def noise_seeds(seed: int, n: int) -> np.ndarray:
     return NOISE_SEED_OFFSET + seed * (1 << 24) + np.arange(n, dtype=np.int64)
 
 
-def student_checkpoints(cfg: RunConfig, methods) -> list[dict]:
-    """(label, fingerprint, export dir) of each training run's exported student (run names x train.seeds);
-    a UserError names what to train."""
+def student_checkpoints(cfg: RunConfig, methods=None) -> list[dict]:
+    """Each training run's exported student (run names x train.seeds); a UserError names what to train."""
     out = []
-    for run in cfg.train_runs(list(methods)):
+    for run in cfg.train_runs(list(methods) if methods else None):
         train_dir = cfg.train_dir(run)
         if not is_done(train_dir, "export"):
             raise UserError(f"no exported student for run '{run.label}' in {train_dir}: "
                             f"run `flowsteer train -m {run.name}` first")
-        out.append({"checkpoint": run.label, "key": run.label.replace("/", "-"),
+        out.append({"checkpoint": run.label, "run": run.name, "train_seed": run.seed, "dir": train_dir.name,
                     "fingerprint": cfg.fingerprint("train", run), "export": str(train_dir / "export")})
     return out
-
-
-def reference_kind(cfg: RunConfig) -> str:
-    """Which images FID compares against: a configured folder, the real digits, or the teacher's samples."""
-    if cfg.evaluate.reference:
-        return "folder"
-    return "digits" if cfg.teacher.kind == "embedded" else "teacher"
 
 
 def _check_inputs(cfg: RunConfig) -> None:
     """Problems a user can fix, found before any model is loaded (one line each)."""
     ev = cfg.evaluate
-    if ev.features == "inception":
-        from pipeline.metrics.fid import resolve_inception
-
-        resolve_inception(ev.inception_path)
-    if ev.features == "classifier" and cfg.teacher.kind != "embedded":
-        raise UserError("evaluate.features 'classifier' needs the embedded teacher's digit classifier; "
-                        "use features: inception (with inception_path) or pixels for other teachers")
-    if ev.clip_path:
-        from pipeline.metrics.alignment import check_clip_dir
-
-        check_clip_dir(ev.clip_path)
-    if ev.reference and not Path(ev.reference).expanduser().is_dir():
-        raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
-    bad = [n for n in ev.nfes if n < 1]
-    if bad or ev.teacher_nfe < 1 or ev.n_samples < 2:
+    for metric in metrics_for(cfg):
+        metric.check(cfg)
+    if any(n < 1 for n in ev.nfes) or ev.teacher_nfe < 1 or ev.n_samples < 2:
         raise UserError("evaluate.nfes and teacher_nfe must be >= 1 and n_samples >= 2")
 
 
 def jobs(cfg: RunConfig, methods=None) -> list[Job]:
-    """The teacher job (one unit per seed) and the students job (method x NFE x seed), in that order."""
+    """The teacher job (one unit per seed) and the students job (run x schedule x NFE x seed), in that order."""
     _check_inputs(cfg)
     ev, root = cfg.evaluate, cfg.stage_dir("evaluate")
     make = functools.partial(EvalWorker, cfg.model_dump(mode="json"))
-    n = ev.n_samples
-    tfp = cfg.fingerprint("teacher")
-    teacher_units = [Unit(f"teacher-{tfp}_nfe{ev.teacher_nfe}_seed{s}",
-                          {"kind": "teacher", "checkpoint": "teacher", "fingerprint": tfp, "nfe": ev.teacher_nfe,
-                           "seed": s}, size=n) for s in ev.seeds]
-    student_units = [Unit(f"{c['key']}-{c['fingerprint']}_nfe{nfe}_seed{s}",
-                          {"kind": "student", **c, "nfe": nfe, "seed": s}, size=n)
-                     for c in student_checkpoints(cfg, methods or cfg.train.methods)
-                     for nfe in ev.nfes for s in ev.seeds]   # method-major: a local worker loads each once
+    n, tfp = ev.n_samples, cfg.fingerprint("teacher")
+    teacher_units = [Unit(scores.teacher_unit_key(tfp, ev.teacher_nfe, s),
+                          {"kind": "teacher", "checkpoint": "teacher", "run": "teacher", "train_seed": None,
+                           "fingerprint": tfp, "schedule": "fixed", "nfe": ev.teacher_nfe, "seed": s}, size=n)
+                     for s in ev.seeds]
+    student_units = [Unit(scores.student_unit_key(c["dir"], sched, nfe, s),
+                          {"kind": "student", **c, "schedule": sched, "nfe": nfe, "seed": s}, size=n)
+                     for c in student_checkpoints(cfg, methods)
+                     for sched in ev.schedules for nfe in ev.nfes for s in ev.seeds]   # a worker loads each once
+    names = [m.name for m in metrics_for(cfg)]
     common = dict(num_cpus=1, num_gpus=0 if cfg.device == "cpu" else 1, item_name="samples")
-    return [Job("evaluate-teacher", root / "teacher", teacher_units, make,
-                prepare=functools.partial(prepare_reference, cfg), **common),
-            Job("evaluate", root / "students", student_units, make, **common)]
+    teacher = Job("evaluate-teacher", root / "teacher", teacher_units, make, **common)
+    students = Job("evaluate", root / "students", student_units, make, **common)
+    teacher.prepare = functools.partial(_prepare, cfg, teacher, names)
+    students.prepare = functools.partial(_prepare, None, students, names)
+    return [teacher, students]
+
+
+def _prepare(cfg: RunConfig | None, job: Job, names: list[str]) -> None:
+    """Driver side, before the job: the metrics' one-off inputs (teacher job), and a redo of every unit whose
+    record does not list exactly the metrics this run computes (a metric was added, removed or chosen)."""
+    if cfg is not None:
+        for metric in metrics_for(cfg):
+            metric.prepare(cfg)
+    for unit in job.units:
+        rec = read_record(job.out_dir, unit.key)
+        if rec and rec.get("status") == "done" and rec.get("computed") != names:
+            drop_record(job.out_dir, unit.key)
 
 
 def after(cfg: RunConfig, methods=None) -> str:
-    """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet."""
+    """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet, then
+    put each evaluated student's scores into its export's model card (export/README.md)."""
+    from pipeline.metrics.tables import checkpoint_scores
+    from pipeline.model_card import refresh_model_card
+
     root = cfg.stage_dir("evaluate")
-    table = gather_scores(root)
-    _write_parquet(root / "scores.parquet", table)
+    table = scores.gather(root)
+    atomic_write_parquet(root / "scores.parquet", table)
+    for run in cfg.train_runs(list(methods) if methods else None):
+        export = cfg.train_dir(run) / "export"
+        if (export / "flowsteer.json").is_file():
+            refresh_model_card(export, cfg, checkpoint_scores(cfg, run))
     return f"evaluate: {table.num_rows} score rows -> {root / 'scores.parquet'}"
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:
     """A unit is sound when its score rows (and, for the teacher, its saved samples) read back."""
+    import pyarrow.parquet as pq
+
     try:
         pq.read_table(Path(job.out_dir) / "scores" / f"{unit.key}.parquet")
         if unit.params["kind"] == "teacher":
@@ -118,39 +126,6 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     except Exception as exc:  # any unreadable output means the unit must be redone
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-# ---------------------------------------------------------------- files
-def gather_scores(root: Path) -> pa.Table:
-    files = sorted(Path(root).glob("*/scores/*.parquet"))
-    tables = [pq.read_table(f) for f in files]
-    return pa.concat_tables(tables) if tables else _schema().empty_table()
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def digits_reference_dir(cfg: RunConfig) -> Path:
-    return cfg.stage_dir("evaluate") / "reference" / "digits"
-
-
-def prepare_reference(cfg: RunConfig) -> None:
-    """Driver side, once: the 5000 real digits as PNGs, the FID reference of the embedded default."""
-    if reference_kind(cfg) != "digits":
-        return
-    out = digits_reference_dir(cfg)
-    if (out / "_complete").is_file():
-        return
-    from pipeline.digits import load_digits
-    from pipeline.metrics.fid import write_png_folder
-
-    images, _ = load_digits()
-    with atomic_path(out) as tmp:
-        write_png_folder((images + 1) / 2, tmp)
-        (tmp / "_complete").write_text(f"{len(images)}\n")
 
 
 def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
@@ -171,10 +146,9 @@ def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
 
 # ---------------------------------------------------------------- the worker
 class EvalWorker:
-    """Loads the teacher (prompt encoder, decoder), the scorers and each student once per process."""
+    """Loads the teacher (prompt encoder, decoder), the metrics and each student once per process."""
 
     def __init__(self, cfg_json: dict):
-        from pipeline.metrics.fid import feature_space
         from pipeline.store import generate_prompts
         from pipeline.teachers import load_teacher, resolve_device
 
@@ -182,35 +156,40 @@ class EvalWorker:
         self.device = resolve_device(self.cfg.device)
         self.teacher = load_teacher(self.cfg, self.device)
         self.prompts = generate_prompts(self.cfg)
-        ev = self.cfg.evaluate
-        self.classifier = None
-        if self.cfg.teacher.kind == "embedded":
-            from pipeline.metrics.classifier import load_classifier
-
-            self.classifier = load_classifier(self.cfg.stage_dir("teacher"), self.device)
-        self.space = feature_space(ev.features, self.device, self.classifier, ev.inception_path)
-        self.clip = None
-        if ev.clip_path:
-            from pipeline.metrics.alignment import ClipScorer
-
-            self.clip = ClipScorer(ev.clip_path, self.device)
-        self.students: dict[str, object] = {}
-        self.reference: dict[str, np.ndarray] = {}
         self.root = self.cfg.stage_dir("evaluate")
+        self.ctx = EvalContext(self.cfg, self.device, self.teacher, self.root)
+        self.metrics = [m(self.ctx) for m in metrics_for(self.cfg)]
+        self.students: dict[str, object] = {}
 
     def _student(self, export: str):
         if export not in self.students:
             from pipeline.student import load_student
 
-            self.students.clear()          # units are method-major: keep one student in memory
+            self.students.clear()          # units are checkpoint-major: keep one student in memory
             self.students[export] = load_student(Path(export), self.device)
         return self.students[export]
+
+    def sigmas(self, p: dict) -> torch.Tensor | None:
+        """The unit's grid: the teacher's fixed grid, a student's own (None), or diffusers' default grid read
+        from FlowMatchEulerDiscreteScheduler configured like the export's scheduler."""
+        from pipeline.schedule import fixed_sigmas
+
+        if p["kind"] == "teacher":
+            return fixed_sigmas(p["nfe"], self.cfg.schedule.shift)
+        if p["schedule"] == "fixed":
+            return None
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from pipeline.diffusers_scheduler import diffusers_sigmas
+
+        saved = Path(p["export"]) / "scheduler"
+        config = FlowMatchEulerDiscreteScheduler.load_config(str(saved)) if saved.is_dir() else None
+        return diffusers_sigmas(p["nfe"], config, self.cfg.schedule.shift)
 
     @torch.no_grad()
     def generate(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         """(samples in ODE space, images in [0, 1], prompt index, noise seeds) for one unit."""
         from pipeline.sampling import sample
-        from pipeline.schedule import fixed_sigmas
         from pipeline.store import noise_for
 
         ev, n = self.cfg.evaluate, self.cfg.evaluate.n_samples
@@ -218,7 +197,7 @@ class EvalWorker:
         prompt_index = torch.arange(n) % len(self.prompts)
         shape = tuple(self.teacher.sample_shape)
         student = self._student(p["export"]) if p["kind"] == "student" else None
-        sigmas = fixed_sigmas(p["nfe"], self.cfg.schedule.shift)
+        sigmas = self.sigmas(p)
         xs, images = [], []
         for i in range(0, n, ev.batch_size):
             idx = range(i, min(i + ev.batch_size, n))
@@ -228,7 +207,7 @@ class EvalWorker:
                 null = self.teacher.encode([""] * len(idx))
                 x = sample(self.teacher.velocity, noise, sigmas, cond, null, ev.guidance)
             else:
-                x = student.sample(noise, cond, p["nfe"])
+                x = student.sample(noise, cond, p["nfe"], sigmas=sigmas)
             xs.append(x.float().cpu())
             images.append(self.teacher.decode(x).float().cpu())
         return torch.cat(xs), torch.cat(images), prompt_index, seeds
@@ -242,90 +221,20 @@ class EvalWorker:
         if p["kind"] == "teacher":
             from pipeline.metrics.fidelity import save_outputs
 
-            save_outputs(job_dir / "outputs" / f"seed{p['seed']}.npz", x, prompt_index, seeds)
+            save_outputs(self.ctx.teacher_outputs_path(p["seed"]), x, prompt_index, seeds)
         t1 = time.time()
-        metrics = self.score(unit, x, images, prompt_index, seeds)
+        samples = Samples(p["kind"], p["seed"], x, images, [self.prompts[int(i)] for i in prompt_index], seeds,
+                          unit.key)
+        values = {}
+        for metric in self.metrics:
+            v = metric.score(samples)
+            if v is not None:
+                values[metric.name] = float(v)
         t_score = time.time() - t1
         if p["seed"] == ev.seeds[0]:
             save_grid(images[:GRID_IMAGES], self.root / "grids" / unit.key, nrow=min(len(self.prompts), 10))
-        n = len(images)
-        rows = [{"checkpoint": p["checkpoint"], "fingerprint": p["fingerprint"], "nfe": p["nfe"], "metric": m,
-                 "value": float(v), "n": n, "seed": p["seed"],
-                 "guidance": ev.guidance if p["kind"] == "teacher" else float("nan"),
-                 "features": self.space.name, "reference": reference_kind(self.cfg),
-                 "sampling_seconds": round(t_sample, 3), "scoring_seconds": round(t_score, 3), "unit": unit.key}
-                for m, v in metrics.items()]
-        _write_parquet(job_dir / "scores" / f"{unit.key}.parquet",
-                       pa.Table.from_pylist(rows, schema=_schema()))
-        return {"metrics": {m: round(float(v), 5) for m, v in metrics.items()}, "n": n,
-                "sampling_seconds": round(t_sample, 3)}
-
-    def score(self, unit: Unit, x, images, prompt_index, seeds) -> dict[str, float]:
-        """FID (clean-fid), prompt alignment, and (students) trajectory fidelity to the teacher's samples."""
-        from pipeline.metrics import alignment, fidelity
-        from pipeline.metrics.fid import fid_from_features, folder_features, write_png_folder
-
-        p, ev = unit.params, self.cfg.evaluate
-        out: dict[str, float] = {}
-        teacher_out = self.root / "teacher" / "outputs" / f"seed{p['seed']}.npz"
-        ref = self._reference_features(p, teacher_out, seeds)
-        if ref is not None:
-            tmp = temp_name(self.root / ".tmp" / unit.key)   # this unit's PNGs, only while clean-fid reads them
-            try:
-                gen = folder_features(write_png_folder(images, tmp), self.space, self.device, ev.batch_size)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            out["fid"] = fid_from_features(gen, ref)
-        prompts = [self.prompts[int(i)] for i in prompt_index]
-        labels = alignment.digit_labels(prompts)
-        if self.classifier is not None and labels is not None:
-            out["prompt_accuracy"] = float(alignment.prompt_hits(self.classifier, images,
-                                                                 torch.tensor(labels)).mean())
-        if self.clip is not None:
-            out["clip_score"] = float(self.clip(images, prompts).mean())
-        if p["kind"] == "student":
-            target = fidelity.load_outputs(teacher_out, seeds)
-            out["fidelity_mse"] = float(fidelity.per_sample_mse(x, target).mean())
-        return out
-
-    def _reference_features(self, p: dict, teacher_out: Path, seeds) -> np.ndarray | None:
-        """Features of the FID reference, extracted once per process (the real digits' also once per run).
-
-        None for the teacher when the reference is the teacher's own samples (FID 0 by construction)."""
-        from pipeline.metrics.fid import folder_features, write_png_folder
-
-        kind, ev = reference_kind(self.cfg), self.cfg.evaluate
-        if kind == "teacher" and p["kind"] == "teacher":
-            return None
-        key = f"teacher_seed{p['seed']}" if kind == "teacher" else kind
-        if key in self.reference:
-            return self.reference[key]
-        cache = self.root / "reference" / f"digits_{self.space.name}_features.npy"
-        if kind == "digits" and cache.is_file():
-            feats = np.load(cache)
-        elif kind == "teacher":
-            from pipeline.metrics.fidelity import load_outputs
-
-            tmp = temp_name(self.root / ".tmp" / key)
-            try:
-                images = self.teacher.decode(load_outputs(teacher_out, seeds).to(self.device)).cpu()
-                feats = folder_features(write_png_folder(images, tmp), self.space, self.device, ev.batch_size)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            folder = Path(ev.reference).expanduser() if kind == "folder" else digits_reference_dir(self.cfg)
-            feats = folder_features(folder, self.space, self.device, ev.batch_size)
-            if kind == "digits":
-                buf = io.BytesIO()
-                np.save(buf, feats)
-                atomic_write_bytes(cache, buf.getvalue())
-        self.reference[key] = feats
-        return feats
-
-
-@functools.lru_cache(maxsize=1)
-def _schema() -> pa.Schema:
-    return pa.schema([("checkpoint", pa.string()), ("fingerprint", pa.string()), ("nfe", pa.int64()),
-                      ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()), ("seed", pa.int64()),
-                      ("guidance", pa.float64()), ("features", pa.string()), ("reference", pa.string()),
-                      ("sampling_seconds", pa.float64()), ("scoring_seconds", pa.float64()), ("unit", pa.string())])
+        rows = scores.unit_rows(self.cfg, p, values, n=len(images), sampling_seconds=t_sample,
+                                scoring_seconds=t_score, unit=unit.key)
+        scores.write_rows(job_dir / "scores" / f"{unit.key}.parquet", rows)
+        return {"metrics": {m: round(v, 5) for m, v in values.items()}, "computed": [m.name for m in self.metrics],
+                "n": len(images), "sampling_seconds": round(t_sample, 3)}

@@ -1,7 +1,11 @@
-"""Report stage: <root>/report/report.md and report.html with the ablation table, plots and image grids.
+"""Report stage: <root>/report/report.md and report.html: the ablation ladder first, then a table per metric,
+plots, image grids and timings.
 
-Reads only files on disk: the evaluate stage's scores.parquet and grids, the run's completion records
-(timings). One unit (so `flowsteer status` shows it), redone on every run: it takes seconds.
+Reads only files on disk: the evaluate stage's scores.parquet, grids and records (timings), each training
+run's losses.jsonl (the discriminator's accuracy) and export metadata (flowsteer.json). Metric titles,
+directions, descriptions, formats and sample-size warnings come from the metric registry
+(pipeline/metrics/base.py); tables from pipeline/metrics/tables.py. One unit (so `flowsteer status` shows
+it), redone on every run: it takes seconds.
 """
 from __future__ import annotations
 
@@ -17,26 +21,15 @@ import yaml
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_bytes
-from pipeline.runner import Job, Unit, drop_record
+from pipeline.metrics import scores as sc
+from pipeline.metrics.base import registered
+from pipeline.metrics.tables import RunInfo, ladder_table, metric_table, spread_note, title
+from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
 
-# metric -> (title, better, what it measures)
-METRICS = {
-    "fid": ("FID", "lower", "Frechet distance between Gaussians fitted to features of the generated samples and "
-            "of the reference images (Heusel et al. 2017); computed by clean-fid. Sample quality and diversity."),
-    "prompt_accuracy": ("Prompt accuracy", "higher", "Share of samples the digit classifier reads as the "
-                        "prompted digit (chance 0.10). Prompt alignment for the embedded default."),
-    "clip_score": ("CLIP score", "higher", "100 x cosine(CLIP image, CLIP prompt), clipped at 0 (Hessel et al. "
-                   "2021). Prompt alignment for real teachers."),
-    "fidelity_mse": ("Trajectory fidelity (MSE)", "lower", "Mean squared distance between the student's output "
-                     "and the teacher's output from the same noise and prompt, in the ODE's space: how "
-                     "closely the student follows the teacher's trajectory (0 = identical)."),
-}
-FEATURES = {"classifier": "the digit classifier's 128-d penultimate features",
-            "inception": "clean-fid's Inception-v3 pool features (standard FID)",
-            "pixels": "raw pixels (average-pooled to <= 16x16)"}
-REFERENCES = {"digits": "the 5000 real MNIST digits", "folder": "the configured reference folder",
-              "teacher": "the teacher's own samples from the same noise"}
+LOSSES = "losses.jsonl"                 # the train stage's loss log (one JSON object per logged step)
+EXPORT_META = "flowsteer.json"          # an export's metadata (pipeline/student.py)
+EMA_DISTANCE_KEY = "ema_rel_distance"   # flowsteer.json: the EMA's distance from the teacher / the raw weights'
 
 
 def report_dir(cfg: RunConfig) -> Path:
@@ -65,100 +58,103 @@ def after(cfg: RunConfig, methods=None) -> str:
 
 class ReportWorker:
     def __init__(self, cfg_json: dict, methods: list[str]):
-        self.cfg = RunConfig.model_validate(cfg_json)
-        self.methods = [r.label for r in self.cfg.train_runs(methods)]   # the checkpoints' labels in scores
+        self.cfg, self.methods = RunConfig.model_validate(cfg_json), methods
 
     def run(self, unit: Unit) -> dict:
         scores = pd.read_parquet(scores_path(self.cfg))
+        if "run" not in scores.columns:
+            raise UserError(f"{scores_path(self.cfg)} predates training runs and schedules: rerun `flowsteer evaluate`")
         path = write_report(self.cfg, select(self.cfg, scores, self.methods), report_dir(self.cfg), self.methods)
         return {"report": str(path)}
 
 
 # ---------------------------------------------------------------- data
 def select(cfg: RunConfig, scores: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """This config's rows: its teacher at teacher_nfe and its methods' current checkpoints at its NFEs and seeds."""
+    """This config's rows: its teacher at teacher_nfe, and the current checkpoint of each training run
+    (name x train seed, by fingerprint) at its NFEs and schedules; its evaluation seeds only."""
     ev = cfg.evaluate
-    want = {("teacher", cfg.fingerprint("teacher"), ev.teacher_nfe)}
-    runs = {r.label: r for r in cfg.train_runs()}
-    want |= {(m, cfg.fingerprint("train", runs[m]), n) for m in methods if m in runs for n in ev.nfes}
-    keep = [(c, f, n) in want and s in ev.seeds
-            for c, f, n, s in zip(scores.checkpoint, scores.fingerprint, scores.nfe, scores.seed)]
+    want = {("teacher", cfg.fingerprint("teacher"), None, "fixed", ev.teacher_nfe)}
+    want |= {(r.name, cfg.fingerprint("train", r), r.seed, s, n)
+             for r in cfg.train_runs(methods) for s in ev.schedules for n in ev.nfes}
+    seeds = [None if pd.isna(t) else int(t) for t in scores.train_seed]
+    keep = [(r, f, t, s, n) in want and e in ev.seeds for r, f, t, s, n, e in
+            zip(scores.run, scores.fingerprint, seeds, scores.schedule, scores.nfe, scores.seed)]
     return scores[keep].copy()
 
 
-def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation over seeds and number of seeds per (checkpoint, nfe, metric)."""
-    g = rows.groupby(["checkpoint", "nfe", "metric"], sort=False)["value"]
-    out = g.agg(mean="mean", std="std", seeds="count").reset_index()
-    out["std"] = out["std"].fillna(0.0)
-    return out
+def run_infos(cfg: RunConfig, methods: list[str]) -> list[RunInfo]:
+    """Per run name: method, options, export tags, the discriminator's final accuracy and the EMA distance
+    (means over the training seeds that have them)."""
+    out: dict[str, RunInfo] = {}
+    ema: dict[str, list[float]] = {}
+    d_acc: dict[str, list[tuple[float, float]]] = {}
+    for run in cfg.train_runs(methods):
+        info = out.setdefault(run.name, RunInfo(run.name, run.method, dict(run.options)))
+        d, meta = cfg.train_dir(run), {}
+        try:
+            meta = json.loads((d / "export" / EXPORT_META).read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        if meta.get("x0_source") == "teacher_samples" and "reflow on teacher samples" not in info.tags:
+            info.tags.append("reflow on teacher samples")
+        if isinstance(meta.get(EMA_DISTANCE_KEY), (int, float)):
+            ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE_KEY]))
+        acc = final_d_accuracy(d / LOSSES)
+        if acc is not None:
+            d_acc.setdefault(run.name, []).append(acc)
+    for name, info in out.items():
+        info.ema_distance = float(np.mean(ema[name])) if name in ema else None
+        if name in d_acc:
+            info.d_acc = tuple(float(v) for v in np.mean(d_acc[name], axis=0))
+    return list(out.values())
 
 
-def fmt(mean: float, std: float, seeds: int, metric: str) -> str:
-    """mean (± std over seeds when there are several), with digits suited to the metric's scale."""
-    def num(v: float) -> str:
-        if metric == "fidelity_mse":
-            return f"{v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
-        return f"{v:.3f}" if metric == "prompt_accuracy" else f"{v:.2f}"
-    return f"{num(mean)} ± {num(std)}" if seeds > 1 else num(mean)
+def final_d_accuracy(losses: Path) -> tuple[float, float] | None:
+    """The last logged (d_acc_real, d_acc_fake) of a training run, or None if it logs none."""
+    last = None
+    try:
+        lines = losses.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue                      # a torn last line of a killed run
+        if "d_acc_real" in rec and "d_acc_fake" in rec:
+            last = (float(rec["d_acc_real"]), float(rec["d_acc_fake"]))
+    return last
 
 
-def ordered_metrics(summary: pd.DataFrame) -> list[str]:
-    present = list(dict.fromkeys(summary.metric))
-    return [m for m in METRICS if m in present] + [m for m in present if m not in METRICS]
+def ordered_metrics(rows: pd.DataFrame) -> list[str]:
+    present = set(rows.metric)
+    return [m for m in registered() if m in present] + sorted(present - set(registered()))
 
 
-def ablation_table(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metric: str) -> str:
-    """Markdown: one row per method, one column per NFE, the best student per NFE in bold; the teacher below."""
-    nfes = list(cfg.evaluate.nfes)
-    lower = METRICS.get(metric, ("", "lower", ""))[1] == "lower"
-    s = summary[summary.metric == metric]
-    best = {}
-    for n in nfes:
-        col = s[(s.nfe == n) & (s.checkpoint != "teacher")]["mean"]
-        if col.nunique() > 1:       # bold only when the students differ
-            best[n] = col.min() if lower else col.max()
-    lines = ["| method | " + " | ".join(f"{n} NFE" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
-    for m in methods:
-        cells = []
-        for n in nfes:
-            r = s[(s.checkpoint == m) & (s.nfe == n)]
-            if not len(r):
-                cells.append("–")
-                continue
-            r = r.iloc[0]
-            text = fmt(r["mean"], r["std"], int(r["seeds"]), metric)
-            cells.append(f"**{text}**" if n in best and np.isclose(r["mean"], best[n]) else text)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    t = s[s.checkpoint == "teacher"]
-    if len(t):
-        r, ev = t.iloc[0], cfg.evaluate
-        lines += ["", f"Teacher, {ev.teacher_nfe} steps with CFG {ev.guidance:g} ({2 * ev.teacher_nfe} network "
-                      f"passes): **{fmt(r['mean'], r['std'], int(r['seeds']), metric)}**"]
-    return "\n".join(lines)
-
-
-def highlights(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metrics: list[str]) -> str:
-    """Each metric at the headline NFE (one step per window if evaluated), students ranked, teacher last."""
+def highlights(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], metrics: list[str]) -> str:
+    """Each metric at the headline NFE (one step per window if evaluated) on the fixed grid, runs ranked,
+    teacher last."""
     nfes = cfg.evaluate.nfes
     n = cfg.schedule.windows if cfg.schedule.windows in nfes else max(nfes)
+    names = [r.name for r in runs]
     out = []
     for metric in metrics:
-        title, better, _ = METRICS.get(metric, (metric, "lower", ""))
-        s = summary[(summary.metric == metric) & (summary.nfe == n) & summary.checkpoint.isin(methods)]
-        s = s.sort_values("mean", ascending=better == "lower")
-        parts = [f"{r.checkpoint} {fmt(r['mean'], r['std'], int(r.seeds), metric)}" for _, r in s.iterrows()]
-        t = summary[(summary.metric == metric) & (summary.checkpoint == "teacher")]
+        cls = registered().get(metric)
+        s = summary[(summary.metric == metric) & (summary.nfe == n) & (summary.schedule == "fixed")
+                    & summary.run.isin(names)]
+        s = s.sort_values("mean", ascending=cls is None or cls.better == "lower")
+        parts = [f"{r.run} {sc.cell(metric, r)}" for _, r in s.iterrows()]
+        t = summary[(summary.metric == metric) & (summary.run == "teacher")]
         if len(t):
-            parts.append(f"teacher ({cfg.evaluate.teacher_nfe} steps) {fmt(t['mean'].iloc[0], 0, 1, metric)}")
+            parts.append(f"teacher ({cfg.evaluate.teacher_nfe} steps) {sc.cell(metric, t.iloc[0])}")
         if parts:
-            out.append(f"- **{title}** at {n} NFE ({better} is better): " + " · ".join(parts))
+            out.append(f"- **{title(metric)}** at {n} NFE: " + " · ".join(parts))
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------- figures
-def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metrics: list[str], out: Path) -> Path:
-    """One panel per metric: value vs NFE (log2 axis) per method, seed spread as error bars, teacher dashed."""
+def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], metrics: list[str], out: Path) -> Path:
+    """One panel per metric: value vs NFE (log2 axis) per run and schedule, spread as error bars, teacher dashed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,17 +163,18 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metr
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], metrics):
         s = summary[summary.metric == metric]
-        for i, m in enumerate(methods):
-            r = s[s.checkpoint == m].sort_values("nfe")
-            if len(r):
-                ax.errorbar(r.nfe, r["mean"], yerr=r["std"], marker="o", capsize=3, label=m,
-                            color=colors[i % len(colors)])
-        t = s[s.checkpoint == "teacher"]
+        for i, run in enumerate(runs):
+            for schedule, style in (("fixed", "-"), ("diffusers", ":")):
+                r = s[(s.run == run.name) & (s.schedule == schedule)].sort_values("nfe")
+                if len(r):
+                    ax.errorbar(r.nfe, r["mean"], yerr=r["std"], marker="o", capsize=3, linestyle=style,
+                                label=run.name + (" (diffusers grid)" if schedule == "diffusers" else ""),
+                                color=colors[i % len(colors)])
+        t = s[s.run == "teacher"]
         if len(t):
             ax.axhline(t["mean"].iloc[0], color="black", linestyle="--", linewidth=1,
                        label=f"teacher ({cfg.evaluate.teacher_nfe} steps)")
-        title, better, _ = METRICS.get(metric, (metric, "", ""))
-        ax.set_title(f"{title} ({better} is better)" if better else title, fontsize=10)
+        ax.set_title(title(metric), fontsize=10)
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg.evaluate.nfes, [str(n) for n in cfg.evaluate.nfes])
         ax.set_xlabel("NFE (student sampling steps)")
@@ -191,7 +188,8 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, methods: list[str], metr
 
 
 def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, columns: int = 10) -> Path | None:
-    """Teacher row + one row per method at `nfe`: the same prompts and noise in every column."""
+    """Teacher row + one row per run (its first training seed, fixed grid) at `nfe`: the same prompts and
+    noise in every column."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -201,10 +199,12 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     grids = cfg.stage_dir("evaluate") / "grids"
     seed, ev, prompts = cfg.evaluate.seeds[0], cfg.evaluate, generate_prompts(cfg)
     rows = [(f"teacher\n{ev.teacher_nfe} steps",
-             grids / f"teacher-{cfg.fingerprint('teacher')}_nfe{ev.teacher_nfe}_seed{seed}.npz")]
-    runs = {r.label: r for r in cfg.train_runs()}
-    rows += [(f"{m}\n{nfe} NFE", grids / f"{m.replace('/', '-')}-{cfg.fingerprint('train', runs[m])}_nfe{nfe}_seed{seed}.npz")
-             for m in methods if m in runs]
+             grids / f"{sc.teacher_unit_key(cfg.fingerprint('teacher'), ev.teacher_nfe, seed)}.npz")]
+    firsts = {}
+    for r in cfg.train_runs(methods):
+        firsts.setdefault(r.name, r)
+    rows += [(f"{name}\n{nfe} NFE", grids / f"{sc.student_unit_key(cfg.train_dir(r).name, 'fixed', nfe, seed)}.npz")
+             for name, r in firsts.items()]
     rows = [(label, p) for label, p in rows if p.is_file()]
     if len(rows) < 2:
         return None
@@ -258,11 +258,13 @@ def stage_seconds(out_dir: Path) -> float | None:
     return total
 
 
-def timings_table(cfg: RunConfig, methods: list[str], rows: pd.DataFrame) -> str:
+def timings_table(cfg: RunConfig, methods: list[str]) -> str:
+    """Seconds per stage (completion records), then sampling time per 1000 samples per checkpoint and NFE
+    (the evaluate units' records, so the teacher has its row even when it has no score rows)."""
     lines = []
     stages = [("teacher", cfg.stage_dir("teacher"), cfg.teacher.kind),
               ("generate", cfg.stage_dir("generate"), "teacher trajectories")]
-    stages += [("train", cfg.train_dir(r), r.label) for r in cfg.train_runs() if r.label in methods]
+    stages += [("train", cfg.train_dir(r), r.label) for r in cfg.train_runs(methods)]
     stages += [("evaluate", cfg.stage_dir("evaluate") / "teacher", "teacher samples + scores"),
                ("evaluate", cfg.stage_dir("evaluate") / "students", "student samples + scores")]
     for name, d, what in stages:
@@ -272,31 +274,43 @@ def timings_table(cfg: RunConfig, methods: list[str], rows: pd.DataFrame) -> str
     if lines:
         lines = ["Time spent in each stage's units (seconds, summed over units):", "",
                  "| stage | work | seconds |", "|---|---|---:|"] + lines
-    per = rows.drop_duplicates("unit").groupby(["checkpoint", "nfe"], sort=False)[["sampling_seconds", "n"]].sum()
-    if len(per):
-        cols = sorted({int(n) for _, n in per.index})
+    ev, root = cfg.evaluate, cfg.stage_dir("evaluate")
+    units = [("teacher", "fixed", ev.teacher_nfe, root / "teacher",
+              sc.teacher_unit_key(cfg.fingerprint("teacher"), ev.teacher_nfe, s)) for s in ev.seeds]
+    units += [(r.name, sched, n, root / "students", sc.student_unit_key(cfg.train_dir(r).name, sched, n, s))
+              for r in cfg.train_runs(methods) for sched in ev.schedules for n in ev.nfes for s in ev.seeds]
+    per: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for name, sched, n, d, key in units:
+        rec = read_record(d, key)
+        if rec and rec.get("status") == "done" and rec.get("n"):
+            acc = per.setdefault((name, sched), {}).setdefault(n, [0.0, 0.0])
+            acc[0] += float(rec.get("sampling_seconds", 0.0))
+            acc[1] += float(rec["n"])
+    if per:
+        cols = sorted({n for v in per.values() for n in v})
         lines += ["", "Generation time per 1000 samples in seconds (this machine; teacher with CFG):", "",
                   "| checkpoint | " + " | ".join(f"{n} steps" for n in cols) + " |", "|---|" + "---:|" * len(cols)]
-        present = {c for c, _ in per.index}
-        for c in [c for c in ["teacher", *methods] if c in present]:
-            cells = [f"{1000 * per.loc[(c, n), 'sampling_seconds'] / max(per.loc[(c, n), 'n'], 1):.1f}"
-                     if (c, n) in per.index else "" for n in cols]
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        for (name, sched), v in per.items():
+            cells = [f"{1000 * v[n][0] / v[n][1]:.1f}" if n in v else "" for n in cols]
+            label = name + (" · diffusers' default grid" if sched == "diffusers" else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def config_summary(cfg: RunConfig, rows: pd.DataFrame) -> str:
-    ev, sc = cfg.evaluate, cfg.schedule
+def config_summary(cfg: RunConfig, metrics: list[str]) -> str:
+    ev, sched = cfg.evaluate, cfg.schedule
     teacher = {"embedded": "embedded tiny SD3 transformer on MNIST", "sd3": f"SD3 from {cfg.teacher.path}",
                "byo": f"bring-your-own `{cfg.teacher.factory}`"}[cfg.teacher.kind]
-    feats = rows.features.iloc[0] if len(rows) else ev.features
-    ref = rows.reference.iloc[0] if len(rows) else ""
-    items = [("teacher", teacher), ("schedule", f"fixed grid, shift {sc.shift:g}, teacher {sc.teacher_steps} "
-                                                f"steps, {sc.windows} windows"),
-             ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}"),
-             ("evaluation", f"{ev.n_samples} samples per (checkpoint, NFE, seed), seeds {list(ev.seeds)}, "
-                            f"teacher CFG {ev.guidance:g}; students guidance-free"),
-             ("FID features", FEATURES.get(feats, feats)), ("FID reference", REFERENCES.get(ref, ref))]
+    items = [("teacher", teacher),
+             ("schedule", f"fixed grid, shift {sched.shift:g}, teacher {sched.teacher_steps} steps, "
+                          f"{sched.windows} windows"),
+             ("training", f"{cfg.train.steps} steps, batch {cfg.train.batch_size}, lr {cfg.train.lr:g}, "
+                          f"training seeds {list(cfg.train.seeds)}"),
+             ("evaluation", f"{ev.n_samples} samples per (checkpoint, grid, NFE, seed), evaluation seeds "
+                            f"{list(ev.seeds)}, student grids: {', '.join(ev.schedules)}; teacher CFG {ev.guidance:g}, "
+                            f"students guidance-free")]
+    items += [(registered()[m].title, registered()[m].details(cfg)) for m in metrics
+              if m in registered() and registered()[m].details(cfg)]
     return "\n".join(f"- **{k}**: {v}" for k, v in items)
 
 
@@ -305,41 +319,50 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
     """Write report.md, report.html, plots/metrics.png and grids/nfe<N>.png under `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows)
-    metrics = ordered_metrics(summary)
-    shown = [m for m in methods if (summary.checkpoint == m).any()]
-    missing = [m for m in methods if m not in shown]
+    summary = sc.summarize(rows)
+    metrics = ordered_metrics(rows)
+    infos = run_infos(cfg, methods)
+    shown = [r for r in infos if (summary.run == r.name).any()]
+    missing = [r.name for r in infos if r not in shown]
+    ev = cfg.evaluate
     md = [f"# flowsteer report: `{cfg.root}`", "",
-          f"Generated {time.strftime('%Y-%m-%d %H:%M')}. Teacher at {cfg.evaluate.teacher_nfe} steps with CFG "
-          f"against the distilled students ({', '.join(shown) or 'none yet'}) at "
-          f"{', '.join(map(str, cfg.evaluate.nfes))} NFE, on the same prompts and the same initial noise.", ""]
+          f"Generated {time.strftime('%Y-%m-%d %H:%M')}. Teacher at {ev.teacher_nfe} steps with CFG against the "
+          f"distilled students ({', '.join(r.name for r in shown) or 'none yet'}) at "
+          f"{', '.join(map(str, ev.nfes))} NFE, on the same prompts and the same initial noise.", ""]
     if missing:
         md += [f"> Not evaluated yet: {', '.join(missing)} (run `flowsteer train` and `flowsteer evaluate`).", ""]
+    warned = sorted({m for _, r in summary.iterrows() if sc.too_few(r.metric, r.n, r.features)
+                     for m in [r.metric]})
+    if warned:
+        md += [f"> {sc.WARN} marks a value from too few samples to mean much ("
+               + "; ".join(f"{registered()[m].title} needs {registered()[m].min_samples_for(ev.features)}"
+                           for m in warned if m in registered())
+               + f" per value, this run has {int(rows.n.min())}): raise `evaluate.n_samples`.", ""]
+    head = metrics[0] if metrics else None          # the first metric in the registry's order (FID)
+    if head and shown:
+        md += [f"## Ablation ladder: {title(head)}", "", ladder_table(cfg, rows, shown, head), ""]
     if metrics and shown:
         md += ["## Highlights", "", highlights(cfg, summary, shown, metrics), ""]
-    md += ["## Run", "", config_summary(cfg, rows), "", "## Metrics", "",
-           "| metric | better | what it measures |", "|---|---|---|"]
-    md += [f"| {METRICS.get(m, (m,))[0]} | {METRICS.get(m, (m, '?'))[1]} | {METRICS.get(m, (m, '', ''))[2]} |"
-           for m in metrics]
-    seeds = int(rows.seed.nunique()) if len(rows) else 0
-    md += ["", "## Ablation", "", ("Mean ± standard deviation over " f"{seeds} seeds. " if seeds > 1 else
-                                   "One seed (add seeds to `evaluate.seeds` for a spread). ")
-           + "Bold: the best student at that NFE. The teacher, the reference, is given under each table.", ""]
+    md += ["## Run", "", config_summary(cfg, metrics), "", "## Metrics", "",
+           "| metric | better | what it measures | needs |", "|---|---|---|---|"]
+    md += [f"| {registered()[m].title} | {registered()[m].better} | {registered()[m].description} | "
+           f"{registered()[m].needs_text()} |" if m in registered() else f"| {m} | ? | | |" for m in metrics]
+    md += ["", "## Ablation", "", spread_note(rows) + " Bold: the best student at that NFE, when it is ahead of "
+           "the runner-up by more than their spread. The teacher, the reference, is given under each table.", ""]
     for m in metrics:
-        title, better, _ = METRICS.get(m, (m, "", ""))
-        md += [f"### {title} ({better} is better)" if better else f"### {title}", "",
-               ablation_table(cfg, summary, shown, m), ""]
+        md += [f"### {title(m)}", "", metric_table(cfg, summary, shown, m), ""]
     if metrics:
         plot = plot_metrics(cfg, summary, shown, metrics, out / "plots" / "metrics.png")
         md += ["## Metric vs NFE", "", f"![metrics vs NFE]({plot.relative_to(out).as_posix()})", ""]
-    grids = [(n, comparison_grid(cfg, shown, n, out / "grids" / f"nfe{n}.png")) for n in cfg.evaluate.nfes]
+    names = [r.name for r in shown]
+    grids = [(n, comparison_grid(cfg, names, n, out / "grids" / f"nfe{n}.png")) for n in ev.nfes]
     grids = [(n, p) for n, p in grids if p is not None]
     if grids:
         md += ["## Samples", "", "Each column is one prompt and one initial noise, shared by every row "
-               f"(evaluation seed {cfg.evaluate.seeds[0]}); the top row is the teacher.", ""]
+               f"(evaluation seed {ev.seeds[0]}, each run's first training seed); the top row is the teacher.", ""]
         for n, p in grids:
             md += [f"### {n} NFE", "", f"![samples at {n} NFE]({p.relative_to(out).as_posix()})", ""]
-    md += ["## Timings", "", timings_table(cfg, shown, rows), "",
+    md += ["## Timings", "", timings_table(cfg, names) or "No completion records with timings yet.", "",
            "## Full config", "", "<details><summary>run config (YAML)</summary>", "", "```yaml",
            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", "", "</details>", ""]
     text = "\n".join(md)

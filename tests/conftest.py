@@ -106,3 +106,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _metric_registry():
+    """Each test sees the built-in metrics only: a metric a test (or a docs snippet it runs) registers is
+    dropped afterwards, so evaluate runs elsewhere keep their metric set."""
+    from pipeline.metrics.base import METRICS, registered
+
+    before = dict(registered())
+    yield
+    METRICS.clear()
+    METRICS.update(before)

@@ -144,14 +144,16 @@ def test_teacher_outputs_round_trip_and_noise_check(tmp_path):
 
 
 # ---------------------------------------------------------------- the stage, end to end on the toy teacher
-def _fake_export(cfg, method: str, seed: int) -> None:
-    """An exported student that is a toy transformer (seed 0 = the teacher's own weights), with its record."""
+def _fake_export(cfg, name: str, seed: int) -> None:
+    """An exported student per training seed of run `name` that is a toy transformer (weights seed 0 = the
+    teacher's own weights), with its record."""
     from pipeline.student import export_student
     from pipeline.teachers.toy import make_toy_transformer
 
-    train_dir = cfg.train_dir(cfg.train_run(method))
-    export_student(train_dir / "export", method, make_toy_transformer(seed=seed), cfg, sample_shape=(1, 8, 8))
-    write_record(train_dir, "export", "done")
+    for run in cfg.train_runs([name]):
+        train_dir = cfg.train_dir(run)
+        export_student(train_dir / "export", run, make_toy_transformer(seed=seed), cfg, sample_shape=(1, 8, 8))
+        write_record(train_dir, "export", "done")
 
 
 def _run(cfg, methods):
@@ -175,6 +177,8 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
     assert set(scores.metric) == {"fid", "fidelity_mse"}
     assert (scores.n == 96).all() and (scores.seed == 0).all() and (scores.reference == "teacher").all()
+    assert (scores.schedule == "fixed").all() and set(scores.run) == {"perflow", "ota"}   # no teacher row here:
+    assert (scores.train_seed == 0).all()          # FID against itself and fidelity to itself are not scored
     # the teacher's network on the teacher's 8-step grid follows the teacher's trajectory exactly ...
     assert value["perflow", 8, "fidelity_mse"] < 1e-8
     assert abs(value["perflow", 8, "fid"]) < 1e-3
@@ -189,7 +193,7 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     assert not (root / ".tmp").exists() or not any((root / ".tmp").iterdir())
 
     # rerun: every unit is skipped and the rows are unchanged
-    unit_file = next((root / "students" / "scores").glob("ota-*_nfe8_seed0.parquet"))
+    unit_file = next((root / "students" / "scores").glob("ota-s0-*_fixed_nfe8_seed0.parquet"))
     mtime = unit_file.stat().st_mtime_ns
     statuses, again = _run(cfg, ["perflow", "ota"])
     assert [s["skipped"] for s in statuses] == [1, 4] and unit_file.stat().st_mtime_ns == mtime
@@ -234,8 +238,9 @@ def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     cfg = base.model_copy(update={"evaluate": base.evaluate.model_copy(
         update={"n_samples": 20, "nfes": [2], "teacher_nfe": 4, "batch_size": 20})})
     teacher = load_teacher(cfg)
-    train_dir = cfg.train_dir(cfg.train_run("perflow"))
-    export_student(train_dir / "export", "perflow", teacher.transformer, cfg, sample_shape=teacher.sample_shape)
+    run = cfg.train_runs(["perflow"])[0]
+    train_dir = cfg.train_dir(run)
+    export_student(train_dir / "export", run, teacher.transformer, cfg, sample_shape=teacher.sample_shape)
     write_record(train_dir, "export", "done")
     _, scores = _run(cfg, ["perflow"])
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
@@ -245,3 +250,52 @@ def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     root = cfg.stage_dir("evaluate")
     assert len(list((root / "reference" / "digits").glob("*.png"))) == 5000
     assert np.load(root / "reference" / "digits_classifier_features.npy").shape == (5000, 128)
+
+
+def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
+    """`evaluate.schedules: [fixed, diffusers]`: the diffusers rows are the student sampled on the sigmas of
+    FlowMatchEulerDiscreteScheduler.set_timesteps(nfe), checked against a sampler run by hand on them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipeline.metrics.fidelity import load_outputs, per_sample_mse
+    from pipeline.sampling import euler
+    from pipeline.schedule import fixed_sigmas
+    from pipeline.store import noise_for
+    from pipeline.student import load_student
+    from pipeline.teachers import load_teacher
+    from stages.evaluate import noise_seeds
+
+    cfg = load_config(make_toy_config(evaluate={"n_samples": 12, "nfes": [8], "teacher_nfe": 8, "guidance": 1.0,
+                                                "features": "pixels", "batch_size": 12, "seeds": [0],
+                                                "schedules": ["fixed", "diffusers"]}))
+    _fake_export(cfg, "perflow", seed=0)
+    statuses, scores = _run(cfg, ["perflow"])
+    assert [s["done"] for s in statuses] == [1, 2]
+    assert set(zip(scores.schedule, scores.nfe)) == {("fixed", 8), ("diffusers", 8)}
+    fidelity = scores[scores.metric == "fidelity_mse"].set_index("schedule")["value"]
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.schedule.shift)
+    scheduler.set_timesteps(8)
+    sigmas = scheduler.sigmas.float()
+    assert not torch.allclose(sigmas, fixed_sigmas(8, cfg.schedule.shift), atol=1e-3)    # not the fixed grid
+    run = cfg.train_runs(["perflow"])[0]
+    student, teacher = load_student(cfg.train_dir(run) / "export"), load_teacher(cfg)
+    seeds = noise_seeds(0, 12)
+    prompts = [["a red square", "a blue circle", "a green triangle"][i % 3] for i in range(12)]
+    x = euler(lambda x, s, c: student.method.velocity(student.module, x, s, c),
+              noise_for(seeds.tolist(), (1, 8, 8)), sigmas, teacher.encode(prompts))
+    target = load_outputs(cfg.stage_dir("evaluate") / "teacher" / "outputs" / "seed0.npz", seeds)
+    assert fidelity["diffusers"] == pytest.approx(float(per_sample_mse(x, target).mean()), rel=1e-5)
+    # the teacher's own weights on the teacher's 8-step fixed grid retrace it exactly; on diffusers' grid not
+    assert fidelity["fixed"] < 1e-8 and fidelity["diffusers"] > 1e-5
+
+
+def test_evaluate_scores_every_training_seed(make_toy_config):
+    cfg = load_config(make_toy_config(train={"seeds": [0, 1]}, evaluate={
+        "n_samples": 8, "nfes": [2], "teacher_nfe": 4, "features": "pixels", "seeds": [0, 1]}))
+    _fake_export(cfg, "ota", seed=3)
+    statuses, scores = _run(cfg, ["ota"])
+    assert [s["done"] for s in statuses] == [2, 4]            # 2 training seeds x 2 evaluation seeds
+    students = scores[scores.run == "ota"]
+    assert set(zip(students.checkpoint, students.train_seed)) == {("ota/s0", 0), ("ota/s1", 1)}
+    assert set(students.seed) == {0, 1} and set(students.metric) == {"fid", "fidelity_mse"}

@@ -222,9 +222,9 @@ class AlignYourFlow(Method):
     # --- sampling
     @classmethod
     @torch.no_grad()
-    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None):
-        """Chain the flow map over fixed_sigmas(nfe, shift): x_{s_{i+1}} = f(x_{s_i}, s_i, s_{i+1}); any nfe."""
-        sigmas = fixed_sigmas(nfe, shift).to(noise.device)
+    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None, sigmas=None):
+        """Chain the flow map over fixed_sigmas(nfe, shift) (or `sigmas`): x_{s_{i+1}} = f(x_{s_i}, s_i, s_{i+1})."""
+        sigmas = (fixed_sigmas(nfe, shift) if sigmas is None else sigmas).to(noise.device)
         x = noise
         for i in range(nfe):
             t, s = sigmas[i].expand(len(x)), sigmas[i + 1].expand(len(x))

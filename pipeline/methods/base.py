@@ -122,7 +122,8 @@ class Method:
     @classmethod
     @torch.no_grad()
     def sample(cls, student: torch.nn.Module, noise: torch.Tensor, cond: dict, nfe: int, num_windows: int,
-               shift: float, callback=None) -> torch.Tensor:
-        """Default: guidance-free Euler on the piecewise grid (every window edge is a step point)."""
-        sigmas = piecewise_sigmas(nfe, num_windows, shift).to(noise.device)
+               shift: float, callback=None, sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Default: guidance-free Euler on the piecewise grid (every window edge is a step point), or on
+        `sigmas` (nfe + 1 values, e.g. diffusers' default scheduler grid) when given."""
+        sigmas = (piecewise_sigmas(nfe, num_windows, shift) if sigmas is None else sigmas).to(noise.device)
         return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

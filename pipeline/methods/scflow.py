@@ -216,10 +216,10 @@ class SCFlow(Method):
     # --- sampling
     @classmethod
     @torch.no_grad()
-    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None):
-        """Euler with the student velocity on fixed_sigmas(nfe, shift), any nfe (num_windows unused).
+    def sample(cls, student, noise, cond, nfe, num_windows, shift, callback=None, sigmas=None):
+        """Euler with the student velocity on fixed_sigmas(nfe, shift) (or `sigmas`), any nfe (num_windows unused).
 
         This IS deterministic multistep consistency sampling: with x0^ = f(x_t, t) = x_t - t v and
         eps^ = x_t + (1 - t) v, the re-noised (1 - s) x0^ + s eps^ = x_t + (s - t) v, one Euler step."""
-        sigmas = fixed_sigmas(nfe, shift).to(noise.device)
+        sigmas = (fixed_sigmas(nfe, shift) if sigmas is None else sigmas).to(noise.device)
         return euler(lambda x, s, c: cls.velocity(student, x, s, c), noise, sigmas, cond, callback)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.metrics.base import EvalContext, Metric, Samples, register
 
 
 def digit_labels(prompts: list[str]) -> list[int] | None:
@@ -89,3 +90,48 @@ class ClipScorer:
 def _embeds(x) -> torch.Tensor:
     """get_*_features returns a tensor (transformers < 5) or an output object with pooler_output (>= 5)."""
     return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+
+@register
+class PromptAccuracy(Metric):
+    name, title, better, order, digits = "prompt_accuracy", "Prompt accuracy", "higher", 20, 3
+    description = ("Share of samples the digit classifier reads as the prompted digit (chance 0.10). "
+                   "Prompt alignment for the embedded default.")
+    needs = ("classifier",)
+    when = "the embedded teacher's digit classifier and digit prompts"
+    min_samples = 100                 # the binomial standard error is still 0.05 at 100 samples
+
+    @classmethod
+    def applies(cls, cfg) -> bool:
+        return cfg.teacher.kind == "embedded"
+
+    def score(self, samples: Samples) -> float | None:
+        labels = digit_labels(samples.prompts)
+        if labels is None:
+            return None
+        return float(prompt_hits(self.ctx.classifier(), samples.images, torch.tensor(labels)).mean())
+
+
+@register
+class ClipScore(Metric):
+    name, title, better, order = "clip_score", "CLIP score", "higher", 30
+    description = "100 x cosine(CLIP image, CLIP prompt), clipped at 0 (Hessel et al. 2021). Prompt alignment."
+    weights = "evaluate.clip_path"
+    when = "evaluate.clip_path is set"
+    min_samples = 100
+
+    @classmethod
+    def applies(cls, cfg) -> bool:
+        return bool(cfg.evaluate.clip_path)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.evaluate.clip_path:
+            check_clip_dir(cfg.evaluate.clip_path)
+
+    def __init__(self, ctx: EvalContext):
+        super().__init__(ctx)
+        self.scorer = ClipScorer(ctx.cfg.evaluate.clip_path, ctx.device)
+
+    def score(self, samples: Samples) -> float | None:
+        return float(self.scorer(samples.images, samples.prompts).mean())

@@ -14,6 +14,8 @@ folder and resizes (`get_folder_features`) and computes the Frechet distance of 
 """
 from __future__ import annotations
 
+import io
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.files import atomic_path, atomic_write_bytes, temp_name
+from pipeline.metrics.base import EvalContext, Metric, Samples, register
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -141,3 +145,121 @@ def fid_from_features(generated: np.ndarray, reference: np.ndarray) -> float:
     from cleanfid import fid as cleanfid
 
     return float(cleanfid.fid_from_feats(np.asarray(generated, np.float64), np.asarray(reference, np.float64)))
+
+
+# ---------------------------------------------------------------- the registered metric
+FEATURES = {"classifier": "the digit classifier's 128-d penultimate features",
+            "inception": "clean-fid's Inception-v3 pool features (standard FID)",
+            "pixels": "raw pixels (average-pooled to <= 16x16)"}
+REFERENCES = {"digits": "the 5000 real MNIST digits", "folder": "the configured reference folder",
+              "teacher": "the teacher's own samples from the same noise"}
+
+
+def reference_kind(cfg) -> str:
+    """Which images FID compares against: a configured folder, the real digits, or the teacher's samples."""
+    if cfg.evaluate.reference:
+        return "folder"
+    return "digits" if cfg.teacher.kind == "embedded" else "teacher"
+
+
+def digits_reference_dir(cfg) -> Path:
+    return cfg.stage_dir("evaluate") / "reference" / "digits"
+
+
+@register
+class FID(Metric):
+    name, title, better, order = "fid", "FID", "lower", 10
+    description = ("Frechet distance between Gaussians fitted to features of the generated samples and of the "
+                   "reference images (Heusel et al. 2017); computed by clean-fid. Sample quality and diversity.")
+    needs = ("features", "reference")
+    weights = "evaluate.inception_path"
+
+    @classmethod
+    def min_samples_for(cls, features: str | None) -> int:
+        # Below ~500 samples the covariance estimate dominates the value; Inception's 2048-d covariance is
+        # not even full rank below 2048 samples.
+        return 2048 if features == "inception" else 500
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        ev = cfg.evaluate
+        if ev.features == "inception":
+            resolve_inception(ev.inception_path)
+        if ev.features == "classifier" and cfg.teacher.kind != "embedded":
+            raise UserError("evaluate.features 'classifier' needs the embedded teacher's digit classifier; "
+                            "use features: inception (with inception_path) or pixels for other teachers")
+        if ev.reference and not Path(ev.reference).expanduser().is_dir():
+            raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
+
+    @classmethod
+    def prepare(cls, cfg) -> None:
+        """The real digits as PNGs once per run (the FID reference of the embedded default)."""
+        if reference_kind(cfg) != "digits":
+            return
+        out = digits_reference_dir(cfg)
+        if (out / "_complete").is_file():
+            return
+        from pipeline.digits import load_digits
+
+        images, _ = load_digits()
+        with atomic_path(out) as tmp:
+            write_png_folder((images + 1) / 2, tmp)
+            (tmp / "_complete").write_text(f"{len(images)}\n")
+
+    @classmethod
+    def teacher_note(cls, cfg) -> str:
+        if reference_kind(cfg) == "teacher":
+            return "the teacher's samples are the FID reference here (0 by construction)"
+        return super().teacher_note(cfg)
+
+    @classmethod
+    def details(cls, cfg) -> str:
+        return f"features: {FEATURES[cfg.evaluate.features]}; reference: {REFERENCES[reference_kind(cfg)]}"
+
+    def __init__(self, ctx: EvalContext):
+        super().__init__(ctx)
+        self.space = feature_space(ctx.cfg.evaluate.features, ctx.device, ctx.classifier(),
+                                   ctx.cfg.evaluate.inception_path)
+        self.reference: dict[str, np.ndarray] = {}
+
+    def _features(self, images: torch.Tensor, key: str) -> np.ndarray:
+        """Features of images written as PNGs to a scratch folder that lives only while clean-fid reads it."""
+        tmp = temp_name(self.ctx.root / ".tmp" / key)
+        try:
+            return folder_features(write_png_folder(images, tmp), self.space, self.ctx.device,
+                                   self.ctx.cfg.evaluate.batch_size)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def score(self, samples: Samples) -> float | None:
+        ref = self._reference_features(samples)
+        if ref is None:
+            return None
+        return fid_from_features(self._features(samples.images, samples.key), ref)
+
+    def _reference_features(self, samples: Samples) -> np.ndarray | None:
+        """Features of the FID reference, extracted once per process (the real digits' also once per run).
+
+        None for the teacher when the reference is the teacher's own samples (FID 0 by construction)."""
+        cfg, ctx = self.ctx.cfg, self.ctx
+        kind = reference_kind(cfg)
+        if kind == "teacher" and samples.kind == "teacher":
+            return None
+        key = f"teacher_seed{samples.seed}" if kind == "teacher" else kind
+        if key in self.reference:
+            return self.reference[key]
+        cache = ctx.root / "reference" / f"digits_{self.space.name}_features.npy"
+        if kind == "digits" and cache.is_file():
+            feats = np.load(cache)
+        elif kind == "teacher":
+            x = ctx.teacher_outputs(samples.seed, samples.noise_seeds).to(ctx.device)
+            feats = self._features(ctx.teacher.decode(x).float().cpu(), key)
+        else:
+            folder = Path(cfg.evaluate.reference).expanduser() if kind == "folder" else digits_reference_dir(cfg)
+            feats = folder_features(folder, self.space, ctx.device, cfg.evaluate.batch_size)
+            if kind == "digits":
+                buf = io.BytesIO()
+                np.save(buf, feats)
+                atomic_write_bytes(cache, buf.getvalue())
+        self.reference[key] = feats
+        return feats

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_bytes
+from pipeline.metrics.base import Metric, Samples, register
 
 
 def per_sample_mse(student_x: torch.Tensor, teacher_x: torch.Tensor) -> torch.Tensor:
@@ -40,3 +41,26 @@ def load_outputs(path: Path, noise_seeds: np.ndarray | None = None) -> torch.Ten
     if noise_seeds is not None and not np.array_equal(seeds[:len(noise_seeds)], noise_seeds):
         raise UserError(f"teacher outputs {path} were made from other noise than this evaluation's")
     return torch.from_numpy(x[:len(noise_seeds)] if noise_seeds is not None else x)
+
+
+@register
+class FidelityMSE(Metric):
+    name, title, better, order = "fidelity_mse", "Trajectory fidelity (MSE)", "lower", 40
+    description = ("Mean squared distance between the student's output and the teacher's output from the same "
+                   "noise and prompt, in the ODE's space: how closely the student follows the teacher's "
+                   "trajectory (0 = identical).")
+    needs = ("teacher_outputs",)
+
+    @classmethod
+    def format(cls, value: float) -> str:
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
+
+    @classmethod
+    def teacher_note(cls, cfg) -> str:
+        return "the teacher's outputs are this metric's target (0 by construction)"
+
+    def score(self, samples: Samples) -> float | None:
+        if samples.kind == "teacher":
+            return None
+        target = self.ctx.teacher_outputs(samples.seed, samples.noise_seeds)
+        return float(per_sample_mse(samples.x, target).mean())

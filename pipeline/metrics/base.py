@@ -1,0 +1,173 @@
+"""The metric interface and registry: a metric says what it measures and needs, and scores one unit's samples.
+
+Shaped like the method registry (pipeline/methods/base.py): a metric module in this package registers its
+class by name; the evaluate stage computes every registered metric that applies to the run (or those named in
+`evaluate.metrics`), and the report takes each metric's title, direction, description, number format and
+sample-size warning from its class. Adding a metric is one new module here (and its test): docs/metrics.md.
+
+A metric declares
+- `name` (the score rows' `metric` column), `title`, `better` ("lower" | "higher"), `description` (one line
+  for the report's metric table);
+- `needs`: what it reads besides the decoded images, from the shared `EvalContext` ("features" = the
+  `evaluate.features` space, "classifier", "teacher_outputs", ...), and `weights`: the config key of a local
+  weights path it loads (e.g. "evaluate.clip_path"), checked before any model loads;
+- `applies(cfg)`: whether this run computes it at all; `score(samples)`: its value for one unit, or None
+  where it is undefined (e.g. the teacher against itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+METRICS: dict[str, type["Metric"]] = {}
+
+
+def register(cls: type["Metric"]) -> type["Metric"]:
+    if not cls.name or cls.better not in ("lower", "higher"):
+        raise ValueError(f"metric {cls.__name__} needs a name and better = 'lower' or 'higher'")
+    METRICS[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type["Metric"]]:
+    """Every metric, in report order (importing this package registers each module found beside it)."""
+    import pipeline.metrics  # noqa: F401
+
+    return dict(sorted(METRICS.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def get_metric(name: str) -> type["Metric"]:
+    known = registered()
+    if name not in known:
+        raise KeyError(f"unknown metric '{name}' (known: {', '.join(known)})")
+    return known[name]
+
+
+def metrics_for(cfg) -> list[type["Metric"]]:
+    """The metrics this run computes: `evaluate.metrics` if given (each must apply), else all that apply."""
+    known = registered()
+    chosen = getattr(cfg.evaluate, "metrics", None)
+    if chosen is None:
+        return [m for m in known.values() if m.applies(cfg)]
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise UserError(f"evaluate.metrics: unknown metric '{unknown[0]}' (known: {', '.join(known)})")
+    idle = [n for n in chosen if not known[n].applies(cfg)]
+    if idle:
+        raise UserError(f"evaluate.metrics: '{idle[0]}' does not apply to this run ({known[idle[0]].when})")
+    return [m for n, m in known.items() if n in chosen]
+
+
+def config_value(cfg, dotted: str) -> Any:
+    """`config_value(cfg, "evaluate.clip_path")` -> cfg.evaluate.clip_path."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@dataclass
+class Samples:
+    """One evaluation unit's samples, as every metric sees them."""
+    kind: str                     # "teacher" | "student"
+    seed: int                     # the evaluation seed
+    x: torch.Tensor               # final samples in the ODE's space (pixels or latents), [N, ...]
+    images: torch.Tensor          # decoded images [N, C, H, W] in [0, 1]
+    prompts: list[str]            # the prompt of each sample
+    noise_seeds: np.ndarray       # the per-sample noise seeds (stages.evaluate.noise_seeds)
+    key: str                      # the unit's key (unique: a name for scratch files)
+
+
+class EvalContext:
+    """What the metrics of one evaluate worker share: the run config, the device, the teacher (its decoder),
+    the evaluate directory, and models several metrics use, built on first use and kept for the process."""
+
+    def __init__(self, cfg, device, teacher, root: Path):
+        self.cfg, self.device, self.teacher, self.root = cfg, torch.device(device), teacher, Path(root)
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, name: str, build: Callable[[], Any]) -> Any:
+        if name not in self._shared:
+            self._shared[name] = build()
+        return self._shared[name]
+
+    def classifier(self):
+        """The embedded teacher's digit classifier (None for other teachers)."""
+        if self.cfg.teacher.kind != "embedded":
+            return None
+        from pipeline.metrics.classifier import load_classifier
+
+        return self.shared("classifier", lambda: load_classifier(self.cfg.stage_dir("teacher"), self.device))
+
+    def teacher_outputs_path(self, seed: int) -> Path:
+        """Where the evaluate stage keeps the teacher's final samples of evaluation seed `seed`."""
+        return self.root / "teacher" / "outputs" / f"seed{seed}.npz"
+
+    def teacher_outputs(self, seed: int, noise_seeds: np.ndarray) -> torch.Tensor:
+        from pipeline.metrics.fidelity import load_outputs
+
+        return load_outputs(self.teacher_outputs_path(seed), noise_seeds)
+
+
+class Metric:
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    better: ClassVar[str] = "lower"               # "lower" | "higher"
+    description: ClassVar[str] = ""               # one line for the report
+    needs: ClassVar[tuple[str, ...]] = ()         # EvalContext inputs besides the images
+    weights: ClassVar[str | None] = None          # config key of a local weights path it loads
+    when: ClassVar[str] = "always"                # when it applies, in words (for `applies`)
+    order: ClassVar[int] = 100                    # position in the report's tables
+    digits: ClassVar[int] = 2                     # decimals in the report
+    min_samples: ClassVar[int] = 2                # fewer samples per unit: the report warns the value means little
+
+    def __init__(self, ctx: EvalContext):
+        self.ctx = ctx
+
+    @classmethod
+    def applies(cls, cfg) -> bool:
+        """Whether this run computes the metric (e.g. CLIP score only with a CLIP model)."""
+        return True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Problems a user can fix, as one-line UserErrors before any model loads (default: `weights` exists)."""
+        path = config_value(cfg, cls.weights) if cls.weights else None
+        if path and not Path(path).expanduser().exists():
+            raise UserError(f"{cls.weights} {path} does not exist (the {cls.title} weights are read locally)")
+
+    @classmethod
+    def prepare(cls, cfg) -> None:
+        """Driver side, once per evaluate run, before any unit (e.g. write a reference folder)."""
+
+    @classmethod
+    def teacher_note(cls, cfg) -> str:
+        """Why the teacher has no value, said under the report's table when it has none."""
+        return "not scored for the teacher"
+
+    @classmethod
+    def min_samples_for(cls, features: str | None) -> int:
+        return cls.min_samples
+
+    @classmethod
+    def details(cls, cfg) -> str:
+        """How this run computes it (feature space, reference, ...), for the report's run summary; "" if nothing."""
+        return ""
+
+    @classmethod
+    def format(cls, value: float) -> str:
+        return f"{value:.{cls.digits}f}"
+
+    @classmethod
+    def needs_text(cls) -> str:
+        parts = list(cls.needs) + ([f"`{cls.weights}`"] if cls.weights else [])
+        return ", ".join(parts) or "the images"
+
+    def score(self, samples: Samples) -> float | None:
+        raise NotImplementedError

@@ -1,0 +1,189 @@
+"""Markdown tables of summarized scores (pipeline/metrics/scores.py): the ablation ladder that opens the report,
+one table per metric with the teacher under it, and one checkpoint's scores for its model card.
+
+Spread and significance: a value is the mean over every (training seed, evaluation seed) pair, ± their
+standard deviation; two values differ "by more than the spread" when |mean_a - mean_b| > std_a + std_b
+(`scores.separated`). Only such differences are marked; with one value per row there is no spread and no mark
+(docs/metrics.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline.metrics.base import registered
+from pipeline.metrics.scores import WARN, cell, separated, summarize
+
+LADDER_METHODS = ("perflow", "ota", "flowsteer", "scflow", "ayf-emd")   # FlowSteer's Table 5 order, then the rest
+LADDER_NFES = (1, 2, 4)
+
+
+@dataclass
+class RunInfo:
+    """What the report knows of one training run name (over its seeds), besides its scores."""
+    name: str
+    method: str
+    options: dict = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)       # e.g. "reflow on teacher samples"
+    d_acc: tuple[float, float] | None = None            # discriminator's final accuracy on real / fake
+    ema_distance: float | None = None                   # EMA vs raw weights' distance from the teacher
+
+    @property
+    def label(self) -> str:
+        text = self.name if self.name == self.method else f"{self.name} ({self.method})"
+        return text + "".join(f", {t}" for t in self.tags)
+
+    @property
+    def default_grid(self) -> bool:
+        """Trained on diffusers' default grid (a `grid: diffusers` variant, the ladder's first row)."""
+        return str(self.options.get("grid", "")) in ("diffusers", "default")
+
+
+def title(metric: str) -> str:
+    cls = registered().get(metric)
+    return f"{cls.title} ({cls.better} is better)" if cls else metric
+
+
+def _row(summary: pd.DataFrame, run: str, schedule: str, nfe: int, metric: str):
+    r = summary[(summary.run == run) & (summary.schedule == schedule) & (summary.nfe == nfe)
+                & (summary.metric == metric)]
+    return r.iloc[0] if len(r) else None
+
+
+def teacher_line(cfg, summary: pd.DataFrame, metric: str) -> str:
+    ev = cfg.evaluate
+    head = f"Teacher, {ev.teacher_nfe} steps with CFG {ev.guidance:g} ({2 * ev.teacher_nfe} network passes)"
+    r = _row(summary, "teacher", "fixed", ev.teacher_nfe, metric)
+    if r is not None:
+        return f"{head}: **{cell(metric, r)}**"
+    cls = registered().get(metric)
+    return f"{head}: {cls.teacher_note(cfg) if cls else 'not scored'}."
+
+
+def spread_note(rows: pd.DataFrame) -> str:
+    students = rows[rows.run != "teacher"]
+    t = int(students.train_seed.nunique()) if len(students) else 0
+    e = int(rows.seed.nunique()) if len(rows) else 0
+    if t * e <= 1:
+        return ("One training seed and one evaluation seed: no spread, so no difference is marked as significant "
+                "(add `train.seeds` and `evaluate.seeds`).")
+    return (f"Mean ± standard deviation over {t} training seed{'s' * (t > 1)} × {e} evaluation "
+            f"seed{'s' * (e > 1)}.")
+
+
+# ---------------------------------------------------------------- the ladder
+def ladder_rows(runs: list[RunInfo], schedules) -> list[tuple[RunInfo, str, str]]:
+    """(run, schedule, row label) in ladder order: PeRFlow on diffusers' default grid, + fixed schedule,
+    + OTA, + adversarial (FlowSteer), its options, then SCFlow and AYF (config order within a method).
+    Without a run trained on the default grid, the first run sampled on that grid stands for the first row."""
+    rank = {m: i for i, m in enumerate(LADDER_METHODS)}
+    ordered = [r for _, r in sorted(enumerate(runs), key=lambda ir: (rank.get(ir[1].method, len(rank)),
+                                                                        not ir[1].default_grid, ir[0]))]
+    rows = []
+    if ordered and "diffusers" in schedules and not any(r.default_grid for r in ordered):
+        rows.append((ordered[0], "diffusers", f"{ordered[0].label}, sampled on diffusers' default grid"))
+    for r in ordered:
+        on_default = r.default_grid and "diffusers" in schedules
+        rows.append((r, "diffusers" if on_default else "fixed",
+                     r.label + (", diffusers' default grid" if on_default else "")))
+    return rows
+
+
+def ladder_table(cfg, rows: pd.DataFrame, runs: list[RunInfo], metric: str) -> str:
+    """Table-5 style: a row per ladder step, 1 / 2 / 4 NFE (those evaluated), mean ± std, an arrow where a
+    step moves the value by more than the spread, the discriminator's final accuracy beside adversarial rows."""
+    summary = summarize(rows)
+    nfes = [n for n in LADDER_NFES if n in cfg.evaluate.nfes] or list(cfg.evaluate.nfes)
+    steps = ladder_rows(runs, set(rows.schedule))
+    with_d = any(r.d_acc for r, _, _ in steps)
+    lines = ["| ladder step | " + " | ".join(f"{n} NFE" for n in nfes) + " |" + (" D acc real / fake |" if with_d else ""),
+             "|---|" + "---:|" * len(nfes) + ("---:|" if with_d else "")]
+    above: dict[int, object] = {}
+    for run, schedule, label in steps:
+        cells = []
+        for n in nfes:
+            r = _row(summary, run.name, schedule, n, metric)
+            if r is None:
+                cells.append("–")
+                continue
+            text, prev = cell(metric, r), above.get(n)
+            if prev is not None and separated(r, prev):
+                text += " ↓" if r["mean"] < prev["mean"] else " ↑"
+            cells.append(text)
+            above[n] = r
+        d = f" {run.d_acc[0]:.2f} / {run.d_acc[1]:.2f} |" if run.d_acc else " – |"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |" + (d if with_d else ""))
+    lines += ["", teacher_line(cfg, summary, metric), "",
+              spread_note(rows) + " ↓ / ↑: lower / higher than the step above by more than the sum of both "
+              "standard deviations; an unmarked step is within the spread."]
+    if with_d:
+        lines.append("D acc: the discriminator's accuracy on real / fake states at the last logged step "
+                     "(mean over training seeds; 0.5 = chance).")
+    ema = [f"{r.name} {r.ema_distance:.2f}" for r, _, _ in steps if r.ema_distance is not None]
+    if ema:
+        lines.append("EMA vs raw weights: the exported EMA's distance from the teacher relative to the raw "
+                     "weights' at the last step (1 = as far; mean over training seeds): "
+                     + " · ".join(dict.fromkeys(ema)) + ".")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- one table per metric
+def metric_table(cfg, summary: pd.DataFrame, runs: list[RunInfo], metric: str) -> str:
+    """A row per (run, schedule), a column per NFE; bold: the best mean at an NFE when it is ahead of the
+    runner-up by more than the spread (or, with no spread measured, simply the best)."""
+    nfes = list(cfg.evaluate.nfes)
+    lower = registered()[metric].better == "lower" if metric in registered() else True
+    schedules = [s for s in ("fixed", "diffusers") if ((summary.schedule == s) & (summary.run != "teacher")).any()]
+    keys = [(r, s) for r in runs for s in schedules]
+    best = {}
+    for n in nfes:
+        col = [x for x in (_row(summary, r.name, s, n, metric) for r, s in keys) if x is not None]
+        col.sort(key=lambda x: x["mean"] if lower else -x["mean"])
+        if len(col) > 1 and not np.isclose(col[0]["mean"], col[1]["mean"]) and separated(col[0], col[1]) is not False:
+            best[n] = col[0]["mean"]
+    lines = ["| run | " + " | ".join(f"{n} NFE" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    for r, s in keys:
+        cells = []
+        for n in nfes:
+            x = _row(summary, r.name, s, n, metric)
+            text = "–" if x is None else cell(metric, x)
+            cells.append(f"**{text}**" if x is not None and n in best and np.isclose(x["mean"], best[n]) else text)
+        label = r.label + (" · diffusers' default grid" if s == "diffusers" else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", teacher_line(cfg, summary, metric)])
+
+
+# ---------------------------------------------------------------- one checkpoint (model card)
+def scores_markdown(rows: pd.DataFrame) -> str | None:
+    """One checkpoint's rows as a small markdown table: a line per (schedule, NFE), a column per metric,
+    mean ± std over evaluation seeds; None when there are no rows."""
+    if not len(rows):
+        return None
+    s = summarize(rows, by=("schedule", "nfe", "metric"))
+    metrics = [m for m in registered() if m in set(s.metric)] + sorted(set(s.metric) - set(registered()))
+    lines = ["| schedule | NFE | " + " | ".join(title(m) for m in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for (schedule, nfe), grp in s.groupby(["schedule", "nfe"], sort=True):
+        by_metric = {r.metric: r for _, r in grp.iterrows()}
+        lines.append(f"| {schedule} | {int(nfe)} | "
+                     + " | ".join(cell(m, by_metric[m]) if m in by_metric else "–" for m in metrics) + " |")
+    seeds = int(rows.seed.nunique())
+    lines += ["", f"{int(rows.n.min())} samples per value, {seeds} evaluation seed{'s' * (seeds > 1)}"
+                  f"{' (mean ± std)' if seeds > 1 else ''}; {WARN}: too few samples for the value to mean much."]
+    return "\n".join(lines)
+
+
+def checkpoint_scores(cfg, run) -> str | None:
+    """The evaluate scores of one trained student (a schemas.config.TrainRun) as a markdown table, for its
+    model card (export/README.md); None until `flowsteer evaluate` has scored this checkpoint."""
+    path = cfg.stage_dir("evaluate") / "scores.parquet"
+    if not path.is_file():
+        return None
+    rows = pd.read_parquet(path)
+    if "run" not in rows.columns:
+        return None
+    keep = ((rows.fingerprint == cfg.fingerprint("train", run)) & (rows.run == run.name)
+            & (rows.train_seed == run.seed) & rows.seed.isin(cfg.evaluate.seeds))
+    return scores_markdown(rows[keep])

@@ -165,8 +165,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str
-    options: dict[str, Any] = Field(default_factory=dict)
+    method: str                         # the registered method this run trains
+    options: dict[str, Any] = Field(default_factory=dict)   # its options (as train.method_options.<method>)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def test_two_concurrent_trains_keep_one_ordered_loss_log(make_toy_config, tmp_pa
     outs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes in ([0, 0], [0, 2]), outs
-    log = [json.loads(l) for l in (cfg.stage_dir("train", "perflow") / "losses.jsonl").read_text().splitlines()]
+    log = [json.loads(l) for l in (cfg.train_dir(cfg.train_run("perflow")) / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))            # no duplicated or out-of-order rows
 
 
@@ -245,7 +245,7 @@ def trained(make_toy_config):
     cfg = load_config(path)
     assert cli("generate", "-c", path).exit_code == 0
     _train(path)
-    train_dir = cfg.stage_dir("train", "perflow")
+    train_dir = cfg.train_dir(cfg.train_run("perflow"))
     return path, cfg, train_dir, checkpoint_tensors(train_dir, 4)
 
 
@@ -313,7 +313,7 @@ def test_disk_full_while_saving_a_checkpoint(make_toy_config, monkeypatch):
     ref = make_toy_config("ref.yaml", root=str(Path(make_toy_config().parent) / "ref"), train={"methods": ["perflow"]})
     assert cli("generate", "-c", ref).exit_code == 0
     _train(ref)
-    ref_weights = checkpoint_tensors(load_config(ref).stage_dir("train", "perflow"), 4)
+    ref_weights = checkpoint_tensors((lambda c: c.train_dir(c.train_run("perflow")))(load_config(ref)), 4)
 
     path = make_toy_config(train={"methods": ["perflow"]})
     cfg = load_config(path)
@@ -329,7 +329,7 @@ def test_disk_full_while_saving_a_checkpoint(make_toy_config, monkeypatch):
     res = cli("train", "-c", path)
     assert res.exit_code == 1
     (line,) = error_lines(res.output)
-    train_dir = cfg.stage_dir("train", "perflow")
+    train_dir = cfg.train_dir(cfg.train_run("perflow"))
     assert "No space left on device" in line and str(train_dir / "checkpoints" / "step-000004.pt") in line
     assert "Traceback" not in res.output
     assert read_record(train_dir, "steps-000004")["status"] == "failed"
@@ -364,11 +364,11 @@ def test_a_real_full_disk_during_train_then_resume(make_toy_config, tiny_tmpfs):
     res = cli("train", "-c", path)
     assert res.exit_code == 1
     (line,) = error_lines(res.output)
-    assert "No space left on device" in line and str(cfg.stage_dir("train", "perflow")) in line
+    assert "No space left on device" in line and str(cfg.train_dir(cfg.train_run("perflow"))) in line
     assert "Traceback" not in res.output and not temp_files(tiny_tmpfs)
     filler.unlink()
     _train(path)
-    assert (cfg.stage_dir("train", "perflow") / "export" / "flowsteer.json").is_file()
+    assert (cfg.train_dir(cfg.train_run("perflow")) / "export" / "flowsteer.json").is_file()
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -382,7 +382,7 @@ def test_train_store_of_another_generate_seed_is_not_reported_done(make_toy_conf
     on_a = make_toy_config("ta.yaml", root=str(tmp_path / "t"), train={**train, "store": str(store_a)})
     on_b = make_toy_config("tb.yaml", root=str(tmp_path / "t"), train={**train, "store": str(store_b)})
     _train(on_a)
-    dir_a, dir_b = (load_config(p).stage_dir("train", "perflow") for p in (on_a, on_b))
+    dir_a, dir_b = ((lambda c: c.train_dir(c.train_run("perflow")))(load_config(p)) for p in (on_a, on_b))
     assert dir_a != dir_b
     res = _train(on_b)
     assert "(0 skipped" in res.output                                   # trained anew on the other data

@@ -194,8 +194,8 @@ def _ray_init(address: str | None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    else:                                 # a private local cluster, even when another one runs on this host
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 
 def _run_ray(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None,

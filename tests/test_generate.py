@@ -196,7 +196,7 @@ def test_killed_cli_resumes_without_redoing_units(make_toy_config, tests_on_path
 def ray_local(tests_on_path):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -215,7 +215,7 @@ def test_ray_train_two_workers_average_gradients(toy_store):
 
     cfg = config_at(toy_store, "ray", workers=2, steps=2, checkpoint_every=2)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         run_job(train_job(cfg, "ota"), progress=False)
     finally:
         ray.shutdown()

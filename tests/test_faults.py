@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 SLOW_TEACHER = {"kind": "byo", "factory": "fault_teachers:make_slow_toy_teacher", "kwargs": {"delay": 0.15}}
 
 
+
+def perflow_dir(cfg):
+    """The train dir of the config's perflow run (its first seed)."""
+    return cfg.train_dir(cfg.train_run("perflow"))
+
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -151,7 +156,7 @@ def test_two_concurrent_trains_keep_one_ordered_loss_log(make_toy_config, tmp_pa
     outs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes in ([0, 0], [0, 2]), outs
-    log = [json.loads(l) for l in (cfg.stage_dir("train", "perflow") / "losses.jsonl").read_text().splitlines()]
+    log = [json.loads(l) for l in (perflow_dir(cfg) / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))            # no duplicated or out-of-order rows
 
 
@@ -245,7 +250,7 @@ def trained(make_toy_config):
     cfg = load_config(path)
     assert cli("generate", "-c", path).exit_code == 0
     _train(path)
-    train_dir = cfg.stage_dir("train", "perflow")
+    train_dir = perflow_dir(cfg)
     return path, cfg, train_dir, checkpoint_tensors(train_dir, 4)
 
 
@@ -313,7 +318,7 @@ def test_disk_full_while_saving_a_checkpoint(make_toy_config, monkeypatch):
     ref = make_toy_config("ref.yaml", root=str(Path(make_toy_config().parent) / "ref"), train={"methods": ["perflow"]})
     assert cli("generate", "-c", ref).exit_code == 0
     _train(ref)
-    ref_weights = checkpoint_tensors(load_config(ref).stage_dir("train", "perflow"), 4)
+    ref_weights = checkpoint_tensors(perflow_dir(load_config(ref)), 4)
 
     path = make_toy_config(train={"methods": ["perflow"]})
     cfg = load_config(path)
@@ -329,7 +334,7 @@ def test_disk_full_while_saving_a_checkpoint(make_toy_config, monkeypatch):
     res = cli("train", "-c", path)
     assert res.exit_code == 1
     (line,) = error_lines(res.output)
-    train_dir = cfg.stage_dir("train", "perflow")
+    train_dir = perflow_dir(cfg)
     assert "No space left on device" in line and str(train_dir / "checkpoints" / "step-000004.pt") in line
     assert "Traceback" not in res.output
     assert read_record(train_dir, "steps-000004")["status"] == "failed"
@@ -382,7 +387,7 @@ def test_train_store_of_another_generate_seed_is_not_reported_done(make_toy_conf
     on_a = make_toy_config("ta.yaml", root=str(tmp_path / "t"), train={**train, "store": str(store_a)})
     on_b = make_toy_config("tb.yaml", root=str(tmp_path / "t"), train={**train, "store": str(store_b)})
     _train(on_a)
-    dir_a, dir_b = (load_config(p).stage_dir("train", "perflow") for p in (on_a, on_b))
+    dir_a, dir_b = (perflow_dir(load_config(p)) for p in (on_a, on_b))
     assert dir_a != dir_b
     res = _train(on_b)
     assert "(0 skipped" in res.output                                   # trained anew on the other data

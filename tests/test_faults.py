@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 SLOW_TEACHER = {"kind": "byo", "factory": "fault_teachers:make_slow_toy_teacher", "kwargs": {"delay": 0.15}}
 
 
+
+def perflow_dir(cfg):
+    """The train dir of the config's perflow run (its first seed)."""
+    return cfg.train_dir(cfg.train_run("perflow"))
+
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -97,10 +97,10 @@ def test_every_docs_link_in_code_points_to_an_existing_file():
 
 
 def test_links_between_docs_resolve():
-    """Relative links in docs/*.md resolve from docs/; the README draft's from the repo root (where it goes)."""
+    """Relative links in docs/*.md resolve from docs/, the README's from the repo root."""
     broken = []
-    for page in sorted((ROOT / "docs").glob("*.md")):
-        base = ROOT if page.name == "_readme_draft.md" else page.parent
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        base = page.parent
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" not in target and not (base / target).exists():
                 broken.append(f"{page.name} -> {target}")

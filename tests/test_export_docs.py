@@ -1,4 +1,4 @@
-"""What a user copies: the export's model card, and every ```python block of docs/*.md and docs/_readme_draft.md,
+"""What a user copies: the export's model card, and every ```python block of README.md and docs/*.md,
 run as written on a tiny SD3 pipeline dir without T5 (tests/tiny_sd3.py) and exports made from it."""
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from schemas.config import load_config
 ROOT = Path(__file__).resolve().parent.parent
 # The placeholders the docs use, replaced by the tiny dirs here (a snippet with another path fails the test).
 TEACHER_PLACEHOLDER = "path/to/stable-diffusion-3-medium-diffusers"
-EXPORT_PLACEHOLDER = "runs/my-run/train/flowsteer-<fp>/export"
-FLOW_MAP_PLACEHOLDER = "runs/my-run/train/ayf-emd-<fp>/export"
+EXPORT_PLACEHOLDER = "runs/my-run/train/flowsteer-s0-<fp>/export"
+FLOW_MAP_PLACEHOLDER = "runs/my-run/train/ayf-emd-s0-<fp>/export"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,7 +139,7 @@ def test_hub_cache_snapshot_gives_base_model():
 
 
 def doc_files() -> list[Path]:
-    return sorted((ROOT / "docs").glob("*.md"))
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def test_docs_python_snippets_run_as_written(sd3_run, tmp_path, monkeypatch):

@@ -234,7 +234,7 @@ def test_seeds_and_variants_train_one_student_each_from_one_store(toy_store):
     from stages.train import jobs
 
     cfg = config_at(toy_store, "seeds", steps=2, checkpoint_every=2, seeds=[0, 1],
-                    variants={"perflow-lr": {"method": "perflow", "options": {}}})
+                    variants={"perflow-lr": {"method": "perflow", "options": {"x0": "teacher_samples"}}})
     planned = jobs(cfg, methods=["perflow", "perflow-lr"])
     assert [j.out_dir.name.split("-s")[0] for j in planned] == ["perflow", "perflow", "perflow-lr", "perflow-lr"]
     for job in planned[:2]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.data import has_real_data
+from pipeline.diffusers_scheduler import diffusers_sigmas
 from pipeline.errors import UserError
 from pipeline.methods.base import register
 from pipeline.methods.common import ChordMethod, parse_options, rowwise
@@ -21,16 +22,6 @@ X0_SOURCES = ("real", "teacher_samples")
 GRIDS = ("fixed", "diffusers")
 # x0: where x0 comes from (docs/precision.md); grid: where the K windows lie (docs/ablation.md)
 DEFAULTS = {"x0": "real", "grid": "fixed"}
-
-
-def diffusers_edges(windows: int, shift: float) -> torch.Tensor:
-    """The K + 1 window edges of diffusers' default FlowMatchEulerDiscreteScheduler.set_timesteps(K) grid,
-    taken from the scheduler itself: [1, ..., double-shifted sigma_min, 0] (pipeline/schedule.default_sigmas)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(windows)
-    return scheduler.sigmas.to(torch.float32).cpu()
 
 
 def sub_grids(edges: torch.Tensor, k: torch.Tensor, steps: int, shift: float) -> torch.Tensor:
@@ -58,7 +49,7 @@ class PeRFlow(ChordMethod):
         self.options = parse_options(self.name, ctx.options, DEFAULTS)
         # grid "diffusers": PeRFlow as users run it today, its windows on the default scheduler's grid (the
         # paper's first ablation row); the teacher then solves each window with M/K sub-steps of its own.
-        self.grid_edges = (diffusers_edges(self.num_windows, ctx.cfg.schedule.shift).to(ctx.device)
+        self.grid_edges = (diffusers_sigmas(self.num_windows, shift=ctx.cfg.schedule.shift).to(ctx.device)
                            if self.options["grid"] == "diffusers" else None)
 
     def export_meta(self) -> dict:

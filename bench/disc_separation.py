@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--fake", choices=["jump", "perturbed"], default="jump")
     ap.add_argument("--noise", type=float, default=0.1, help="perturbed: std of the added noise")
     ap.add_argument("--only", nargs="*", help="variant names (substrings) to run")
+    ap.add_argument("--student", help="jump: an exported student's transformer dir (default: the teacher = step 0)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(args.config)
@@ -51,6 +52,10 @@ def main() -> None:
     from stages.train import open_store
 
     teacher, store = load_teacher(cfg), open_store(cfg)
+    jumper = teacher.transformer
+    if args.student:
+        from diffusers import SD3Transformer2DModel
+        jumper = SD3Transformer2DModel.from_pretrained(args.student).eval()
     adv = cfg.train.adversarial
     probs = torch.tensor(adv.window_probs, dtype=torch.float64)
     for name, (backbone, sn, lr, per_token) in VARIANTS.items():
@@ -67,7 +72,7 @@ def main() -> None:
             real, s_s, s_e = b["z_end"], b["sigma_start"], b["sigma_end"]
             with torch.no_grad():
                 if args.fake == "jump":
-                    v = sd3_velocity(teacher.transformer, b["z_start"], s_s, b["cond"])
+                    v = sd3_velocity(jumper, b["z_start"], s_s, b["cond"])
                     fake = b["z_start"] + (s_e - s_s).view(-1, 1, 1, 1) * v
                 else:
                     fake = real + args.noise * torch.randn_like(real)
@@ -79,7 +84,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             ar, af = accuracy(lr_.detach(), lf.detach())
-            hist.append((float(loss), float(ar), float(af), float(sample_logits(lr_).mean()),
+            hist.append((float(loss.detach()), float(ar), float(af), float(sample_logits(lr_).mean()),
                          float(sample_logits(lf).mean())))
         last = torch.tensor(hist[-20:]).mean(0).tolist()
         first = torch.tensor(hist[:20]).mean(0).tolist()

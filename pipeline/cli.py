@@ -16,7 +16,7 @@ import typer
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from pipeline.errors import UserError
-from pipeline.files import StageLock
+from pipeline.files import StageBusy, StageLock
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
@@ -52,6 +52,9 @@ ExecutorOpt = typer.Option(None, "--executor", "-e", callback=_check_executor,
                            help="local (in-process) or ray (actors); default from config.")
 WaitOpt = typer.Option(False, "--wait", help="If another run writes the same stage directory, wait for it "
                        "instead of exiting (default: exit 2 naming its host and pid).")
+ShareOpt = typer.Option(False, "--share", help="Run beside other flowsteer processes on the same config (this "
+                        "host, or other hosts on a shared filesystem): take the jobs (e.g. training runs) that no "
+                        "other process holds, then wait for the rest to finish (docs/scaling.md).")
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto' on a `ray up` cluster.")
 WorkersOpt = typer.Option(None, "--workers", help="Number of Ray actors (default: as many as resources allow).")
 
@@ -73,13 +76,28 @@ def stage_module(name: str):
 
 
 def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: str | None = None,
-              workers: int | None = None, wait: bool = False, **opts) -> None:
-    """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero."""
+              workers: int | None = None, wait: bool = False, share: bool = False, **opts) -> None:
+    """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero.
+
+    share: a job whose directory another process holds is put aside (its lock says who), the free ones
+    run, then each put-aside job is waited for and run for whatever its holder left (usually nothing): N
+    processes on one config split its independent jobs (datatrove-style workers on one task queue)."""
     mod = stage_module(name)
     t0 = time.time()
     try:
+        held: list = []
         for job in mod.jobs(cfg, **opts):
-            st = run_job(job, executor or cfg.executor, address, workers, wait=wait)
+            try:
+                st = run_job(job, executor or cfg.executor, address, workers, wait=wait and not share)
+            except StageBusy as exc:
+                if not share:
+                    raise
+                typer.echo(f"{job.stage}: {exc.args[0].split(' (')[0]}; taking the next job")
+                held.append(job)
+                continue
+            typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
+        for job in held:
+            st = run_job(job, executor or cfg.executor, address, workers, wait=True)
             typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
         if hasattr(mod, "after"):
             msg = mod.after(cfg, **opts)
@@ -98,7 +116,7 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
 def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to write the example config."),
          force: bool = typer.Option(False, help="Overwrite an existing file."),
          preset: Optional[str] = typer.Option(None, help="study: the whole ablation ladder, 3 training seeds, "
-                                              "1000 steps (docs/ablation.md).")):
+                                              "400 steps (docs/ablation.md).")):
     """Write a commented example config (the embedded default) to edit."""
     if path.exists() and not force:
         fail(f"{path} exists (use --force to overwrite)")
@@ -145,17 +163,19 @@ def train(config: Optional[Path] = ConfigOpt,
                                                      help="Run names: a method (perflow | ota | flowsteer | "
                                                           "scflow | ayf-emd) or a train.variants key (repeatable; "
                                                           "default: train.methods); each trains once per train.seeds"),
-          executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
+          executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
+          share: bool = ShareOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
-    run_stage("train", get_config(config), executor, address, methods=method or None, wait=wait)
+    run_stage("train", get_config(config), executor, address, methods=method or None, wait=wait, share=share)
 
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
              method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
-             executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt):
+             executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
+             share: bool = ShareOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
-    run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait)
+    run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait, share=share)
 
 
 @app.command()
@@ -168,16 +188,17 @@ def report(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-           address: Optional[str] = AddressOpt):
+           address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt):
     """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
     (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
-    and report them (docs/ablation.md)."""
+    and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
+    the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
     from pipeline.ladder import with_ladder
 
     cfg = with_ladder(get_config(config))
     t0 = time.time()
     for name in STAGES:
-        run_stage(name, cfg, executor, address)
+        run_stage(name, cfg, executor, address, wait=wait or share, share=share)
     typer.echo(f"ablate: finished in {time.time() - t0:.1f}s")
 
 

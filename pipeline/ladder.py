@@ -21,14 +21,15 @@ LADDER_VARIANTS: dict[str, dict[str, Any]] = {
 }
 LADDER = ["perflow-diffusers", "perflow", "ota", "flowsteer-adv", "flowsteer", "flowsteer-rollout", "scflow", "ayf-emd"]
 
-# `flowsteer init --preset study`: long enough for the students to leave the teacher, 3 training seeds, the
-# whole ladder; sized for ~2 h on 2 CPU cores (estimate and its basis: docs/ablation.md).
+# `flowsteer init --preset study`: 3 training seeds x the whole ladder, each student long enough to leave the
+# teacher (400 steps, 2.7x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
+# with two `ablate --share` processes (measured: docs/ablation.md, "The study preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "study": {
         "root": "runs/study",
-        "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 1000,
-                  "batch_size": 12, "checkpoint_every": 250, "log_every": 25},
-        "evaluate": {"nfes": [1, 2, 4], "n_samples": 500},
+        "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 400,
+                  "batch_size": 12, "checkpoint_every": 200, "log_every": 20},
+        "evaluate": {"nfes": [1, 2, 4], "n_samples": 500, "schedules": ["fixed", "diffusers"]},
     },
 }
 

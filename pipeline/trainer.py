@@ -314,18 +314,32 @@ class Trainer:
         return values
 
     def train_until(self, boundary: int) -> dict[str, float]:
-        """Steps until `boundary` steps are done; logs every train.log_every steps; returns the last losses."""
+        """Steps until `boundary` steps are done; logs every train.log_every steps; returns the last losses.
+
+        A logged loss is the mean over the steps since the previous line (one step's batch is too noisy to
+        read, e.g. the discriminator's accuracy on a few rows); the means restart at every segment, so a
+        resumed run logs exactly what an uninterrupted one does."""
         last: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        t0, w0, s0, n = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds, 0
         while self.step < boundary:
-            t0, w0, s0 = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds
             last = self.train_step()
+            n += 1
+            for key, value in last.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
             if self.on_step is not None:
                 self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
-                self.log({"step": self.step, **last, "lr": self.opt.param_groups[0]["lr"],
+                means = {key: sums[key] / counts[key] for key in sums}
+                sums, counts = {}, {}
+                self.log({"step": self.step, **means, "lr": self.opt.param_groups[0]["lr"],
                           "ema_rel_distance": self.ema.relative_distance(self.student),
-                          "data_wait_s": self.batches.wait_seconds - w0,
-                          "teacher_data_s": self.data.teacher_seconds - s0, "step_s": time.perf_counter() - t0})
+                          "data_wait_s": (self.batches.wait_seconds - w0) / n,
+                          "teacher_data_s": (self.data.teacher_seconds - s0) / n,
+                          "step_s": (time.perf_counter() - t0) / n})
+                t0, w0, s0, n = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds, 0
         return last
 
     # ------------------------------------------------------------ logging and export

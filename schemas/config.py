@@ -144,14 +144,14 @@ class DataConfig(Section):
 class AdversarialConfig(Section):
     """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
     disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = Field(0.1, ge=0)         # unknown in the paper: a choice, see docs/methods.md
-    lambda_fm: float = Field(0.1, ge=0)          # feature matching on the discriminator's blocks (docs/ablation.md)
+    lambda_adv: float = Field(0.01, ge=0)        # unknown in the paper: measured choice, docs/ablation.md
+    lambda_fm: float = Field(0.01, ge=0)         # feature matching on the discriminator's blocks (docs/ablation.md)
     disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
     disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
     spectral_norm: bool = False                  # on the heads' convolutions
     fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
     # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
-    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.2, 0.2, 0.4)
+    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.1, 0.1, 0.1, 0.7)
 
     @model_validator(mode="after")
     def _probs(self):

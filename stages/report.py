@@ -83,11 +83,11 @@ def select(cfg: RunConfig, scores: pd.DataFrame, methods: list[str]) -> pd.DataF
 
 
 def run_infos(cfg: RunConfig, methods: list[str]) -> list[RunInfo]:
-    """Per run name: method, options, export tags, the discriminator's final accuracy and the EMA distance
+    """Per run name: method, options, export tags, the discriminator at the end and the EMA distance
     (means over the training seeds that have them)."""
     out: dict[str, RunInfo] = {}
     ema: dict[str, list[float]] = {}
-    d_acc: dict[str, list[tuple[float, float]]] = {}
+    d_stats: dict[str, list[dict[str, float]]] = {}
     for run in cfg.train_runs(methods):
         info = out.setdefault(run.name, RunInfo(run.name, run.method, dict(run.options)))
         d, meta = cfg.train_dir(run), {}
@@ -99,19 +99,24 @@ def run_infos(cfg: RunConfig, methods: list[str]) -> list[RunInfo]:
             info.tags.append("reflow on teacher samples")
         if isinstance(meta.get(EMA_DISTANCE_KEY), (int, float)):
             ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE_KEY]))
-        acc = final_d_accuracy(d / LOSSES)
-        if acc is not None:
-            d_acc.setdefault(run.name, []).append(acc)
+        stats = final_d_stats(d / LOSSES)
+        if stats is not None:
+            d_stats.setdefault(run.name, []).append(stats)
     for name, info in out.items():
         info.ema_distance = float(np.mean(ema[name])) if name in ema else None
-        if name in d_acc:
-            info.d_acc = tuple(float(v) for v in np.mean(d_acc[name], axis=0))
+        if name in d_stats:
+            keys = set.intersection(*(set(x) for x in d_stats[name]))
+            info.d_stats = {k: float(np.mean([x[k] for x in d_stats[name]])) for k in D_KEYS if k in keys}
     return list(out.values())
 
 
-def final_d_accuracy(losses: Path) -> tuple[float, float] | None:
-    """The last logged (d_acc_real, d_acc_fake) of a training run, or None if it logs none."""
-    last = None
+D_KEYS = ("d_loss", "d_acc_real", "d_acc_fake", "d_acc_pair")
+
+
+def final_d_stats(losses: Path) -> dict[str, float] | None:
+    """The discriminator at the end of a training run: the mean of d_loss and its accuracies over the last
+    quarter of the logged lines (one logged step is a single batch: too noisy alone), or None if it logs none."""
+    rows = []
     try:
         lines = losses.read_text().splitlines()
     except OSError:
@@ -122,8 +127,11 @@ def final_d_accuracy(losses: Path) -> tuple[float, float] | None:
         except json.JSONDecodeError:
             continue                      # a torn last line of a killed run
         if "d_acc_real" in rec and "d_acc_fake" in rec:
-            last = (float(rec["d_acc_real"]), float(rec["d_acc_fake"]))
-    return last
+            rows.append(rec)
+    if not rows:
+        return None
+    tail = rows[-max(1, len(rows) // 4):]
+    return {k: float(np.mean([r[k] for r in tail])) for k in D_KEYS if all(k in r for r in tail)}
 
 
 def ordered_metrics(rows: pd.DataFrame) -> list[str]:

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import subprocess
@@ -163,6 +164,39 @@ def test_two_concurrent_trains_keep_one_ordered_loss_log(make_toy_config, tmp_pa
     assert codes in ([0, 0], [0, 2]), outs
     log = [json.loads(l) for l in (perflow_dir(cfg) / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7))            # no duplicated or out-of-order rows
+
+
+def test_shared_trains_split_the_runs_and_each_trains_once(make_toy_config, tmp_path):
+    """Two `train --share` processes on one config with four runs: both exit 0, every run is trained, and no
+    run's steps were trained twice (one ordered loss log each; the losses of a single-process run)."""
+    train = {"steps": 4, "checkpoint_every": 2, "log_every": 1, "methods": ["perflow", "ota"], "seeds": [0, 1]}
+    path = make_toy_config(train=train)
+    cfg = load_config(path)
+    assert cli("generate", "-c", path).exit_code == 0
+    procs = [spawn("train", "-c", path, "--share", cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trained = 0
+    for run in cfg.train_runs():
+        log = [json.loads(l) for l in (cfg.train_dir(run) / "losses.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2, 3, 4]           # trained once, in order
+        assert (cfg.train_dir(run) / "export" / "flowsteer.json").is_file()
+        trained += 1
+    assert trained == 4
+    # every unit (training segment, export) was run by exactly one process: run here = done - skipped
+    from stages.train import jobs
+
+    ran = [int(d) - int(s) for out, _ in outs for d, s in re.findall(r"train: (\d+) units done \((\d+) skipped", out)]
+    assert sum(ran) == sum(len(job.units) for job in jobs(cfg)), outs
+    solo = load_config(make_toy_config("solo.yaml", root=str(tmp_path / "solo"), train=train))
+    assert cli("generate", "-c", tmp_path / "solo.yaml").exit_code == 0
+    assert cli("train", "-c", tmp_path / "solo.yaml").exit_code == 0
+    for run in cfg.train_runs():
+        strip = [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                 for l in (cfg.train_dir(run) / "losses.jsonl").read_text().splitlines()]
+        alone = [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")}
+                 for l in (solo.train_dir(run) / "losses.jsonl").read_text().splitlines()]
+        assert strip == alone
 
 
 # ---------------------------------------------------------------- never delete on doubt

@@ -269,6 +269,16 @@ def test_resampled_adversarial_windows_follow_window_probs():
     assert torch.allclose(freq, probs, atol=0.01)
 
 
+def test_zero_window_probs_draw_only_their_windows_and_none_from_a_batch_without_them():
+    """window_probs [0, 0, 0, 1] (the clean end only): GAN rows come from the last window alone, and a batch
+    with no last-window row gives no GAN rows (that step skips the GAN) instead of a multinomial error."""
+    probs = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    k = torch.tensor([0, 1, 3, 2, 3, 0])
+    assert set(k[resample_windows(k, probs, 32, gen)].tolist()) == {3}
+    assert len(resample_windows(torch.tensor([0, 1, 2, 2, 1, 0]), probs, 32, gen)) == 0
+
+
 def flowsteer_setup(lambda_adv=0.5, lambda_fm=0.25, window_probs=(0.4, 0.2, 0.2, 0.2), disc_blocks=1):
     cfg = toy_cfg(adversarial={"lambda_adv": lambda_adv, "lambda_fm": lambda_fm, "disc_blocks": disc_blocks,
                                "window_probs": list(window_probs)})
@@ -288,7 +298,7 @@ def test_flowsteer_gradients_reach_only_their_own_player():
     method, student, _ = flowsteer_setup()
     disc = method.discriminator()
     batch = method.batch(step=0)
-    assert len(batch["adv_rows"]) == 2                              # adv_fraction 0.5 of a batch of 4
+    assert len(batch["adv_rows"]) == 4                              # adv_fraction 1.0 (default) of a batch of 4
     with frozen(disc.parameters()):                                 # as the trainer runs the G step
         losses = method.generator_losses(student, batch, step=0)
         losses["loss"].backward()

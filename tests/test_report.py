@@ -80,8 +80,13 @@ def _write_run_files(cfg) -> None:
         (d / "export" / "flowsteer.json").write_text(json.dumps(meta))
         if run.name == "flowsteer":
             real, fake = (0.9, 0.8) if run.seed == 0 else (0.7, 0.6)
-            lines = [json.dumps({"step": 10, "loss": 1.0, "d_acc_real": 0.5, "d_acc_fake": 0.5}),
-                     json.dumps({"step": 20, "loss": 0.9, "d_acc_real": real, "d_acc_fake": fake}), '{"step": 3']
+            # 8 logged lines: the report averages the last quarter (steps 70, 80), not one noisy last step
+            lines = [json.dumps({"step": 10 * i, "loss": 1.0, "d_loss": 2.0, "d_acc_real": 0.5, "d_acc_fake": 0.5,
+                                 "d_acc_pair": 0.5}) for i in range(1, 7)]
+            lines += [json.dumps({"step": 70, "loss": 0.9, "d_loss": 1.5 + 0.2 * run.seed, "d_acc_real": real,
+                                  "d_acc_fake": fake, "d_acc_pair": 1.0}),
+                      json.dumps({"step": 80, "loss": 0.9, "d_loss": 1.7 + 0.2 * run.seed, "d_acc_real": real,
+                                  "d_acc_fake": fake, "d_acc_pair": 0.8}), '{"step": 3']
             (d / "losses.jsonl").write_text("\n".join(lines))
 
 
@@ -111,7 +116,8 @@ def test_report_opens_with_the_ladder_and_marks_only_steps_beyond_the_spread(two
     md = open(cfg.root + "/report/report.md").read()
     assert md.split("\n## ")[1].startswith("Ablation ladder: FID (lower is better)")
     ladder = md.split("## Ablation ladder")[1].split("\n## ")[0]
-    assert "| ladder step | 1 NFE | 2 NFE | 4 NFE | D acc real / fake |" in ladder      # 8 NFE is not a column
+    assert ("| ladder step | 1 NFE | 2 NFE | 4 NFE | D loss | D acc real / fake | D acc pairs |"
+            in ladder)                                                                    # 8 NFE is not a column
     steps = [line.split("|")[1].strip() for line in ladder.splitlines() if line.startswith("| ") and "NFE" not in line]
     assert steps == ["perflow, sampled on diffusers' default grid", "perflow", "ota, reflow on teacher samples",
                      "flowsteer"]
@@ -120,8 +126,9 @@ def test_report_opens_with_the_ladder_and_marks_only_steps_beyond_the_spread(two
     assert " ± " in one_nfe["perflow"] and one_nfe["perflow"].strip().endswith("↓")      # 50 -> 30
     assert one_nfe["ota, reflow on teacher samples"].strip().endswith("↓")              # 30 -> 20
     assert not one_nfe["flowsteer"].strip().endswith(("↓", "↑"))                        # 20 -> 19.8: in the spread
-    assert rows["flowsteer"].split("|")[-2].strip() == "0.80 / 0.70"                    # final D acc, mean of seeds
-    assert rows["perflow"].split("|")[-2].strip() == "–"
+    d_cells = [c.strip() for c in rows["flowsteer"].split("|")[-4:-1]]
+    assert d_cells == ["1.70", "0.80 / 0.70", "0.90"]          # last quarter of the log, then the mean of seeds
+    assert [c.strip() for c in rows["perflow"].split("|")[-4:-1]] == ["–", "–", "–"]
     assert "Mean ± standard deviation over 2 training seeds × 2 evaluation seeds." in ladder
     assert "EMA vs raw weights" in ladder and "perflow 0.94 · ota 0.94 · flowsteer 0.94" in ladder
     assert "Teacher, 8 steps with CFG 4 (16 network passes): **" in ladder

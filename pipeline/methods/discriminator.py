@@ -97,6 +97,12 @@ def accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> tuple[torc
     return ((sample_logits(logits_real) > 0).float().mean(), (sample_logits(logits_fake) < 0).float().mean())
 
 
+def pair_accuracy(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Share of rows whose real state scores above its fake (d_acc_pair): immune to an offset common to both,
+    which moves d_acc_real / d_acc_fake together; 0.5 = chance (an estimate of the ROC AUC)."""
+    return (sample_logits(logits_real) > sample_logits(logits_fake)).float().mean()
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))] (hinge GAN), the mean over every token's logit
     (LADD / SANA-Sprint: a token already on the right side of the margin stops pulling)."""

@@ -11,7 +11,7 @@ G loss = L_dist (OTA's chord loss) + lambda_adv L_adv + lambda_fm L_FM, with a h
             so feature matching compares batch means of D's features (Salimans et al. 2016).
 Adversarial rows are resampled from OTA's batch so their windows follow `window_probs` (default: the clean
 end weighted, docs/ablation.md) while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is
-exactly ota. Only `adv_fraction` (default 0.5) of a batch's size is drawn for the GAN. Every key of
+exactly ota. `adv_fraction` (default 1.0: the whole batch size) of a batch's size is drawn for the GAN. Every key of
 `train.adversarial` except disc_lr can be overridden per run in the method options (ablation variants).
 """
 from __future__ import annotations
@@ -22,19 +22,23 @@ from pipeline.errors import UserError
 from pipeline.methods.base import register
 from pipeline.methods.common import OnTrajectoryChordMethod, parse_options, rowwise
 from pipeline.methods.discriminator import (TransformerDiscriminator, accuracy, feature_matching_loss, hinge_d_loss,
-                                            hinge_g_loss)
+                                            hinge_g_loss, pair_accuracy)
 
 # options a run may set (train.method_options.flowsteer or a train.variants entry); None = train.adversarial's
 OVERRIDABLE = ("disc_blocks", "lambda_adv", "lambda_fm", "disc_backbone", "spectral_norm", "fake_source",
                "window_probs")
-DEFAULTS = {"adv_fraction": 0.5, **{k: None for k in OVERRIDABLE}}
+DEFAULTS = {"adv_fraction": 1.0, **{k: None for k in OVERRIDABLE}}
 FAKE_SOURCES = ("one_step", "rollout")
 
 
 def resample_windows(k: torch.Tensor, probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n row indices of a batch, drawn with replacement so that row windows k follow `probs`."""
+    """n row indices of a batch, drawn with replacement so that row windows k follow `probs` (renormalised over
+    the windows the batch holds); none when the batch holds no row of a window with p > 0 (e.g. probs
+    [0, 0, 0, 1] and a batch without a last-window row): the GAN then skips that step."""
     count = torch.bincount(k, minlength=len(probs)).to(torch.float64)
     weights = probs.to(k.device)[k] / count[k]           # every row of window j shares p_j
+    if not bool((weights > 0).any()):
+        return torch.zeros(0, dtype=torch.long, device=k.device)
     return torch.multinomial(weights.to(generator.device), n, replacement=True, generator=generator).to(k.device)
 
 
@@ -83,7 +87,7 @@ class FlowSteer(OnTrajectoryChordMethod):
         probs = torch.tensor(adv.window_probs, dtype=torch.float64)
         self.window_probs = probs / probs.sum()
         self.lambda_adv, self.lambda_fm, self.fake_source = adv.lambda_adv, adv.lambda_fm, adv.fake_source
-        # share of the batch that gets a student jump + D calls: half keeps the GAN's cost per step small
+        # share of the batch size that gets a student jump + D calls (fewer rows: a cheaper, noisier D step)
         self.adv_fraction = float(opts["adv_fraction"])
         transformer = getattr(ctx.teacher, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
@@ -136,7 +140,7 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     def generator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
         losses = super().generator_losses(student, batch, step)
-        if not (self.lambda_adv or self.lambda_fm):
+        if not (self.lambda_adv or self.lambda_fm) or not len(batch["adv_rows"]):
             return losses
         adv = take(batch, batch["adv_rows"])
         fake = self.fake(student, batch, adv)
@@ -160,7 +164,10 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     def discriminator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Hinge D loss on real = teacher window ends vs fake = the student's states (no gradient to the student);
-        logs the mean logits and D's accuracy on each side (acc_real: share scored > 0, acc_fake: < 0)."""
+        logs the mean logits and D's accuracy on each side (acc_real: share scored > 0, acc_fake: < 0) and per
+        pair (acc_pair: share of rows whose real outscores its fake)."""
+        if not len(batch["adv_rows"]):
+            return None
         adv = take(batch, batch["adv_rows"])
         with torch.no_grad():   # the trainer runs the D step first, so the fake is made here, without a graph
             fake = self.fake(student, batch, adv)
@@ -170,4 +177,5 @@ class FlowSteer(OnTrajectoryChordMethod):
         loss = hinge_d_loss(logits[:n], logits[n:])
         acc_real, acc_fake = accuracy(logits[:n].detach(), logits[n:].detach())
         return {"loss": loss, "logit_real": logits[:n].mean().detach(), "logit_fake": logits[n:].mean().detach(),
-                "acc_real": acc_real, "acc_fake": acc_fake}
+                "acc_real": acc_real, "acc_fake": acc_fake, "acc_pair": pair_accuracy(logits[:n].detach(),
+                                                                                      logits[n:].detach())}

@@ -27,7 +27,7 @@ class RunInfo:
     method: str
     options: dict = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)       # e.g. "reflow on teacher samples"
-    d_acc: tuple[float, float] | None = None            # discriminator's final accuracy on real / fake
+    d_stats: dict | None = None         # the discriminator at the end: d_loss, d_acc_real/_fake/_pair (report.py)
     ema_distance: float | None = None                   # EMA vs raw weights' distance from the teacher
 
     @property
@@ -91,15 +91,26 @@ def ladder_rows(runs: list[RunInfo], schedules) -> list[tuple[RunInfo, str, str]
     return rows
 
 
+def d_cells(stats: dict | None) -> str:
+    """The ladder's three discriminator cells (– where the row has no discriminator or a key is missing)."""
+    stats = stats or {}
+    loss = f"{stats['d_loss']:.2f}" if "d_loss" in stats else "–"
+    acc = (f"{stats['d_acc_real']:.2f} / {stats['d_acc_fake']:.2f}"
+           if "d_acc_real" in stats and "d_acc_fake" in stats else "–")
+    pair = f"{stats['d_acc_pair']:.2f}" if "d_acc_pair" in stats else "–"
+    return f" {loss} | {acc} | {pair} |"
+
+
 def ladder_table(cfg, rows: pd.DataFrame, runs: list[RunInfo], metric: str) -> str:
     """Table-5 style: a row per ladder step, 1 / 2 / 4 NFE (those evaluated), mean ± std, an arrow where a
     step moves the value by more than the spread, the discriminator's final accuracy beside adversarial rows."""
     summary = summarize(rows)
     nfes = [n for n in LADDER_NFES if n in cfg.evaluate.nfes] or list(cfg.evaluate.nfes)
     steps = ladder_rows(runs, set(rows.schedule))
-    with_d = any(r.d_acc for r, _, _ in steps)
-    lines = ["| ladder step | " + " | ".join(f"{n} NFE" for n in nfes) + " |" + (" D acc real / fake |" if with_d else ""),
-             "|---|" + "---:|" * len(nfes) + ("---:|" if with_d else "")]
+    with_d = any(r.d_stats for r, _, _ in steps)
+    lines = ["| ladder step | " + " | ".join(f"{n} NFE" for n in nfes) + " |"
+             + (" D loss | D acc real / fake | D acc pairs |" if with_d else ""),
+             "|---|" + "---:|" * len(nfes) + ("---:|" * 3 if with_d else "")]
     above: dict[int, object] = {}
     for run, schedule, label in steps:
         cells = []
@@ -113,14 +124,15 @@ def ladder_table(cfg, rows: pd.DataFrame, runs: list[RunInfo], metric: str) -> s
                 text += " ↓" if r["mean"] < prev["mean"] else " ↑"
             cells.append(text)
             above[n] = r
-        d = f" {run.d_acc[0]:.2f} / {run.d_acc[1]:.2f} |" if run.d_acc else " – |"
+        d = d_cells(run.d_stats)
         lines.append(f"| {label} | " + " | ".join(cells) + " |" + (d if with_d else ""))
     lines += ["", teacher_line(cfg, summary, metric), "",
               spread_note(rows) + " ↓ / ↑: lower / higher than the step above by more than the sum of both "
               "standard deviations; an unmarked step is within the spread."]
     if with_d:
-        lines.append("D acc: the discriminator's accuracy on real / fake states at the last logged step "
-                     "(mean over training seeds; 0.5 = chance).")
+        lines.append("D: the discriminator over the last quarter of its logged steps, mean over training seeds: "
+                     "hinge loss (2.0 = real and fake scored alike), accuracy on real / fake states (share scored "
+                     "> 0 / < 0) and on pairs (share of rows whose real state outscores its fake); 0.5 = chance.")
     ema = [f"{r.name} {r.ema_distance:.2f}" for r, _, _ in steps if r.ema_distance is not None]
     if ema:
         lines.append("EMA vs raw weights: the exported EMA's distance from the teacher relative to the raw "

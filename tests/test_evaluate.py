@@ -68,6 +68,30 @@ def test_identical_folders_give_fid_zero_and_shifted_sets_do_not(tmp_path):
         assert fid_shifted > 2 * fid_same > 0
 
 
+def test_fid_equals_clean_fids_and_survives_a_scipy_without_sqrtm_disp(monkeypatch):
+    """fid_from_features is clean-fid's fid_from_feats (same Gaussian fit and eq. 6), also on a scipy whose
+    sqrtm takes no `disp` and returns the matrix alone (the H100 image's; clean-fid's own call fails there)."""
+    from cleanfid import fid as cleanfid
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 12)), rng.normal(0.2, 1.1, size=(300, 12))
+    ours = fidlib.fid_from_features(a, b)
+    assert ours == pytest.approx(float(cleanfid.fid_from_feats(a, b)), rel=1e-6)
+    plain = linalg.sqrtm
+
+    def new_scipy_sqrtm(m, **kwargs):
+        if kwargs:
+            raise TypeError(f"sqrtm() got an unexpected keyword argument '{next(iter(kwargs))}'")
+        out = plain(m)
+        return out[0] if isinstance(out, tuple) else out
+
+    monkeypatch.setattr(linalg, "sqrtm", new_scipy_sqrtm)
+    with pytest.raises(TypeError, match="disp"):
+        cleanfid.fid_from_feats(a, b)
+    assert fidlib.fid_from_features(a, b) == pytest.approx(ours, rel=1e-9)
+
+
 def test_classifier_features_through_cleanfid_equal_direct_features(tmp_path):
     """clean-fid's reader (PNG -> RGB 0..255, no resize) must hand the classifier the images we wrote."""
     clf = _classifier()

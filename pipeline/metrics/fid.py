@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write_bytes, temp_name
 from pipeline.metrics.base import EvalContext, Metric, Samples, register
+from pipeline.metrics.frechet import frechet_from_features
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
@@ -137,14 +138,14 @@ def folder_features(folder: Path, space: FeatureSpace, device="cpu", batch_size:
 
 
 def fid_from_features(generated: np.ndarray, reference: np.ndarray) -> float:
-    """clean-fid's FID of two feature sets (`fid_from_feats`: Gaussian fit, then eq. 6).
+    """FID of two clean-fid feature sets: the Gaussian fit and eq. 6 of clean-fid's `fid_from_feats`.
 
-    This is what `cleanfid.fid.compute_fid(fdir1, fdir2)` does after reading both folders; calling its two
-    halves lets a run extract the reference folder's features once instead of once per (checkpoint, NFE, seed).
+    That is what `cleanfid.fid.compute_fid(fdir1, fdir2)` does after reading both folders; splitting it lets a
+    run extract the reference folder's features once instead of once per (checkpoint, NFE, seed). The distance
+    is computed by pipeline/metrics/frechet.py (the same formula and eps fallback; tests/test_evaluate.py checks
+    it equals clean-fid's), because clean-fid calls scipy's sqrtm with an argument newer scipy no longer takes.
     """
-    from cleanfid import fid as cleanfid
-
-    return float(cleanfid.fid_from_feats(np.asarray(generated, np.float64), np.asarray(reference, np.float64)))
+    return frechet_from_features(np.asarray(generated, np.float64), np.asarray(reference, np.float64))
 
 
 # ---------------------------------------------------------------- the registered metric

@@ -5,13 +5,20 @@ import numpy as np
 from scipy import linalg
 
 
+def sqrtm(a: np.ndarray) -> np.ndarray:
+    """scipy's matrix square root, on every scipy: newer releases dropped sqrtm's `disp` argument (a call with
+    disp=False, as clean-fid's, is a TypeError there: seen on the H100 image) and return the matrix alone."""
+    out = linalg.sqrtm(a)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    covmean = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         off = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + off) @ (sigma2 + off))
+        covmean = sqrtm((sigma1 + off) @ (sigma2 + off))
     covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

@@ -7,6 +7,10 @@ trainable, spectral norm on/off, learning rate, hinge on per-token logits or on 
 --steps steps on fresh batches; printed: d_loss, accuracy on real / fake over the last 20 steps.
 
     PYTHONPATH=. python bench/disc_separation.py -c run.yaml --steps 300
+    PYTHONPATH=. python bench/disc_separation.py -c run.yaml --rms --student <export>/transformer
+
+--rms trains nothing: per window, the rms of (fake - real) and of the real state over 64 rows, for the
+teacher's and the student's one-step jumps (how much there is to tell apart at each window end).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--fake", choices=["jump", "perturbed"], default="jump")
     ap.add_argument("--noise", type=float, default=0.1, help="perturbed: std of the added noise")
     ap.add_argument("--only", nargs="*", help="variant names (substrings) to run")
+    ap.add_argument("--rms", action="store_true", help="print per-window rms of fake - real; train nothing")
     ap.add_argument("--student", help="jump: an exported student's transformer dir (default: the teacher = step 0)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -57,6 +62,20 @@ def main() -> None:
         from diffusers import SD3Transformer2DModel
         jumper = SD3Transformer2DModel.from_pretrained(args.student).eval()
     adv = cfg.train.adversarial
+    if args.rms:
+        data = DataSource(cfg, teacher, store, "cpu", torch.Generator().manual_seed(0))
+        for k in range(cfg.schedule.windows):
+            probs = torch.zeros(cfg.schedule.windows, dtype=torch.float64)
+            probs[k] = 1
+            b = data.segments(64, window_probs=probs)
+            with torch.no_grad():
+                for name, net in (("teacher", teacher.transformer), ("student", jumper)):
+                    v = sd3_velocity(net, b["z_start"], b["sigma_start"], b["cond"])
+                    fake = b["z_start"] + (b["sigma_end"] - b["sigma_start"]).view(-1, 1, 1, 1) * v
+                    print(f"window {k} (ends at sigma {float(b['sigma_end'][0]):.3f}) {name:8s} jump: rms(fake - real) "
+                          f"{float((fake - b['z_end']).pow(2).mean().sqrt()):.4f}, rms(real) "
+                          f"{float(b['z_end'].pow(2).mean().sqrt()):.3f}", flush=True)
+        return
     probs = torch.tensor(adv.window_probs, dtype=torch.float64)
     for name, (backbone, sn, lr, per_token) in VARIANTS.items():
         if args.only and not any(o in name for o in args.only):

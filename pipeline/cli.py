@@ -79,9 +79,11 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
               workers: int | None = None, wait: bool = False, share: bool = False, **opts) -> None:
     """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero.
 
-    share: a job whose directory another process holds is put aside (its lock says who), the free ones
-    run, then each put-aside job is waited for and run for whatever its holder left (usually nothing): N
-    processes on one config split its independent jobs (datatrove-style workers on one task queue)."""
+    share: where the stage's jobs are independent (`INDEPENDENT_JOBS`, e.g. training runs), a job whose
+    directory another process holds is put aside (its lock says who), the free ones run, then each put-aside
+    job is waited for and run for whatever its holder left (usually nothing): N processes on one config split
+    its jobs (datatrove-style workers on one task queue). Where a job needs the ones before it (evaluate's
+    students need the teacher's outputs), a held job is waited for instead."""
     mod = stage_module(name)
     t0 = time.time()
     try:
@@ -92,6 +94,11 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
             except StageBusy as exc:
                 if not share:
                     raise
+                if not getattr(mod, "INDEPENDENT_JOBS", False):      # later jobs need this one: wait for it
+                    st = run_job(job, executor or cfg.executor, address, workers, wait=True)
+                    typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) "
+                               f"-> {job.out_dir}")
+                    continue
                 typer.echo(f"{job.stage}: {exc.args[0].split(' (')[0]}; taking the next job")
                 held.append(job)
                 continue

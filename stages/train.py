@@ -24,6 +24,10 @@ from pipeline.runner import Job, Unit
 LOSSES = "losses.jsonl"
 
 
+# every job is one training run (run name x seed) reading the same store: `--share` may run them in any order
+INDEPENDENT_JOBS = True
+
+
 def training_store_path(cfg) -> Path:
     """The trajectory store: this run's generate output, or `train.store` (another run's store or its dir)."""
     return Path(cfg.train.store) if cfg.train.store else cfg.stage_dir("generate")

@@ -199,6 +199,28 @@ def test_shared_trains_split_the_runs_and_each_trains_once(make_toy_config, tmp_
         assert strip == alone
 
 
+def test_shared_evaluate_waits_for_a_held_teacher_job_instead_of_running_students_without_it(make_toy_config,
+                                                                                             tmp_path):
+    """Evaluate's students need the teacher job's outputs: `evaluate --share` waits for a held teacher job
+    (the study run's second process once failed 20 student units by skipping ahead) and then succeeds."""
+    from stages.evaluate import jobs
+
+    path = make_toy_config(train={"steps": 2, "checkpoint_every": 2, "methods": ["perflow"]},
+                           evaluate={"nfes": [1], "n_samples": 8, "features": "pixels"})
+    cfg = load_config(path)
+    for stage in ("generate", "train"):
+        assert cli(stage, "-c", path).exit_code == 0
+    teacher_job, students_job = jobs(cfg)
+    with StageLock(teacher_job.out_dir):                 # another process is evaluating the teacher
+        proc = spawn("evaluate", "-c", path, "--share", cwd=tmp_path)
+        time.sleep(8)
+        assert proc.poll() is None                       # waiting, not failing student units
+        assert not any(students_job.out_dir.glob("_records/*")) if students_job.out_dir.exists() else True
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (out, err)
+    assert "failed" not in out + err
+
+
 # ---------------------------------------------------------------- never delete on doubt
 def test_corrupt_store_metadata_is_an_error_naming_the_file_and_nothing_is_deleted(make_toy_config):
     path = make_toy_config()

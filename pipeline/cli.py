@@ -75,6 +75,10 @@ def stage_module(name: str):
     return importlib.import_module(f"stages.{name}")
 
 
+def _echo_done(job, st: dict) -> None:
+    typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
+
+
 def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: str | None = None,
               workers: int | None = None, wait: bool = False, share: bool = False, **opts) -> None:
     """Plan a stage's jobs and run their pending units; user errors and failed units exit non-zero.
@@ -96,16 +100,15 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
                     raise
                 if not getattr(mod, "INDEPENDENT_JOBS", False):      # later jobs need this one: wait for it
                     st = run_job(job, executor or cfg.executor, address, workers, wait=True)
-                    typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) "
-                               f"-> {job.out_dir}")
+                    _echo_done(job, st)
                     continue
                 typer.echo(f"{job.stage}: {exc.args[0].split(' (')[0]}; taking the next job")
                 held.append(job)
                 continue
-            typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
+            _echo_done(job, st)
         for job in held:
             st = run_job(job, executor or cfg.executor, address, workers, wait=True)
-            typer.echo(f"{job.stage}: {st['done']} units done ({st['skipped']} skipped as already done) -> {job.out_dir}")
+            _echo_done(job, st)
         if hasattr(mod, "after"):
             msg = mod.after(cfg, **opts)
             if msg:

@@ -98,13 +98,11 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
             except StageBusy as exc:
                 if not share:
                     raise
-                if not getattr(mod, "INDEPENDENT_JOBS", False):      # later jobs need this one: wait for it
-                    st = run_job(job, executor or cfg.executor, address, workers, wait=True)
-                    _echo_done(job, st)
+                if getattr(mod, "INDEPENDENT_JOBS", False):
+                    typer.echo(f"{job.stage}: {exc.args[0].split(' (')[0]}; taking the next job")
+                    held.append(job)
                     continue
-                typer.echo(f"{job.stage}: {exc.args[0].split(' (')[0]}; taking the next job")
-                held.append(job)
-                continue
+                st = run_job(job, executor or cfg.executor, address, workers, wait=True)  # later jobs need it
             _echo_done(job, st)
         for job in held:
             st = run_job(job, executor or cfg.executor, address, workers, wait=True)

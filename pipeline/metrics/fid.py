@@ -171,7 +171,7 @@ def digits_reference_dir(cfg) -> Path:
 class FID(Metric):
     name, title, better, order = "fid", "FID", "lower", 10
     description = ("Frechet distance between Gaussians fitted to features of the generated samples and of the "
-                   "reference images (Heusel et al. 2017); computed by clean-fid. Sample quality and diversity.")
+                   "reference images (Heusel et al. 2017); clean-fid features. Sample quality and diversity.")
     needs = ("features", "reference")
     weights = "evaluate.inception_path"
 

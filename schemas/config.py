@@ -144,7 +144,7 @@ class DataConfig(Section):
 class AdversarialConfig(Section):
     """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
     disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
-    lambda_adv: float = Field(0.01, ge=0)        # unknown in the paper: measured choice, docs/ablation.md
+    lambda_adv: float = Field(0.001, ge=0)       # unknown in the paper: measured choice, docs/ablation.md
     lambda_fm: float = Field(0.01, ge=0)         # feature matching on the discriminator's blocks (docs/ablation.md)
     disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
     disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
@@ -303,9 +303,12 @@ class RunConfig(Section):
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
                       "store", "prefetch", "tensorboard"):
                 tr.pop(k)
-            parts["train"] = tr
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
+            from pipeline.methods.base import get_method
+            if not get_method(run.method).uses_adversarial:
+                tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
+            parts["train"] = tr
             parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
             if self.train.store:         # the data trained on: the pointed store's own fingerprint
                 parts["store"] = pointed_store_fingerprint(self.train.store)

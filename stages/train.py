@@ -265,7 +265,7 @@ def runs(cfg, methods=None):
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
         get_method(run.method).check_config(cfg, run.options)
-    depth = teacher_depth(cfg)
+    depth = teacher_depth(cfg) if any(get_method(r.method).uses_adversarial for r in out) else None
     if depth is not None and cfg.train.adversarial.disc_blocks > depth:
         raise UserError(f"train.adversarial.disc_blocks is {cfg.train.adversarial.disc_blocks} but the teacher "
                         f"transformer has {depth} blocks")

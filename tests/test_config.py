@@ -117,6 +117,16 @@ def test_train_runs_are_names_times_seeds_and_dirs_differ_only_where_the_run_doe
     assert one_seed.train_runs()[0].label == "flowsteer"
 
 
+def test_a_gan_setting_retrains_only_the_runs_with_a_discriminator(tmp_path):
+    methods = {"train.methods": ["perflow", "ota", "ayf-emd", "flowsteer", "scflow"]}
+    cfg = load_config(write_config(tmp_path / "a.yaml", root=str(tmp_path)), methods)
+    gan = load_config(write_config(tmp_path / "b.yaml", root=str(tmp_path)), {**methods, "train.adversarial.disc_lr": 5e-3})
+    same = {r.name: cfg.train_dir(r) == gan.train_dir(r) for r in cfg.train_runs()}
+    assert same == {"perflow": True, "ota": True, "ayf-emd": True, "flowsteer": False, "scflow": False}
+    lr = load_config(write_config(tmp_path / "c.yaml", root=str(tmp_path)), {**methods, "train.lr": 1e-3})
+    assert all(cfg.train_dir(r) != lr.train_dir(r) for r in cfg.train_runs())
+
+
 @pytest.mark.parametrize("key, value, match", [
     ("train.seeds", [], "seeds"), ("train.seeds", [1, 1], "seeds"), ("train.methods", ["a/b"], "a/b"),
     ("train.variants", {"x": {"options": {}}}, "method"), ("train.seed", 3, "seed")])

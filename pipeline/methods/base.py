@@ -47,6 +47,9 @@ class Method:
     # Every option `train.method_options.<name>` may set, with its default: an option not declared here is
     # rejected when the config loads (schemas.config.method_problem), before any work.
     option_defaults: ClassVar[dict[str, Any]] = {}
+    # True when the method reads `train.adversarial` (a discriminator): only then do those keys enter its runs'
+    # fingerprint, so a GAN ablation retrains the GAN runs and reuses every other student (schemas/config.py)
+    uses_adversarial: ClassVar[bool] = False
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

@@ -58,6 +58,7 @@ class FlowSteer(OnTrajectoryChordMethod):
     The trainer freezes the discriminator during the generator step, so G's loss never trains D."""
     name = "flowsteer"
     option_defaults = DEFAULTS
+    uses_adversarial = True
 
     @staticmethod
     def adversarial(cfg, options):

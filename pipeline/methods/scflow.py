@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "target_decay": 0.9,    # target-EMA decay
     # lambda_gan: the paper's 0.1 is for its softplus(+R1) GAN; with this hinge GAN (L_G = -D, unbounded) and a
     # fresh discriminator from step 0 it wrecks the student on the embedded study (4-NFE prompt accuracy
-    # 0.95 -> 0.14 by step 200); 0.01, train.adversarial.lambda_adv's scale, keeps it a small sharpening term.
+    # 0.95 -> 0.14 by step 200); at 0.01 it stays a small sharpening term (measured: docs/ablation.md, the study).
     "lambda_rf": 0.1, "lambda_gan": 0.01, "lambda_bi": 0.1,
     "warmup_rf": 50, "warmup_gan": 0, "warmup_bi": 50,   # scaled down from CelebA's 1000 for short runs
 }
@@ -70,6 +70,7 @@ def truncated_target(tgt_m: torch.Tensor, z0: torch.Tensor, t_minus: torch.Tenso
 @register
 class SCFlow(Method):
     name = "scflow"
+    uses_adversarial = True               # its optional GAN term builds flowsteer's discriminator
     option_defaults = DEFAULTS
 
     def __init__(self, ctx):

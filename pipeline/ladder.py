@@ -22,11 +22,14 @@ LADDER_VARIANTS: dict[str, dict[str, Any]] = {
 LADDER = ["perflow-diffusers", "perflow", "ota", "flowsteer-adv", "flowsteer", "flowsteer-rollout", "scflow", "ayf-emd"]
 
 # `flowsteer init --preset study`: 3 training seeds x the whole ladder, each student long enough to leave the
-# teacher (400 steps, 2.7x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
+# teacher (400 steps, 4x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
 # with two `ablate --share` processes (measured: docs/ablation.md, "The study preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "study": {
         "root": "runs/study",
+        # the measured study's teacher and store (the demo's defaults are trimmed to fit its 15 minutes)
+        "teacher": {"embedded": {"train_steps": 1000}},
+        "generate": {"samples_per_prompt": 64},
         "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 400,
                   "batch_size": 12, "checkpoint_every": 200, "log_every": 20},
         "evaluate": {"nfes": [1, 2, 4], "n_samples": 500, "schedules": ["fixed", "diffusers"]},
@@ -44,6 +47,14 @@ def with_ladder(cfg):
     return RunConfig.model_validate(data)
 
 
+def merged(base: dict, over: dict) -> dict:
+    """`base` with `over` laid on it key by key, nested dicts merged (not replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def preset_yaml(name: str, example_text: str) -> str:
     """The example config with the preset laid over it, as YAML (a header says which preset)."""
     import yaml
@@ -52,12 +63,7 @@ def preset_yaml(name: str, example_text: str) -> str:
 
     if name not in PRESETS:
         raise KeyError(f"unknown preset '{name}' (known: {', '.join(sorted(PRESETS))})")
-    data = yaml.safe_load(example_text)
-    for section, values in PRESETS[name].items():
-        if isinstance(values, dict):
-            data[section] = {**data[section], **values}
-        else:
-            data[section] = values
+    data = merged(yaml.safe_load(example_text), PRESETS[name])
     RunConfig.model_validate(data)
     return (f"# flowsteer preset '{name}' (docs/ablation.md): the example config with the preset's keys set;\n"
             f"# run it with `flowsteer ablate -c <this file>`.\n" + yaml.safe_dump(data, sort_keys=False))

@@ -46,7 +46,7 @@ class EmbeddedTeacher(Section):
     attention_head_dim: int = Field(32, ge=1, le=1024)
     num_attention_heads: int = Field(4, ge=1, le=256)
     max_tokens: int = Field(8, ge=1, le=512)   # MiniLM tokens kept per prompt
-    train_steps: Count = 1000
+    train_steps: Count = 800
     batch_size: Batch = 64
     lr: float = Field(2e-3, gt=0, le=10)
     prompt_dropout: Rate = 0.1          # CFG training: empty prompt 10% of the time
@@ -112,7 +112,7 @@ class GenerateConfig(Section):
     prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
     store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded), float16 (sd3)
     compressor: Literal["none", "zstd", "blosc"] = "none"
-    samples_per_prompt: Count = 64
+    samples_per_prompt: Count = 32
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
     shard_size: Count = 64              # samples per unit = per Zarr shard
     batch_size: Batch = 64
@@ -189,7 +189,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 150                  # demo budget: ~2 min per method on 2 cores (bench/train_step.py)
+    steps: Count = 100                  # demo budget: ~2 min per method on 2 cores (README, make demo)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)
@@ -233,9 +233,9 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    nfes: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    nfes: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     teacher_nfe: int = Field(32, ge=1, le=MAX_STEPS)
-    n_samples: int = Field(1000, ge=2, le=1 << 24)
+    n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
     features: Literal["classifier", "inception", "pixels"] = "classifier"

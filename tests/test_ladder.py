@@ -55,6 +55,11 @@ def test_study_preset_is_a_loadable_config_with_the_whole_ladder(tmp_path):
     assert cfg.evaluate.schedules == ["fixed", "diffusers"]        # the ladder's first row samples on diffusers' grid
     assert len(cfg.train_runs()) == len(LADDER) * 3
     assert PRESETS["study"]["train"]["steps"] == cfg.train.steps
+    # nested keys merge: the study pins the measured teacher's length and keeps the example's other teacher keys
+    example = load_config(EXAMPLE)
+    assert cfg.teacher.embedded.train_steps == 1000 and cfg.generate.samples_per_prompt == 64
+    assert cfg.teacher.embedded.model_copy(update={"train_steps": 0}) == \
+        example.teacher.embedded.model_copy(update={"train_steps": 0})
     bad = CliRunner().invoke(app, ["init", str(tmp_path / "x.yaml"), "--preset", "huge"])
     assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.stderr and not (tmp_path / "x.yaml").exists()
     assert EXAMPLE.read_text() != target.read_text()

@@ -22,12 +22,12 @@ LADDER_VARIANTS: dict[str, dict[str, Any]] = {
 LADDER = ["perflow-diffusers", "perflow", "ota", "flowsteer-adv", "flowsteer", "flowsteer-rollout", "scflow", "ayf-emd"]
 
 # `flowsteer init --preset study`: 3 training seeds x the whole ladder, each student long enough to leave the
-# teacher (400 steps, 4x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
+# teacher (400 steps, 5x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
 # with two `ablate --share` processes (measured: docs/ablation.md, "The study preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "study": {
         "root": "runs/study",
-        # the measured study's teacher and store (the demo's defaults are trimmed to fit its 15 minutes)
+        # the measured study's teacher and store, pinned: the demo's defaults are trimmed to fit its 15 minutes
         "teacher": {"embedded": {"train_steps": 1000}},
         "generate": {"samples_per_prompt": 64},
         "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 400,

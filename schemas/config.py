@@ -46,7 +46,7 @@ class EmbeddedTeacher(Section):
     attention_head_dim: int = Field(32, ge=1, le=1024)
     num_attention_heads: int = Field(4, ge=1, le=256)
     max_tokens: int = Field(8, ge=1, le=512)   # MiniLM tokens kept per prompt
-    train_steps: Count = 800
+    train_steps: Count = 1000
     batch_size: Batch = 64
     lr: float = Field(2e-3, gt=0, le=10)
     prompt_dropout: Rate = 0.1          # CFG training: empty prompt 10% of the time
@@ -189,7 +189,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 100                  # demo budget: ~2 min per method on 2 cores (README, make demo)
+    steps: Count = 80                   # demo budget: ~2 min per method on 2 cores (README, make demo)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)

@@ -45,8 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "huber_c": 0.01,        # pseudo-Huber constant
     "target_decay": 0.9,    # target-EMA decay
     # lambda_gan: the paper's 0.1 is for its softplus(+R1) GAN; with this hinge GAN (L_G = -D, unbounded) and a
-    # fresh discriminator from step 0 it wrecks the student on the embedded study (4-NFE prompt accuracy
-    # 0.95 -> 0.14 by step 200); at 0.01 it stays a small sharpening term (measured: docs/ablation.md, the study).
+    # fresh discriminator from step 0 it wrecked the study's students (4-NFE prompt accuracy 0.95 at step 0 ->
+    # 0.40 at step 200, EMA weights); at 0.01 it stays a small term (measured: docs/methods.md, SCFlow)
     "lambda_rf": 0.1, "lambda_gan": 0.01, "lambda_bi": 0.1,
     "warmup_rf": 50, "warmup_gan": 0, "warmup_bi": 50,   # scaled down from CelebA's 1000 for short runs
 }

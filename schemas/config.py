@@ -189,7 +189,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 80                   # demo budget: ~2 min per method on 2 cores (README, make demo)
+    steps: Count = 80                   # demo budget: 1.5-2 min per method on 2 cores (README, make demo)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)

@@ -7,6 +7,7 @@ the pointer moves.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,6 +19,12 @@ import torch
 from pipeline.files import atomic_write_json, atomic_write_stream
 
 POINTER = "latest.json"
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, e.g. (seed, "batch", rank, step): independent streams, reproducible on
+    resume and in any process (the batch loader's workers seed each step's batch_rng with it)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,29 +1,32 @@
-"""Training data for every method: cached teacher segments, online teacher rollouts, real data.
+"""Training rows for every method, drawn on the CPU by the batch loader (pipeline/loader.py).
 
-Everything here is the *batch stream*: drawn with this source's own generator (the trainer gives it one
-that only batch drawing uses, so batches can be prepared ahead on a thread; pipeline/prefetch.py).
+What a batch holds is split by where the work runs (docs/precision.md, "Batches and their streams"):
+- here, the *rows* of step s: trajectory-store segments, real data, noise, window and guidance draws. They come
+  from `StepRows`, whose generator `batch_rng` is seeded from (seed, rank, s) alone, and whose real data sits at
+  the position the real-data cursor gives step s, so batch s is a pure function of (seed, rank, s, cursor) and
+  any loader worker can draw any step, in any order;
+- in the training process, on the device, the teacher solves a batch needs (online OTA rollouts, PeRFlow's
+  window ends): pipeline/teacher_solves.py, done once per step by `Method.complete`.
 
 Guidance (CFG distillation, docs/methods.md): the student is guidance-free and sees only the prompt; the
-teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows
-carry the w their trajectory was generated with (the store's `guidance`); online and real rows draw
-w ~ U[generate.guidance] from the method generator, the same law generate used.
+teacher's scale w rides along with each row so a method can re-solve the teacher on that row. Cached rows carry
+the w their trajectory was generated with (the store's `guidance`); online and real rows draw w ~
+U[generate.guidance] from batch_rng, the same law generate used.
 
-Every random choice comes from the method generator (seeded from (seed, rank), saved in checkpoints), and
-the real-data cursor is an explicit position (epoch, offset), so a resumed run draws the same batches.
-Real data is sharded across ranks: every rank walks the same per-epoch permutation (seeded from
-`shared_seed`, equal on all ranks) and takes its own slice of each global batch, so within an epoch no two
-ranks draw the same image.
+Real data is sharded across ranks: every rank walks the same per-epoch permutation (seeded from `shared_seed`,
+equal on all ranks); a step draws one global batch (batch_size x world rows) at its cursor position and rank r
+keeps its r-th slice, so within an epoch no two ranks draw the same image.
 """
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.checkpoint import derive_seed
 from pipeline.errors import UserError
-from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 
 
@@ -32,158 +35,105 @@ def has_real_data(cfg) -> bool:
     return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
-class DataSource:
-    """Batches for a method, drawn with `generator` on the CPU and moved to `device`."""
+@dataclass(frozen=True)
+class Windows:
+    """The teacher's fixed M-step grid and its K window edges (every (M/K)-th point of it), so teacher
+    sub-steps, training windows and student steps share exactly the same sigmas."""
+    grid: torch.Tensor              # [M + 1] fixed_sigmas(M, shift)
+    edges: torch.Tensor             # [K + 1]
+    per_window: int                 # M / K teacher sub-steps per window
 
-    def __init__(self, cfg, teacher, store, device, generator: torch.Generator, rank: int = 0, world: int = 1,
+    @classmethod
+    def of(cls, cfg) -> "Windows":
+        M, K = cfg.schedule.teacher_steps, cfg.schedule.windows
+        grid = fixed_sigmas(M, cfg.schedule.shift)
+        return cls(grid, grid[::M // K].clone(), M // K)
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.edges) - 1
+
+    def sub_grids(self, k: torch.Tensor) -> torch.Tensor:
+        """Per-row sub-grids [M/K + 1, B] of the fixed grid covering windows k."""
+        cols = k.cpu().long()[None, :] * self.per_window + torch.arange(self.per_window + 1)[:, None]
+        return self.grid[cols]
+
+
+class RowSource:
+    """Everything the rows of any step are read from: the trajectory store, the real data, the run's seeds.
+
+    Holds no per-step state but the real-data cursor's base (the position at `base_step`, from a checkpoint),
+    so it can be copied into loader workers. `at(step)` gives that step's `StepRows`."""
+
+    def __init__(self, cfg, store, sample_shape, seed: int, rank: int = 0, world: int = 1,
                  shared_seed: int | None = None):
-        self.cfg, self.teacher, self.store = cfg, teacher, store
-        self.rank, self.world = rank, world
+        self.cfg, self.store = cfg, store
+        self.sample_shape = tuple(sample_shape)
+        self.seed, self.rank, self.world = int(seed), rank, world
         # Seeds the real-data permutation and must be the same on every rank; alone, a rank may use its own seed.
         if shared_seed is None and world > 1:
-            raise ValueError("DataSource with world > 1 needs a shared_seed equal on every rank")
-        self.shared_seed = generator.initial_seed() if shared_seed is None else int(shared_seed)
-        self.device = torch.device(device)
-        self.generator = generator
-        M, K = cfg.schedule.teacher_steps, cfg.schedule.windows
-        self.per_window = M // K
-        # The teacher's fixed M-step grid; window edges are every (M/K)-th point of it, so teacher
-        # sub-steps, training windows and student steps share exactly the same sigmas.
-        self.grid = fixed_sigmas(M, cfg.schedule.shift)
-        self.edges = self.grid[::self.per_window].clone()      # the K + 1 window edges
-        self.num_windows = K
+            raise ValueError("RowSource with world > 1 needs a shared_seed equal on every rank")
+        self.shared_seed = int(seed if shared_seed is None else shared_seed)
+        self.windows = Windows.of(cfg)
         self.guidance_range = tuple(cfg.generate.guidance)
-        self.wait_seconds = 0.0          # reading cached / real data (the data-wait of the loop)
-        self.teacher_seconds = 0.0       # teacher solves done for data (online rollouts, window targets)
-        self._real_pos = [0, 0]          # (epoch, offset) of the global cursor into the real-data permutation
-        self._null = None
-        self._real = None
-        self._latents = None             # the real-image LatentStore, opened on first use
+        self.batch_size = cfg.train.batch_size          # this rank's rows per step
+        self.cursor = (0, 0)                            # (step, global real-data position at that step)
+        self._digits = None
+        self._latents = None
+        self._perm: tuple[int, int, torch.Tensor] | None = None     # (epoch, size, permutation)
         if store is not None:
-            self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
-            self._store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
+            self.store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
+            self.store_prompt = torch.as_tensor(np.asarray(store.prompt_index[:]), dtype=torch.long)
             self.num_prompts = store.num_prompts
             # Prompt conditions are read on every batch: keep them in memory when they are small (the
             # embedded digits: 10 prompts), else read the rows each batch needs from the store.
-            small = store.cond_nbytes() <= 64 << 20
-            self._cond_cache = store.cond(np.arange(self.num_prompts)) if small else None
+            self._cond_cache = store.cond(np.arange(self.num_prompts)) if store.cond_nbytes() <= 64 << 20 else None
         else:
             self.num_prompts = 0
 
-    # ------------------------------------------------------------ small draws
-    def _randint(self, high: int, n: int) -> torch.Tensor:
-        return torch.randint(high, (n,), generator=self.generator)
+    def at(self, step: int) -> "StepRows":
+        return StepRows(self, step)
 
-    def _guidance(self, n: int) -> torch.Tensor:
-        lo, hi = self.guidance_range
-        return lo + (hi - lo) * torch.rand(n, generator=self.generator)
+    # ------------------------------------------------------------ the real-data cursor
+    def real_position(self, step: int) -> int:
+        """The global real-data position of step `step`: each step owns one global batch of positions."""
+        base_step, base_position = self.cursor
+        return base_position + (step - base_step) * self.batch_size * self.world
 
-    def _window_indices(self, n: int, probs) -> torch.Tensor:
-        if probs is None:
-            return self._randint(self.num_windows, n)
-        p = torch.as_tensor(probs, dtype=torch.float64)
-        if len(p) != self.num_windows:
-            raise ValueError(f"window_probs has {len(p)} entries for {self.num_windows} windows")
-        return torch.multinomial(p, n, replacement=True, generator=self.generator)
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"real_position": self.real_position(step)}
 
-    def _prompts(self, n: int) -> torch.Tensor:
-        if not self.num_prompts:
-            raise RuntimeError("drawing prompts needs the trajectory store (its prompt embeddings)")
-        return self._randint(self.num_prompts, n)
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        self.cursor = (step, int(state["real_position"]))
 
-    def _cond(self, prompt_index: torch.Tensor) -> dict:
+    def real_indices(self, step: int, size: int, n: int) -> torch.Tensor:
+        """This rank's n row indices of step's global batch on the epoch-seeded permutations of `size` rows
+        (position p is row perm_{p // size}[p % size]; a batch crossing an epoch end takes the next epoch's)."""
+        start = self.real_position(step) + self.rank * n
+        out = []
+        for p in range(start, start + n):
+            epoch, offset = divmod(p, size)
+            if self._perm is None or self._perm[:2] != (epoch, size):
+                g = torch.Generator().manual_seed((self.shared_seed + 1_000_003 * (epoch + 1)) % (1 << 63))
+                self._perm = (epoch, size, torch.randperm(size, generator=g))
+            out.append(int(self._perm[2][offset]))
+        return torch.tensor(out, dtype=torch.long)
+
+    # ------------------------------------------------------------ what rows are read from
+    def cond(self, prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._cond_cache is not None:
-            cond = {k: v[prompt_index] for k, v in self._cond_cache.items()}
-        else:
-            cond = self.store.cond(prompt_index.numpy())
-        return {k: self._to_device(v) for k, v in cond.items()}
+            return {k: v[prompt_index] for k, v in self._cond_cache.items()}
+        return self.store.cond(prompt_index.numpy())
 
-    def noise_like(self, n: int) -> torch.Tensor:
-        return torch.randn(n, *self.teacher.sample_shape, generator=self.generator).to(self.device)
+    def digits(self):
+        if self._digits is None:
+            from pipeline.digits import split_digits
 
-    # ------------------------------------------------------------ public draws
-    def null_cond(self, n: int) -> dict:
-        """The unconditional ("" prompt) condition, n rows."""
-        if self._null is None:
-            null = self.store.null_cond(1) if self.store is not None else self.teacher.encode([""])
-            self._null = {k: v[:1].to(self.device, torch.float32) for k, v in null.items()}
-        return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
-
-    def segments(self, n: int, window_probs=None, online_fraction: float = 0.0) -> dict[str, Any]:
-        """n window segments (z at edge k, teacher's z at edge k+1): cached rows first, then online rows."""
-        n_online = int(round(n * online_fraction))
-        n_cached = n - n_online
-        k = self._window_indices(n, window_probs)
-        t0 = time.perf_counter()
-        parts = []
-        if n_cached:
-            idx = self._randint(self.store.num_samples, n_cached)
-            z0, z1 = self.store.segments(idx.numpy(), k[:n_cached].numpy())
-            p = self._store_prompt[idx]
-            parts.append((torch.as_tensor(np.asarray(z0)), torch.as_tensor(np.asarray(z1)), p,
-                          self._store_guidance[idx]))
-        if n_online:
-            p = self._prompts(n_online)
-            parts.append((self.noise_like(n_online).cpu(), None, p, self._guidance(n_online)))
-        z_start = torch.cat([q[0] for q in parts]).to(self.device, torch.float32)
-        prompt = torch.cat([q[2] for q in parts])
-        guidance = torch.cat([q[3] for q in parts]).to(self.device)
-        cond = self._cond(prompt)
-        self.wait_seconds += time.perf_counter() - t0
-        z_end = torch.empty_like(z_start)
-        if n_cached:
-            z_end[:n_cached] = parts[0][1].to(self.device, torch.float32)
-        if n_online:
-            sl = slice(n_cached, n)
-            z_start[sl], z_end[sl] = self.rollout(z_start[sl], k[sl].to(self.device),
-                                                  {c: v[sl] for c, v in cond.items()}, guidance[sl])
-        kd = k.to(self.device)
-        online = torch.zeros(n, dtype=torch.bool, device=self.device)
-        online[n_cached:] = True
-        return {"z_start": z_start, "z_end": z_end, "sigma_start": self.edges.to(self.device)[kd],
-                "sigma_end": self.edges.to(self.device)[kd + 1], "k": kd, "cond": cond,
-                "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
-
-    def real(self, n: int) -> dict[str, Any]:
-        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher) or the run's latent store
-        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
-        t0 = time.perf_counter()
-        if self.cfg.teacher.kind == "embedded":
-            images, labels = self._real_data()
-            idx = self._next_real(len(images), n)
-            from pipeline.digits import prompt_for
-
-            x0 = images[idx]
-            enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
-            cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
-        else:
-            latents = self.latent_store()
-            idx = self._next_real(latents.num_samples, n)
-            rows = idx.numpy()
-            x0 = torch.as_tensor(latents.latents(rows))
-            cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
-        out = {"x0": self._to_device(x0), "cond": cond, "guidance": self._guidance(n).to(self.device),
-               "index": idx}
-        self.wait_seconds += time.perf_counter() - t0
-        return out
-
-    def teacher_samples(self, n: int) -> dict[str, Any]:
-        """The store's final teacher samples as x0, with their prompt and guidance (reflow on teacher samples:
-        `train.method_options.perflow.x0: teacher_samples`)."""
-        t0 = time.perf_counter()
-        idx = self._next_real(self.store.num_samples, n)
-        last = np.full(n, self.num_windows - 1)
-        x0 = torch.as_tensor(np.asarray(self.store.segments(idx.numpy(), last)[1]))
-        out = {"x0": self._to_device(x0), "cond": self._cond(self._store_prompt[idx]),
-               "guidance": self._store_guidance[idx].to(self.device), "index": idx}
-        self.wait_seconds += time.perf_counter() - t0
-        return out
-
-    def has_real_data(self) -> bool:
-        return has_real_data(self.cfg)
+            self._digits = split_digits()[0]    # the classifier's held-out split stays unseen by training
+        return self._digits
 
     def latent_store(self):
-        """The run's real-image latent store (opened once; a missing or unfinished one is a UserError)."""
+        """The run's real-image latent store (opened once per process; a missing one is a UserError)."""
         if self._latents is None:
             from pipeline.latents import LatentStore, latent_store_dir
 
@@ -193,77 +143,101 @@ class DataSource:
             self._latents = LatentStore.open(latent_store_dir(self.cfg))
         return self._latents
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """float32 on the device; from pinned memory on CUDA so the copy overlaps (the prefetch thread's)."""
-        t = torch.as_tensor(np.asarray(t) if not isinstance(t, torch.Tensor) else t).to(torch.float32)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
 
-    # ------------------------------------------------------------ teacher solves
-    def _window_grid(self, k: torch.Tensor) -> torch.Tensor:
-        """Per-row sub-grids [M/K + 1, B] of the teacher's fixed grid covering window k."""
-        cols = k.cpu().long()[None, :] * self.per_window + torch.arange(self.per_window + 1)[:, None]
-        return self.grid[cols]
+class StepRows:
+    """The rows of one step, on the CPU: every random choice from `rng` (the step's batch_rng)."""
 
-    @torch.no_grad()
-    def teacher_window(self, z: torch.Tensor, k, cond: dict, guidance, grid: torch.Tensor | None = None) -> torch.Tensor:
-        """The teacher with CFG over window k (M/K Euler sub-steps from edge k to k+1); k int or per row.
-        `grid`: per-row sub-grids [steps + 1, B] of another grid's windows (e.g. diffusers' default grid)."""
-        t0 = time.perf_counter()
-        k = torch.as_tensor(k).expand(z.shape[0])
-        g = torch.as_tensor(guidance, dtype=torch.float32, device=z.device).expand(z.shape[0])
-        model = guided(self.teacher.velocity, self.null_cond(z.shape[0]), g)
-        out = euler(model, z, (self._window_grid(k) if grid is None else grid).to(z.device), cond)
-        self.teacher_seconds += time.perf_counter() - t0
-        return out
+    def __init__(self, source: RowSource, step: int):
+        self.source, self.step = source, step
+        self.rng = torch.Generator().manual_seed(derive_seed(source.seed, "batch", source.rank, step))
+        self._real_drawn = False
 
-    @torch.no_grad()
-    def rollout(self, noise: torch.Tensor, k: torch.Tensor, cond: dict, guidance: torch.Tensor):
-        """OTA start points: the teacher from noise (sigma=1) to edge k, then through window k.
+    # ------------------------------------------------------------ small draws
+    def randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(high, (n,), generator=self.rng)
 
-        Rows share one batched call per window: at window j only rows with k >= j are still moving."""
-        z, z_start, z_end = noise.clone(), noise.clone(), noise.clone()
-        for j in range(int(k.max()) + 1 if len(k) else 0):
-            at = k == j
-            z_start[at] = z[at]
-            live = k >= j
-            sub = {c: v[live] for c, v in cond.items()}
-            z[live] = self.teacher_window(z[live], j, sub, guidance[live])
-            z_end[at] = z[at]
-        return z_start, z_end
+    def guidance(self, n: int) -> torch.Tensor:
+        lo, hi = self.source.guidance_range
+        return lo + (hi - lo) * torch.rand(n, generator=self.rng)
 
-    # ------------------------------------------------------------ real data and its position
-    def _real_data(self):
-        if self._real is None:
-            from pipeline.digits import load_digits
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, *self.source.sample_shape, generator=self.rng)
 
-            images, labels = load_digits()
-            held_out = 1000  # the classifier's held-out split stays unseen by training
-            self._real = (torch.as_tensor(images[:-held_out]), torch.as_tensor(labels[:-held_out]))
-        return self._real
+    def windows(self, n: int, probs=None) -> torch.Tensor:
+        """Window indices: uniform, or drawn with `probs` (one weight per window)."""
+        K = self.source.windows.num_windows
+        if probs is None:
+            return self.randint(K, n)
+        p = torch.as_tensor(probs, dtype=torch.float64)
+        if len(p) != K:
+            raise ValueError(f"window_probs has {len(p)} entries for {K} windows")
+        return torch.multinomial(p, n, replacement=True, generator=self.rng)
 
-    def _next_real(self, size: int, n: int) -> torch.Tensor:
-        """This rank's n indices of the next global batch (n * world) on an epoch-seeded permutation.
+    def prompts(self, n: int) -> torch.Tensor:
+        if not self.source.num_prompts:
+            raise RuntimeError("drawing prompts needs the trajectory store (its prompt embeddings)")
+        return self.randint(self.source.num_prompts, n)
 
-        All ranks advance the same global cursor, which is checkpointed; rank r keeps positions
-        [r n, (r + 1) n) of each global batch."""
-        glob = []
-        while len(glob) < n * self.world:
-            epoch, offset = self._real_pos
-            g = torch.Generator().manual_seed((self.shared_seed + 1_000_003 * (epoch + 1)) % (1 << 63))
-            perm = torch.randperm(size, generator=g)
-            take = perm[offset:offset + n * self.world - len(glob)].tolist()
-            glob += take
-            offset += len(take)
-            self._real_pos = [epoch + 1, 0] if offset >= size else [epoch, offset]
-        return torch.tensor(glob[self.rank * n:(self.rank + 1) * n], dtype=torch.long)
+    # ------------------------------------------------------------ rows
+    def segments(self, n: int, window_probs=None, online_fraction: float = 0.0) -> dict[str, Any]:
+        """n window segments (z at edge k, the teacher's z at edge k+1): cached rows first, then online rows,
+        whose z_start holds their noise and z_end nothing yet (`TeacherSolves.complete_segments` rolls them
+        out from that noise in the training process)."""
+        src = self.source
+        n_online = int(round(n * online_fraction))
+        n_cached = n - n_online
+        k = self.windows(n, window_probs)
+        z_start = torch.empty(n, *src.sample_shape)
+        z_end = torch.zeros(n, *src.sample_shape)
+        prompt = torch.empty(n, dtype=torch.long)
+        guidance = torch.empty(n)
+        if n_cached:
+            idx = self.randint(src.store.num_samples, n_cached)
+            z0, z1 = src.store.segments(idx.numpy(), k[:n_cached].numpy())
+            z_start[:n_cached], z_end[:n_cached] = torch.from_numpy(z0), torch.from_numpy(z1)
+            prompt[:n_cached], guidance[:n_cached] = src.store_prompt[idx], src.store_guidance[idx]
+        if n_online:
+            prompt[n_cached:] = self.prompts(n_online)
+            z_start[n_cached:] = self.noise(n_online)
+            guidance[n_cached:] = self.guidance(n_online)
+        online = torch.zeros(n, dtype=torch.bool)
+        online[n_cached:] = True
+        edges = src.windows.edges
+        return {"z_start": z_start, "z_end": z_end, "sigma_start": edges[k], "sigma_end": edges[k + 1], "k": k,
+                "cond": src.cond(prompt), "guidance": guidance, "online_mask": online, "prompt_index": prompt}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"real_pos": list(self._real_pos), "wait_seconds": self.wait_seconds,
-                "teacher_seconds": self.teacher_seconds}
+    def _real_indices(self, size: int, n: int) -> torch.Tensor:
+        if self._real_drawn:
+            raise RuntimeError("a step draws real data once (its cursor position holds one global batch)")
+        if n > self.source.batch_size:
+            raise ValueError(f"a real draw of {n} rows exceeds the step's {self.source.batch_size}")
+        self._real_drawn = True
+        return self.source.real_indices(self.step, size, n)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._real_pos = list(state["real_pos"])
-        self.wait_seconds = state.get("wait_seconds", 0.0)
-        self.teacher_seconds = state.get("teacher_seconds", 0.0)
+    def real(self, n: int) -> dict[str, Any]:
+        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher; their prompts are
+        encoded by the teacher in the training process, from `digit_label`) or the run's latent store
+        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
+        src = self.source
+        if src.cfg.teacher.kind == "embedded":
+            images, labels = src.digits()
+            idx = self._real_indices(len(images), n)
+            out = {"x0": images[idx], "digit_label": labels[idx]}
+        else:
+            latents = src.latent_store()
+            idx = self._real_indices(latents.num_samples, n)
+            rows = idx.numpy()
+            out = {"x0": torch.from_numpy(latents.latents(rows)), "cond": latents.cond(rows)}
+        return {**out, "guidance": self.guidance(n), "index": idx}
+
+    def teacher_samples(self, n: int) -> dict[str, Any]:
+        """The store's final teacher samples as x0, with their prompt and guidance (reflow on teacher samples:
+        `train.method_options.perflow.x0: teacher_samples`); they walk the real-data cursor."""
+        src = self.source
+        idx = self._real_indices(src.store.num_samples, n)
+        last = np.full(n, src.windows.num_windows - 1)
+        x0 = torch.from_numpy(np.asarray(src.store.segments(idx.numpy(), last)[1]))
+        return {"x0": x0, "cond": src.cond(src.store_prompt[idx]), "guidance": src.store_guidance[idx], "index": idx}
+
+    def has_real_data(self) -> bool:
+        return has_real_data(self.source.cfg)

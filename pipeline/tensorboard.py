@@ -63,12 +63,12 @@ def sample_grid(logger: TensorBoardLogger, trainer, step: int, nfes=GRID_NFES, n
     """The EMA student's samples at each NFE in `nfes` (same noise, same prompts) as images `samples/nfe<N>`."""
     from pipeline.store import noise_for
 
-    data, method = trainer.data, trainer.method
-    if data.store is None or not data.num_prompts:
+    source, method = trainer.rows, trainer.method
+    if source.store is None or not source.num_prompts:
         return
-    teacher, device = data.teacher, trainer.device
-    rows = torch.arange(n) % data.num_prompts
-    cond = {k: v.to(device) for k, v in data.store.cond(rows.numpy()).items()}
+    teacher, device = trainer.solves.teacher, trainer.device
+    rows = torch.arange(n) % source.num_prompts
+    cond = {k: v.to(device) for k, v in source.store.cond(rows.numpy()).items()}
     noise = noise_for([GRID_SEED + i for i in range(n)], tuple(teacher.sample_shape)).to(device)
     student = trainer.ema_student()
     sched = trainer.cfg.schedule

@@ -7,16 +7,14 @@ EMA of the student. Every non-finite loss stops the run before any weight change
 
 Precision (docs/precision.md): the student and discriminator are float32 master weights whatever the
 teacher's dtype; with `train.mixed_precision` their losses run under torch.autocast (bf16, or fp16 with a
-GradScaler per optimiser); EMA and export stay float32. Batches come from a BatchPrefetcher (pipeline/
-prefetch.py) that draws them with their own generator, `train.prefetch` steps ahead on a background thread.
+GradScaler per optimiser); EMA and export stay float32. A step's rows come from the batch loader (pipeline/
+loader.py: `train.loader_workers` processes, or a thread `train.prefetch` ahead), drawn from the step's own
+batch_rng; the method completes them with the teacher solves they need, and its own draws use step_rng.
+Compilation, fused AdamW, checkpointing and TF32: pipeline/fast_step.py.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -25,11 +23,14 @@ from typing import Any, Iterable
 
 import torch
 
-from pipeline.checkpoint import all_finite, rng_state, set_rng_state
-from pipeline.data import DataSource
+from pipeline.checkpoint import all_finite, derive_seed, rng_state, set_rng_state
+from pipeline.data import RowSource
 from pipeline.errors import UserError
+from pipeline.fast_step import adamw, plain_copy, prepare_student
+from pipeline.loader import BatchLoader
+from pipeline.loss_log import LossLog
 from pipeline.methods.base import MethodContext, get_method
-from pipeline.prefetch import BatchPrefetcher
+from pipeline.teacher_solves import TeacherSolves
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -37,11 +38,6 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 class NonFiniteLoss(UserError):
     """A loss or gradient became NaN/inf: training stops and the last good checkpoint stays."""
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts, e.g. (seed, rank, step): independent streams, reproducible on resume."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def ema_beta(step: int, decay: float, warmup: str, images_per_step: int = 1, rampup: float = 0.05) -> float:
@@ -147,14 +143,15 @@ class Trainer:
             update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
-        # Two streams: the batch stream (what a batch holds: DataSource and method.batch) and the method
-        # generator (the step's own draws), so batches can be drawn ahead without changing either.
-        generator = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
-        batch_generator = torch.Generator().manual_seed(derive_seed(seed, "batch", rank))
-        self.data = DataSource(self.cfg, teacher, store, self.device, batch_generator, rank, world,
-                               shared_seed=derive_seed(seed, "method", 0))
-        ctx = MethodContext(cfg=self.cfg, teacher=teacher, data=self.data, edges=self.data.edges.to(self.device),
-                            device=self.device, generator=generator, options=dict(self.run.options))
+        # Two streams: each step's rows come from its own batch_rng (seeded from (seed, rank, step) in
+        # pipeline/data.py), so loader workers draw them in any process; the step's own draws use step_rng.
+        step_rng = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
+        self.rows = RowSource(self.cfg, store, teacher.sample_shape, seed, rank, world,
+                              shared_seed=derive_seed(seed, "method", 0))
+        self.solves = TeacherSolves(teacher, store, self.device, self.rows.windows)
+        ctx = MethodContext(cfg=self.cfg, teacher=teacher, rows=self.rows, solves=self.solves,
+                            edges=self.solves.edges, device=self.device, step_rng=step_rng,
+                            options=dict(self.run.options))
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
         torch.manual_seed(derive_seed(seed, "init"))
         self.method = get_method(self.method_name)(ctx)
@@ -162,45 +159,47 @@ class Trainer:
         self.student = self.method.make_student(teacher.transformer).float().to(self.device)
         if tc.lora_rank > 0:
             add_lora(self.student, tc.lora_rank)
+        prepare_student(self.student, tc, self.device)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        self.opt = adamw(self.params, tc.lr, tc.weight_decay, self.device)
         self.disc = self.method.discriminator()
         if self.disc is not None:
             self.disc.float().to(self.device)     # in place: the method holds the same module
         self.disc_params = [p for p in self.disc.parameters() if p.requires_grad] if self.disc is not None else []
-        self.disc_opt = (torch.optim.AdamW(self.disc_params, lr=tc.adversarial.disc_lr, weight_decay=tc.weight_decay)
+        self.disc_opt = (adamw(self.disc_params, tc.adversarial.disc_lr, tc.weight_decay, self.device)
                          if self.disc is not None else None)
         self.ema = EMA(self.student, tc.ema_decay, tc.ema_warmup, tc.batch_size, tc.ema_rampup)
         self.autocast_dtype = AUTOCAST_DTYPES.get(tc.mixed_precision)
         fp16 = tc.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.disc_scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
-        # method.batch as the batch stream sees it: the same method, its context's generator = the batch stream
-        batch_view = copy.copy(self.method)
-        batch_view.ctx = dataclasses.replace(ctx, generator=batch_generator)
-        self.batches = BatchPrefetcher(batch_view.batch, self._batch_state, self._set_batch_state, tc.prefetch,
-                                       last_step=tc.steps, read_seconds=lambda: self.data.wait_seconds)
+        self.loader = BatchLoader(self._draw, self.device, tc.loader_workers, tc.prefetch, last_step=tc.steps)
         self.step = 0
-        self.log_path = Path(log_path) if log_path is not None and rank == 0 else None
-        self.tensorboard = None           # a pipeline.tensorboard.TensorBoardLogger, set by the train stage on rank 0
+        self.loss_log = LossLog(log_path if rank == 0 else None)
         self.on_step = None               # on_step(step, values) after every step (the train stage's progress bar)
 
-    # ------------------------------------------------------------ state
-    def _batch_state(self) -> dict[str, Any]:
-        return {"generator": self.data.generator.get_state(), "data": self.data.state_dict()}
+    @property
+    def tensorboard(self):
+        """A pipeline.tensorboard.TensorBoardLogger, set by the train stage on rank 0 (rows go to it too)."""
+        return self.loss_log.tensorboard
 
-    def _set_batch_state(self, state: dict[str, Any]) -> None:
-        self.data.generator.set_state(state["generator"])
-        self.data.load_state_dict(state["data"])
+    @tensorboard.setter
+    def tensorboard(self, logger) -> None:
+        self.loss_log.tensorboard = logger
+
+    # ------------------------------------------------------------ state
+    def _draw(self, step: int) -> dict:
+        """Step's rows (runs in a loader worker): a pure function of (seed, rank, step, real-data cursor)."""
+        return self.method.draw(step, self.rows.at(step))
 
     def close(self) -> None:
-        """Stop the prefetch thread (batches drawn ahead are dropped)."""
-        self.batches.close()
+        """Stop the loader's workers or thread (rows drawn ahead are dropped)."""
+        self.loader.close()
 
     def state_dict(self) -> dict[str, Any]:
         """Shared weights and optimisers, plus each rank's own streams (collective when world > 1)."""
-        own = {"method": self.method.state_dict(), "generator": self.method.ctx.generator.get_state(),
-               "batches": self.batches.state_dict(), "rng": rng_state()}
+        own = {"method": self.method.state_dict(), "step_rng": self.method.ctx.step_rng.get_state(),
+               "rows": self.rows.state_dict(self.step), "rng": rng_state()}
         ranks = [own]
         if self.world > 1:
             import torch.distributed as dist
@@ -222,14 +221,18 @@ class Trainer:
             self.disc_opt.load_state_dict(state["disc_opt"])
         # A different worker count resumes with rank r's streams from rank r % old world (no longer exact).
         own = state["ranks"][self.rank % len(state["ranks"])]
+        if "rows" not in own:
+            raise UserError("this checkpoint was written before batches were drawn per step (its batch stream "
+                            "cannot be continued exactly): retrain the run (`flowsteer train --rebuild`)")
+        self.step = int(state["step"])
         self.method.load_state_dict(own["method"])
-        self.method.ctx.generator.set_state(own["generator"])
-        self.batches.load_state_dict(own["batches"])
+        self.method.ctx.step_rng.set_state(own["step_rng"])
+        self.rows.load_state_dict(own["rows"], self.step)
+        self.loader.discard()                  # rows drawn ahead from the old cursor
         for scaler, saved in zip((self.scaler, self.disc_scaler), state.get("scalers") or ()):
             if saved:
                 scaler.load_state_dict(saved)
         set_rng_state(own["rng"])
-        self.step = int(state["step"])
         self.trim_log()
 
     def weights_finite(self) -> bool:
@@ -286,7 +289,9 @@ class Trainer:
         """One optimisation step; returns the named loss values (D losses prefixed 'd_')."""
         step, tc = self.step + 1, self.cfg.train
         torch.manual_seed(derive_seed(self.run.seed, self.rank, step))   # global RNG (dropout etc.) per step
-        batch = self.batches.next(self.step)
+        rows = self.loader.next(self.step)
+        with torch.no_grad():
+            batch = self.method.complete(rows)
         values: dict[str, float] = {}
         if self.disc is not None:
             with self.autocast():
@@ -314,68 +319,38 @@ class Trainer:
         return values
 
     def train_until(self, boundary: int) -> dict[str, float]:
-        """Steps until `boundary` steps are done; logs every train.log_every steps; returns the last losses.
-
-        A logged loss is the mean over the steps since the previous line (one step's batch is too noisy to
-        read, e.g. the discriminator's accuracy on a few rows); the means restart at every segment, so a
-        resumed run logs exactly what an uninterrupted one does."""
+        """Steps until `boundary` steps are done; logs the means of every train.log_every steps (pipeline/
+        loss_log.py) with the time per step spent waiting for the loader (`data_wait_s`), in the teacher solves
+        of the batch (`teacher_data_s`) and in all (`step_s`); returns the last losses."""
         last: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        t0, w0, s0, n = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds, 0
+        clock = lambda: (time.perf_counter(), self.loader.wait_seconds, self.solves.teacher_seconds)  # noqa: E731
+        start, n = clock(), 0
+        self.loss_log.means()                  # the means restart at every segment, as in an uninterrupted run
         while self.step < boundary:
             last = self.train_step()
             n += 1
-            for key, value in last.items():
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
+            self.loss_log.add(last)
             if self.on_step is not None:
                 self.on_step(self.step, last)
             if self.step % self.cfg.train.log_every == 0 or self.step == boundary:
-                means = {key: sums[key] / counts[key] for key in sums}
-                sums, counts = {}, {}
-                self.log({"step": self.step, **means, "lr": self.opt.param_groups[0]["lr"],
+                t, wait, teach = (now - then for now, then in zip(clock(), start))
+                self.log({"step": self.step, **self.loss_log.means(), "lr": self.opt.param_groups[0]["lr"],
                           "ema_rel_distance": self.ema.relative_distance(self.student),
-                          "data_wait_s": (self.batches.wait_seconds - w0) / n,
-                          "teacher_data_s": (self.data.teacher_seconds - s0) / n,
-                          "step_s": (time.perf_counter() - t0) / n})
-                t0, w0, s0, n = time.perf_counter(), self.batches.wait_seconds, self.data.teacher_seconds, 0
+                          "data_wait_s": wait / n, "teacher_data_s": teach / n, "step_s": t / n})
+                start, n = clock(), 0
         return last
 
     # ------------------------------------------------------------ logging and export
     def log(self, row: dict[str, Any]) -> None:
-        if self.log_path is None:
-            return
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            self.tensorboard.scalars(row)
+        self.loss_log.write(row)
 
     def trim_log(self) -> None:
-        """After a resume, drop log lines of steps the checkpoint does not contain (they will be redone) and
-        a torn line (a write cut short by a full disk or a kill); the file is rewritten atomically."""
-        from pipeline.files import atomic_write_bytes
-
-        if self.log_path is None or not self.log_path.exists():
-            return
-        rows, torn = [], 0
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line) if line.strip() else None
-                step = int(row["step"]) if row is not None else None
-            except (ValueError, TypeError, KeyError):
-                torn += 1
-                continue
-            if step is not None and step <= self.step:
-                rows.append(line)
-        if torn:
-            print(f"warning: {self.log_path}: dropped {torn} unreadable line(s) (a write cut short)")
-        atomic_write_bytes(self.log_path, "".join(r + "\n" for r in rows).encode())
+        """After a resume: the log keeps the lines of the steps the checkpoint holds."""
+        self.loss_log.trim(self.step)
 
     def ema_student(self) -> torch.nn.Module:
         """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""
-        net = copy.deepcopy(self.student)
+        net = plain_copy(self.student)
         self.ema.copy_to(net)
         if self.cfg.train.lora_rank > 0:
             net.fuse_lora(lora_scale=1.0)

@@ -205,7 +205,11 @@ class TrainConfig(Section):
     lora_rank: int = Field(0, ge=0, le=4096)  # 0 = full fine-tune; >0 = peft LoRA on attention projections
     # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
+    prefetch: int = Field(1, ge=0, le=8)  # batches each loader worker (or, with none, one thread) draws ahead
+    # processes drawing batches (pipeline/loader.py); 0 = the thread above; the same batches with any count
+    loader_workers: int = Field(0, ge=0, le=64)
+    compile: bool = False               # torch.compile each transformer block of the student (regional)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
     store: str | None = None            # use a trajectory store from another run dir (checked for a match)
     tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
@@ -301,7 +305,7 @@ class RunConfig(Section):
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch", "tensorboard"):
+                      "store", "prefetch", "loader_workers", "tensorboard"):
                 tr.pop(k)
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")

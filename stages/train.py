@@ -180,7 +180,7 @@ class TrainWorker:
         extra = {"ema_rel_distance": round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
                  **trainer.method.export_meta()}
         path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
-                              trainer.data.teacher.sample_shape, extra)
+                              trainer.rows.sample_shape, extra)
         self._drop_trainer()              # the run is finished: free its student and close its event file
         return {"export": str(path), "step": trainer.step, "ema_rel_distance": extra["ema_rel_distance"]}
 

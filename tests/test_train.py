@@ -53,10 +53,13 @@ def losses(cfg, method):
 
 
 @pytest.mark.parametrize("method,train", [("perflow", {}), ("flowsteer", {}),
-                                          ("ota", {"mixed_precision": "bf16", "prefetch": 2})])
+                                          ("ota", {"mixed_precision": "bf16", "prefetch": 2}),
+                                          ("flowsteer", {"loader_workers": 2, "prefetch": 2}),
+                                          ("ota", {"compile": True})])
 def test_resume_is_exact(toy_store, monkeypatch, method, train):
     """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run
-    (also with bf16 autocast and batches drawn two steps ahead: the pending ones are redrawn on resume)."""
+    (also with bf16 autocast, batches drawn two steps ahead by a thread or by two loader worker processes (the
+    pending ones are redrawn on resume), and with the student's blocks compiled)."""
     from pipeline.trainer import Trainer
 
     whole = config_at(toy_store, f"whole-{method}", **train)

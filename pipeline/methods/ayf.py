@@ -177,14 +177,17 @@ class AlignYourFlow(Method):
 
     # --- one step
     @torch.no_grad()
-    def batch(self, step):
-        data, n, shift = self.ctx.data, self.ctx.cfg.train.batch_size, self.ctx.cfg.schedule.shift
-        seg = data.segments(n)
-        t, x_t = on_trajectory_points(seg, shift, self.ctx.generator)
-        u_s = unshift_sigma(t.double(), shift) * uniform(n, self.ctx.generator, t).double()
+    def draw(self, step, rows):
+        n, shift = self.ctx.cfg.train.batch_size, self.ctx.cfg.schedule.shift
+        seg = rows.segments(n)
+        t, x_t = on_trajectory_points(seg, shift, rows.rng)
+        u_s = unshift_sigma(t.double(), shift) * uniform(n, rows.rng, t).double()
         s = shift_sigma(u_s, shift).to(t)
-        return {"x_t": x_t, "t": t, "s": s, "cond": seg["cond"], "guidance": seg["guidance"],
-                "null_cond": data.null_cond(n)}
+        return {"x_t": x_t, "t": t, "s": s, "cond": seg["cond"], "guidance": seg["guidance"]}
+
+    def complete(self, drawn):
+        drawn["null_cond"] = self.ctx.solves.null_cond(len(drawn["t"]))
+        return drawn
 
     @torch.no_grad()
     def teacher_velocity(self, x, t, cond, guidance, null_cond):
@@ -193,7 +196,7 @@ class AlignYourFlow(Method):
         if self.options["guidance"] == "cfg" or getattr(teacher, "weak_transformer", None) is None:
             return guided(teacher.velocity, null_cond, guidance)(x, t, cond)
         lo, hi = self.options["autoguidance"]
-        lam = rowwise(lo + (hi - lo) * uniform(len(x), self.ctx.generator, t), x)
+        lam = rowwise(lo + (hi - lo) * uniform(len(x), self.ctx.step_rng, t), x)
         return lam * teacher.velocity(x, t, cond) + (1 - lam) * teacher.weak_velocity(x, t, cond)
 
     @torch.no_grad()

@@ -32,13 +32,16 @@ def get_method(name: str) -> type["Method"]:
 
 @dataclass
 class MethodContext:
-    """What a method may use. `data` is a pipeline.data.DataSource (cache, online rollouts, real data)."""
+    """What a method may use. Two random streams, each with one job: a batch's draws come from its StepRows'
+    `rng` (the loader's batch_rng, seeded per step), the step's own draws (chord times, noise inside a loss)
+    from `step_rng`."""
     cfg: Any                      # schemas.config.RunConfig
     teacher: Any                  # pipeline.teachers.base.Teacher (frozen)
-    data: Any                     # pipeline.data.DataSource
+    rows: Any                     # pipeline.data.RowSource: the rows of any step (`rows.at(step)`)
+    solves: Any                   # pipeline.teacher_solves.TeacherSolves: teacher solves on the device
     edges: torch.Tensor           # the K + 1 window edges on the fixed grid, [1, ..., 0]
     device: torch.device
-    generator: torch.Generator    # the method's RNG (seeded from (seed, rank); saved in checkpoints)
+    step_rng: torch.Generator     # the step's own draws (seeded from (seed, rank); saved in checkpoints)
     options: dict[str, Any]       # train.method_options[name]
 
 
@@ -92,10 +95,23 @@ class Method:
     def velocity(student: torch.nn.Module, x, sigma, cond, **extra) -> torch.Tensor:
         return sd3_velocity(student, x, sigma, cond)
 
-    # --- one training step
-    def batch(self, step: int) -> dict[str, Any]:
-        """Draw this step's batch (no grad): cached segments, online rollouts, real data."""
+    # --- one training step: batch = complete(draw(step, rows)), split where the work runs (pipeline/loader.py)
+    def draw(self, step: int, rows) -> dict[str, Any]:
+        """This step's rows on the CPU, in a loader worker: reads and draws from `rows` (a pipeline.data.StepRows)
+        only, never the teacher, the device or step_rng; tensors (nested in dicts) come back."""
         raise NotImplementedError
+
+    def complete(self, drawn: dict[str, Any]) -> dict[str, Any]:
+        """The batch from the drawn rows, already on the device, in the training process: the teacher solves it
+        needs (ctx.solves, timed as teacher_data_s), once per step."""
+        return drawn
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """Draw and complete step's batch in this process (tests; the trainer goes through its loader)."""
+        from pipeline.loader import to_device
+
+        with torch.no_grad():
+            return self.complete(to_device(self.draw(step, self.ctx.rows.at(step)), self.ctx.device))
 
     def generator_losses(self, student: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named losses for the student; key 'loss' is the total that is back-propagated."""

@@ -85,7 +85,7 @@ class ChordMethod(Method):
         """L = || v_theta(z_t, t, c) - v* ||^2 at a random point t of each row's chord (PeRFlow Alg. 1)."""
         z_s, s_s, s_e = batch["z_start"], batch["sigma_start"], batch["sigma_end"]
         v_star = chord_velocity(z_s, batch["z_end"], s_s, s_e)
-        t = chord_times(s_s, s_e, self.ctx.cfg.schedule.shift, self.ctx.generator)
+        t = chord_times(s_s, s_e, self.ctx.cfg.schedule.shift, self.ctx.step_rng)
         v = self.velocity(student, chord_point(z_s, v_star, s_s, t), t, batch["cond"])
         return F.mse_loss(v.float(), v_star.float())
 
@@ -98,11 +98,12 @@ class OnTrajectoryChordMethod(ChordMethod):
     """The chord objective on authentic teacher states (OTA, FlowSteer Alg. 2): cached boundary states plus a
     `train.online_fraction` share of fresh teacher rollouts per batch, windows uniform (as PeRFlow)."""
 
-    @torch.no_grad()
-    def batch(self, step: int) -> dict:
+    def draw(self, step: int, rows) -> dict:
         cfg = self.ctx.cfg
-        return self.ctx.data.segments(cfg.train.batch_size, window_probs=None,
-                                      online_fraction=cfg.train.online_fraction)
+        return rows.segments(cfg.train.batch_size, window_probs=None, online_fraction=cfg.train.online_fraction)
+
+    def complete(self, drawn: dict) -> dict:
+        return self.ctx.solves.complete_segments(drawn)         # the online rows' teacher rollouts
 
     def generator_losses(self, student, batch: dict, step: int) -> dict[str, torch.Tensor]:
         losses = super().generator_losses(student, batch, step)

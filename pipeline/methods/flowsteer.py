@@ -104,12 +104,12 @@ class FlowSteer(OnTrajectoryChordMethod):
         return {**super().export_meta(), "fake_source": self.fake_source}
 
     @torch.no_grad()
-    def batch(self, step: int) -> dict:
-        batch = super().batch(step)
+    def draw(self, step: int, rows) -> dict:
+        batch = super().draw(step, rows)
         n = max(1, round(len(batch["k"]) * self.adv_fraction))
-        batch["adv_rows"] = resample_windows(batch["k"], self.window_probs, n, self.ctx.generator)
+        batch["adv_rows"] = resample_windows(batch["k"], self.window_probs, n, rows.rng)
         if self.fake_source == "rollout":     # the student's rollouts start from fresh noise (batch stream)
-            batch["adv_noise"] = self.ctx.data.noise_like(n)
+            batch["adv_noise"] = rows.noise(n)
         return batch
 
     def one_step_jump(self, student, z_start, sigma_start, sigma_end, cond) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 Window starts and ends are authentic teacher states z_{s_k} = ODESolve(teacher, eps, 1 -> s_k): the
 trajectory store's boundary states, plus a `train.online_fraction` share of each batch rolled out fresh
-by the frozen teacher (DataSource.segments), so the student never trains from points the teacher does not
-visit (the teacher-trajectory mismatch of PeRFlow's interpolated starts). The batch and loss are
-common.OnTrajectoryChordMethod, which flowsteer shares (flowsteer minus its GAN is exactly ota).
+by the frozen teacher (drawn by StepRows.segments, rolled out by TeacherSolves.complete_segments), so the
+student never trains from points the teacher does not visit (the teacher-trajectory mismatch of PeRFlow's
+interpolated starts). The batch and loss are common.OnTrajectoryChordMethod, which flowsteer shares
+(flowsteer minus its GAN is exactly ota).
 """
 from __future__ import annotations
 

@@ -73,25 +73,26 @@ class PeRFlow(ChordMethod):
             return "teacher_samples"
         return "digits" if cfg.teacher.kind == "embedded" else "latents"
 
-    @torch.no_grad()
-    def batch(self, step: int) -> dict:
-        """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window.
+    def draw(self, step: int, rows) -> dict:
+        """x0 with its prompt (StepRows.real: digits or the run's latents; or StepRows.teacher_samples), the
+        windows k and the noise eps."""
+        real = (rows.teacher_samples if self.options["x0"] == "teacher_samples" else rows.real)(
+            self.ctx.cfg.train.batch_size)
+        real["k"] = uniform_windows(len(real["x0"]), self.num_windows, rows.rng)
+        real["eps"] = torch.randn(real["x0"].shape, generator=rows.rng)
+        return real
 
-        x0 and its prompt: DataSource.real (digits or the run's latents), or DataSource.teacher_samples."""
+    @torch.no_grad()
+    def complete(self, real: dict) -> dict:
+        """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window."""
         ctx = self.ctx
-        draw = ctx.data.teacher_samples if self.options["x0"] == "teacher_samples" else ctx.data.real
-        real = draw(ctx.cfg.train.batch_size)
-        x0 = real["x0"].to(ctx.device)
-        n = x0.shape[0]
-        k = uniform_windows(n, self.num_windows, ctx.generator).to(ctx.device)
-        edges = (ctx.edges if self.grid_edges is None else self.grid_edges).to(ctx.device)
+        x0, k, cond = real["x0"], real["k"], ctx.solves.prompt_cond(real)
+        edges = (ctx.edges if self.grid_edges is None else self.grid_edges).to(x0.device)
         s_s, s_e = edges[k], edges[k + 1]
-        eps = torch.randn(x0.shape, generator=ctx.generator, device=ctx.generator.device).to(x0)
-        z_s = (1 - rowwise(s_s, x0)) * x0 + rowwise(s_s, x0) * eps
+        z_s = (1 - rowwise(s_s, x0)) * x0 + rowwise(s_s, x0) * real["eps"]
         grid = None
         if self.grid_edges is not None:
             cfg = ctx.cfg.schedule
             grid = sub_grids(self.grid_edges.cpu(), k.cpu(), cfg.teacher_steps // cfg.windows, cfg.shift)
-        z_e = ctx.data.teacher_window(z_s, k, real["cond"], real["guidance"], grid=grid)
-        return dict(z_start=z_s, z_end=z_e, sigma_start=s_s, sigma_end=s_e, k=k, cond=real["cond"],
-                    guidance=real["guidance"])
+        z_e = ctx.solves.teacher_window(z_s, k, cond, real["guidance"], grid=grid)
+        return dict(z_start=z_s, z_end=z_e, sigma_start=s_s, sigma_end=s_e, k=k, cond=cond, guidance=real["guidance"])

@@ -12,12 +12,12 @@ latents of `data.images`), else cached final teacher samples; fake = the one-ste
 non-saturating loss + R1 would need a double backward through attention on every D step.
 
 Where z_t comes from (a choice): ON the cached teacher trajectory, not on the reflow line (1-t) z0 + t eps.
-A row draws a window k (DataSource.segments), u uniform inside the window in unshifted time and
+A row draws a window k (StepRows.segments), u uniform inside the window in unshifted time and
 t = shift(u), and z_t on the chord between the window's two cached boundary states (as PeRFlow does); so
 t over all rows follows the SD3 shifted-uniform density and every z_t lies within one window of the
 teacher's own trajectory. Ground truth z0 = that trajectory's final cached state: for last-window rows
 it is the segment's end; other rows that need it are rolled on by the teacher's windows from the
-segment's end (DataSource.teacher_window), which is deterministic and so reproduces the cached final
+segment's end (TeacherSolves.teacher_window), which is deterministic and so reproduces the cached final
 state (rarely needed: with tau=0.4, shift 3 and 4 windows only last-window rows truncate).
 
 Pitfalls of the public code that this file avoids (tests/test_scflow.py checks them):
@@ -131,21 +131,26 @@ class SCFlow(Method):
 
     # --- one step
     @torch.no_grad()
-    def batch(self, step):
-        data, n = self.ctx.data, self.ctx.cfg.train.batch_size
-        seg = data.segments(n)
-        t, z_t = on_trajectory_points(seg, self.ctx.cfg.schedule.shift, self.ctx.generator)
+    def draw(self, step, rows):
+        n = self.ctx.cfg.train.batch_size
+        seg = rows.segments(n)
+        t, z_t = on_trajectory_points(seg, self.ctx.cfg.schedule.shift, rows.rng)
         out = {"z_t": z_t, "t": t, "k": seg["k"], "z_end": seg["z_end"], "cond": seg["cond"],
-               "guidance": seg["guidance"], "null_cond": data.null_cond(n),
-               "z1": torch.randn(z_t.shape, generator=self.ctx.generator, device=self.ctx.generator.device).to(z_t)}
+               "guidance": seg["guidance"], "z1": torch.randn(z_t.shape, generator=rows.rng)}
         if self.discriminator() is not None:
-            if data.has_real_data():          # SCFlow's GAN sees real data: digits or the run's image latents
-                real = data.real(n)
-                out.update(real=real["x0"], real_cond=real["cond"])
+            if rows.has_real_data():          # SCFlow's GAN sees real data: digits or the run's image latents
+                out["real_rows"] = rows.real(n)
             else:                             # no real set (byo/sd3 without data.images): cached final samples
-                real = data.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
+                real = rows.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
                 out.update(real=real["z_end"], real_cond=real["cond"])
         return out
+
+    def complete(self, drawn):
+        drawn["null_cond"] = self.ctx.solves.null_cond(len(drawn["t"]))
+        real = drawn.pop("real_rows", None)
+        if real is not None:
+            drawn.update(real=real["x0"], real_cond=self.ctx.solves.prompt_cond(real))
+        return drawn
 
     @torch.no_grad()
     def _final_states(self, z_end, k, cond, guidance, need):
@@ -155,7 +160,7 @@ class SCFlow(Method):
         for j in range(int(k[need].min()) + 1, len(self.ctx.edges) - 1):
             rows = need & (k < j)                  # rows whose trajectory still has window j to go
             sub = {c: v[rows] for c, v in cond.items()}
-            z0[rows] = self.ctx.data.teacher_window(z0[rows], j, sub, guidance[rows])
+            z0[rows] = self.ctx.solves.teacher_window(z0[rows], j, sub, guidance[rows])
         return z0
 
     def generator_losses(self, student, batch, step):
@@ -163,7 +168,7 @@ class SCFlow(Method):
         o, vel = self.options, lambda m: (lambda x, s, c: self.velocity(m, x, s, c))
         z_t, t, cond, w = batch["z_t"], batch["t"], batch["cond"], batch["guidance"]
         with torch.no_grad():
-            g = self.ctx.generator
+            g = self.ctx.step_rng
             u1, u2 = uniform(len(t), g, t), uniform(len(t), g, t)
             dn, up = u1 * torch.clamp(t, max=o["delta"]), u2 * torch.clamp(1 - t, max=o["delta"])
             v_T = guided(self.ctx.teacher.velocity, batch["null_cond"], w)(z_t, t, cond)
@@ -198,7 +203,7 @@ class SCFlow(Method):
 
     def reflow_loss(self, student, x0_one, z1, cond):
         """L_rf = MSE(f(z~, t), sg(x0_one)), z~ = (1-t) sg(x0_one) + t z1: straightens the student's own pairs."""
-        t = uniform(len(z1), self.ctx.generator, z1)
+        t = uniform(len(z1), self.ctx.step_rng, z1)
         z = (1 - rowwise(t, z1)) * x0_one + rowwise(t, z1) * z1
         return F.mse_loss(consistency(lambda x, s, c: self.velocity(student, x, s, c), z, t, cond), x0_one)
 

@@ -1,0 +1,167 @@
+"""The batch loader: each step's rows drawn ahead by `train.loader_workers` processes, exactly.
+
+Why it stays exact: the rows of step s are a pure function of (seed, rank, s) and the checkpointed real-data
+cursor (pipeline/data.py `StepRows`), so who draws them, when, and in which process cannot change them. Worker w
+of N draws steps first + w, first + w + N, ...; torch's DataLoader hands their outputs back round-robin, i.e. in
+step order. Batch s is bit-identical with 0, 1 or 4 workers, and a resumed run restarts the loader at its step
+with the saved cursor (tests/test_loader.py). With no workers, `train.prefetch` > 0 draws on one thread instead.
+
+On CUDA the rows come back in pinned memory and are copied to the device on a side stream, so the copy of the
+next batch overlaps the step; the teacher solves a batch needs then run in the training process
+(`Method.complete`, pipeline/teacher_solves.py). A worker that dies or fails is an error naming the step, never a
+hang (torch checks its workers every few seconds while the step waits).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.errors import UserError
+
+
+class LoaderError(RuntimeError):
+    """A loader worker died or failed; the message names the step whose batch it was drawing."""
+
+
+class StepRange(IterableDataset):
+    """(s, draw(s)) for steps first..last-1, the steps split round-robin over the DataLoader's workers."""
+
+    def __init__(self, draw: Callable[[int], dict], first: int, last: int):
+        self.draw, self.first, self.last = draw, first, last
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        torch.set_num_threads(1)          # a worker decodes rows; the training process keeps the cores' math
+        for step in range(self.first + worker, self.last, workers):
+            with torch.no_grad():
+                yield step, self.draw(step)
+
+
+def to_device(tree: Any, device: torch.device, stream=None) -> Any:
+    """Tensors of a (nested) batch on `device`, floating ones as float32 (rows may come in the store's float16);
+    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it)."""
+    if isinstance(tree, dict):
+        return {k: to_device(v, device, stream) for k, v in tree.items()}
+    if not isinstance(tree, torch.Tensor):
+        return tree
+    t = tree.to(device, non_blocking=device.type == "cuda")
+    t = t.float() if t.is_floating_point() else t
+    if stream is not None:                # allocated on the side stream, used on the step's
+        t.record_stream(torch.cuda.current_stream(device))
+    return t
+
+
+def worker_message(exc: BaseException) -> str:
+    """The original message of an error re-raised from a worker (torch puts the worker's traceback first)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    head, sep, rest = last.partition(": ")
+    if sep and "Traceback" in str(exc) and " " not in head:     # "module.ErrorType: message"
+        last = rest
+    return last[:300]
+
+
+class BatchLoader:
+    """Hands out step s's rows on the device for s = first, first + 1, ... (in order), drawn ahead.
+
+    `workers` > 0: a DataLoader over `StepRange` with that many processes, each `depth` batches ahead;
+    `workers` = 0, `depth` > 0: one thread `depth` batches ahead; both 0: drawn inside `next`.
+    `wait_seconds`: the time the steps spent waiting for their rows (with nothing ahead, the draw itself)."""
+
+    def __init__(self, draw: Callable[[int], dict], device, workers: int, depth: int, last_step: int,
+                 timeout_s: float = 0.0):
+        self.draw, self.device = draw, torch.device(device)
+        self.workers, self.depth, self.last_step = workers, depth, last_step
+        self.timeout_s = timeout_s
+        self.wait_seconds = 0.0
+        self._next_step: int | None = None          # the step the running pipeline hands out next
+        self._iter = None                           # workers: the DataLoader's iterator
+        self._pending: deque[tuple[int, Future]] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if workers == 0 and depth > 0 else None
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------ the pipeline
+    def _start(self, step: int) -> None:
+        self.discard()
+        if self.workers > 0:
+            loader = DataLoader(StepRange(self.draw, step, max(step + 1, self.last_step)), batch_size=None,
+                                num_workers=self.workers, prefetch_factor=max(1, self.depth),
+                                pin_memory=self.device.type == "cuda", multiprocessing_context="fork",
+                                timeout=self.timeout_s, generator=torch.Generator().manual_seed(0))
+            # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
+            self._iter = iter(loader)
+        self._next_step = step
+
+    def _fill(self, upto: int) -> None:
+        nxt = self._next_step + len(self._pending)
+        while nxt <= upto and (nxt < self.last_step or not self._pending):
+            self._pending.append((nxt, self._pool.submit(self._drawn, nxt)))
+            nxt += 1
+
+    def _drawn(self, step: int) -> dict:
+        with torch.no_grad():
+            return self.draw(step)
+
+    def _rows(self, step: int) -> dict:
+        if self._iter is not None:
+            try:
+                got, rows = next(self._iter)
+            except StopIteration:
+                raise LoaderError(f"batch loader: no batch for step {step + 1} (it ends at step "
+                                  f"{self.last_step})") from None
+            except UserError as exc:
+                raise UserError(f"step {step + 1}: {worker_message(exc)}") from None
+            except Exception as exc:  # noqa: BLE001  (a worker died or raised: name the step, never hang)
+                raise LoaderError(f"batch loader: a worker failed while drawing the batch of step {step + 1} "
+                                  f"({type(exc).__name__}: {worker_message(exc)})") from exc
+            if got != step:
+                raise LoaderError(f"batch loader handed out step {got + 1} for step {step + 1}")
+            return rows
+        if self._pool is not None:
+            self._fill(step + self.depth)
+            got, future = self._pending.popleft()
+            if got != step:
+                raise LoaderError(f"batch loader handed out step {got + 1} for step {step + 1}")
+            return future.result()
+        return self._drawn(step)
+
+    def next(self, step: int) -> dict:
+        """Step `step`'s rows on the device (float32); a step out of sequence restarts the pipeline there."""
+        if self._next_step != step:
+            self._start(step)
+        t0 = time.perf_counter()
+        rows = self._rows(step)
+        self._next_step = step + 1
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                out = to_device(rows, self.device, self._stream)
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        else:
+            out = to_device(rows, self.device)
+        self.wait_seconds += time.perf_counter() - t0
+        return out
+
+    def discard(self) -> None:
+        """Drop what was drawn ahead and stop the workers (a resume restarts at its own step)."""
+        while self._pending:
+            _, future = self._pending.popleft()
+            future.cancel()
+            try:
+                future.result()
+            except BaseException:       # a cancelled or failed draw that will never be used
+                pass
+        if self._iter is not None:
+            self._iter._shutdown_workers()
+            self._iter = None
+        self._next_step = None
+
+    def close(self) -> None:
+        self.discard()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -1,0 +1,178 @@
+"""The batch loader (pipeline/loader.py): batch s is the same with 0, 1 or 4 worker processes or a prefetch
+thread, drawn in any order; a dead or failing worker is an error naming the step; the compile and fused-AdamW
+paths of pipeline/fast_step.py compute what the plain ones do."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from conftest import deep_merge, toy_sections, write_config
+from pipeline.cli import run_stage
+from pipeline.loader import BatchLoader, LoaderError
+from schemas.config import load_config
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:This DataLoader will create")]     # 4 workers on 2 cores
+
+TRAIN = {"steps": 6, "batch_size": 4, "online_fraction": 0.5, "adversarial": {"disc_blocks": 1}}
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("loader")
+    sections = deep_merge(toy_sections(base), {"train": TRAIN})
+    cfg = load_config(write_config(base / "gen.yaml", **sections))
+    run_stage("generate", cfg, "local")
+    return cfg
+
+
+def trainer_for(cfg, method, **train):
+    from pipeline.teachers import load_teacher
+    from pipeline.trainer import Trainer
+    from stages.train import open_store
+
+    c = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+    return Trainer(c, method, load_teacher(cfg), open_store(cfg), "cpu")
+
+
+def same(a, b) -> bool:
+    """Bit-identical nested batches (tensors compared exactly, dtype included)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("method", ["flowsteer", "perflow"])
+def test_batch_of_each_step_is_identical_with_0_1_and_4_workers(toy_run, method):
+    """flowsteer: cached segments, online noise, GAN rows; perflow: the store's samples at the real-data cursor."""
+    runs = {}
+    for workers, depth in ((0, 0), (0, 2), (1, 1), (4, 2)):
+        trainer = trainer_for(toy_run, method, loader_workers=workers, prefetch=depth)
+        runs[workers, depth] = [trainer.loader.next(s) for s in range(6)]
+        trainer.close()
+    first = runs[0, 0]
+    assert len({float(b["z_start"].sum()) if "z_start" in b else float(b["x0"].sum()) for b in first}) == 6
+    for key, batches in runs.items():
+        assert all(same(a, b) for a, b in zip(first, batches)), key
+    # a pure function of the step: drawn alone, out of order, in this process
+    trainer = trainer_for(toy_run, method)
+    assert same(trainer.loader.next(4), first[4]) and same(trainer.loader.next(5), first[5])
+    assert same(trainer.loader.next(2), first[2])              # a step out of sequence restarts there
+    trainer.close()
+
+
+def test_resumed_cursor_draws_the_uninterrupted_batches(toy_run):
+    """A trainer loaded at step 3 with workers on draws steps 3.. exactly as the uninterrupted one."""
+    whole = trainer_for(toy_run, "perflow", loader_workers=2)
+    for _ in range(3):
+        whole.train_step()
+    state = {**whole.state_dict(), "step": whole.step}
+    expected = [whole.loader.next(s) for s in (3, 4, 5)]
+    whole.close()
+    resumed = trainer_for(toy_run, "perflow", loader_workers=2)
+    resumed.load_state_dict(state)
+    assert all(same(resumed.loader.next(s), e) for s, e in zip((3, 4, 5), expected))
+    resumed.close()
+
+
+def _dies_at_two(step):
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"x": torch.full((2,), float(step))}
+
+
+def _fails_at_three(step):
+    if step == 3:
+        raise ValueError("corrupt row 17")
+    return {"x": torch.full((2,), float(step))}
+
+
+def _user_error_at_one(step):
+    from pipeline.errors import UserError
+
+    if step == 1:
+        raise UserError("latent store /x is incomplete; run `flowsteer encode`")
+    return {"x": torch.zeros(1)}
+
+
+def test_a_worker_that_dies_is_an_error_naming_the_step_not_a_hang():
+    loader = BatchLoader(_dies_at_two, "cpu", workers=2, depth=1, last_step=6)
+    t0 = time.monotonic()
+    assert float(loader.next(0)["x"][0]) == 0 and float(loader.next(1)["x"][0]) == 1
+    with pytest.raises(LoaderError, match="batch of step 3"):
+        loader.next(2)
+    assert time.monotonic() - t0 < 60
+    loader.close()
+
+
+def test_a_worker_that_raises_is_an_error_naming_the_step():
+    loader = BatchLoader(_fails_at_three, "cpu", workers=1, depth=2, last_step=6)
+    for s in range(3):
+        loader.next(s)
+    with pytest.raises(LoaderError, match=r"batch of step 4 \(ValueError: corrupt row 17\)"):
+        loader.next(3)
+    loader.close()
+    from pipeline.errors import UserError
+
+    loader = BatchLoader(_user_error_at_one, "cpu", workers=1, depth=1, last_step=6)
+    loader.next(0)
+    with pytest.raises(UserError) as err:                  # still the one readable line of a user error
+        loader.next(1)
+    assert str(err.value) == "step 2: latent store /x is incomplete; run `flowsteer encode`"
+    loader.close()
+
+
+# ---------------------------------------------------------------- a faster step (pipeline/fast_step.py)
+def test_fused_adamw_takes_the_foreach_steps():
+    from pipeline.fast_step import adamw
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [adamw(nets[0].parameters(), 1e-2, 0.01, "cpu", fused=False),
+            adamw(nets[1].parameters(), 1e-2, 0.01, "cpu", fused=True)]
+    assert opts[1].defaults["fused"] and not opts[0].defaults["fused"]
+    for step in range(5):
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(nets[0][0].weight, torch.nn.Linear(8, 16).weight)
+
+
+def test_compiled_student_trains_as_the_eager_one_and_its_copies_run_their_own_weights(toy_run):
+    """train.compile (each block compiled in place): losses within float tolerance of eager over 3 steps,
+    the same state-dict keys, and the EMA copy is an eager module with the EMA weights."""
+    from pipeline.fast_step import plain_copy
+
+    runs = {}
+    for compiled in (False, True):
+        trainer = trainer_for(toy_run, "ota", compile=compiled, prefetch=0)
+        runs[compiled] = ([trainer.train_step()["loss"] for _ in range(3)], trainer)
+    (eager, te), (comp, tc) = runs[False], runs[True]
+    assert tc.student.transformer_blocks[0]._compiled_call_impl is not None
+    assert te.student.state_dict().keys() == tc.student.state_dict().keys()
+    assert comp == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    ema = tc.ema_student()
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in ema.modules())
+    copy = plain_copy(tc.student)
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.zero_()
+    x = torch.randn(2, 1, 8, 8)
+    cond = te.solves.null_cond(2)
+    args = dict(hidden_states=x, timestep=torch.ones(2), encoder_hidden_states=cond["encoder_hidden_states"],
+                pooled_projections=cond["pooled_projections"], return_dict=False)
+    with torch.no_grad():
+        assert not torch.equal(copy(**args)[0], tc.student(**args)[0])     # the copy runs its own (zero) weights
+    te.close()
+    tc.close()

@@ -37,21 +37,39 @@ class LinearField(torch.nn.Module):
         return (self.a * hidden_states,)
 
 
-class FixedSegments:
-    """A DataSource stand-in returning the same segments every call (and remembering how it was called)."""
+class FixedRows:
+    """A RowSource stand-in: every step's rows are the same segments / real rows (the calls remembered), drawn
+    with a generator seeded `seed` afresh at each step, as StepRows' batch_rng is."""
 
-    def __init__(self, batch):
-        self._batch, self.calls = batch, []
+    def __init__(self, segments=None, real=None, seed=0):
+        self._segments, self._real, self.seed, self.calls = segments, real, seed, []
+
+    def at(self, step):
+        self.rng = torch.Generator().manual_seed(self.seed)
+        return self
 
     def segments(self, n, window_probs=None, online_fraction=0.0):
         self.calls.append(dict(n=n, window_probs=window_probs, online_fraction=online_fraction))
-        return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in self._batch.items()}
+        return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in self._segments.items()}
+
+    def real(self, n):
+        return {k: (dict(v) if isinstance(v, dict) else v[:n].clone()) for k, v in self._real.items()}
+
+    def noise(self, n):
+        return torch.randn(n, 1, 8, 8, generator=self.rng)
 
 
-def make_method(name, cfg, data, teacher=None, options=None, seed=0):
-    ctx = MethodContext(cfg=cfg, teacher=teacher, data=data,
+FixedSegments = FixedRows
+
+
+def make_method(name, cfg, rows, teacher=None, options=None, seed=0):
+    from pipeline.data import Windows
+    from pipeline.teacher_solves import TeacherSolves
+
+    solves = TeacherSolves(teacher, None, "cpu", Windows.of(cfg)) if teacher is not None else None
+    ctx = MethodContext(cfg=cfg, teacher=teacher, rows=rows, solves=solves,
                         edges=fixed_sigmas(cfg.schedule.windows, cfg.schedule.shift), device=torch.device("cpu"),
-                        generator=torch.Generator().manual_seed(seed), options=options or {})
+                        step_rng=torch.Generator().manual_seed(seed), options=options or {})
     return get_method(name)(ctx)
 
 
@@ -92,7 +110,7 @@ def test_chord_times_lie_in_window_and_are_uniform_in_unshifted_time():
 def test_perflow_loss_equals_hand_value_on_a_linear_field():
     """v = x at the chord point z_t = z_s + (t - s_s) v*: loss = mean((z_t - v*)^2) with t from the same draw."""
     cfg = toy_cfg()
-    method = make_method("perflow", cfg, data=None)
+    method = make_method("perflow", cfg, rows=None)
     batch = scalar_segments([0, 3], [1.0, 0.2], [0.5, 0.1], [False, False])
     loss = method.generator_losses(LinearField(1.0), batch, step=0)["loss"]
 
@@ -111,22 +129,16 @@ def test_perflow_loss_equals_hand_value_on_a_linear_field():
 
 
 def test_perflow_window_start_interpolates_real_data_and_window_end_is_the_teacher_solve():
-    from pipeline.data import DataSource
-
     cfg = toy_cfg()
     teacher = make_toy_teacher("cpu")
-    gen = torch.Generator().manual_seed(3)
-    data = DataSource(cfg, teacher, None, "cpu", gen)
     x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     cond = teacher.encode(["a", "b", "c", "d"])
     w_cfg = torch.tensor([1.0, 2.0, 3.0, 4.5])
-    data.real = lambda n: {"x0": x0[:n], "cond": cond, "guidance": w_cfg}
-    method = make_method("perflow", cfg, data, teacher=teacher, seed=3)
-    method.ctx.generator = gen
-    state = gen.get_state()
+    rows = FixedRows(real={"x0": x0, "cond": cond, "guidance": w_cfg}, seed=3)
+    method = make_method("perflow", cfg, rows, teacher=teacher)
     batch = method.batch(step=0)
 
-    check = torch.Generator().set_state(state)                     # replay the method's two draws
+    check = torch.Generator().manual_seed(3)                       # replay the batch's two draws
     k = torch.randint(4, (4,), generator=check)
     eps = torch.randn(x0.shape, generator=check)
     assert torch.equal(batch["k"], k)
@@ -151,16 +163,14 @@ def test_perflow_on_the_diffusers_grid_takes_the_schedulers_edges_and_solves_the
     each window end the teacher's CFG solve over M/K sub-steps between those edges."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from pipeline.data import DataSource
     from pipeline.schedule import default_sigmas, shift_sigma, unshift_sigma
 
     cfg = toy_cfg()
     teacher = make_toy_teacher("cpu")
-    data = DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(3))
     x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     cond, w_cfg = teacher.encode(["a", "b", "c", "d"]), torch.tensor([1.0, 2.0, 3.0, 4.5])
-    data.real = lambda n: {"x0": x0[:n], "cond": cond, "guidance": w_cfg}
-    method = make_method("perflow", cfg, data, teacher=teacher, seed=3, options={"grid": "diffusers"})
+    rows = FixedRows(real={"x0": x0, "cond": cond, "guidance": w_cfg}, seed=3)
+    method = make_method("perflow", cfg, rows, teacher=teacher, options={"grid": "diffusers"})
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(4)
     assert torch.allclose(method.grid_edges, sched.sigmas.float())
@@ -185,24 +195,25 @@ def test_perflow_on_the_diffusers_grid_takes_the_schedulers_edges_and_solves_the
 
 
 def test_real_data_is_sharded_across_ranks_and_one_rank_draws_the_global_batch():
-    from pipeline.data import DataSource
+    from pipeline.data import RowSource
 
-    cfg, teacher = toy_cfg(), make_toy_teacher("cpu")
-
-    def source(rank, world):          # each rank has its own generator, as in the trainer; the permutation is shared
-        gen = torch.Generator().manual_seed(100 + rank)
-        return DataSource(cfg, teacher, None, "cpu", gen, rank, world, shared_seed=7)
+    def source(rank, world, n):       # each rank has its own seed, as in the trainer; the permutation is shared
+        cfg = toy_cfg(batch_size=n)
+        return RowSource(cfg, None, (1, 8, 8), 100 + rank, rank, world, shared_seed=7)
 
     size, n = 10, 3                   # 3 rows per rank per step: a global batch of 6 on a 10-image epoch
-    ranks, single = [source(0, 2), source(1, 2)], source(0, 1)
-    for _ in range(4):                # 24 draws: crosses two epoch boundaries
-        drawn = [d._next_real(size, n) for d in ranks]
-        assert torch.equal(torch.cat(drawn), single._next_real(size, 2 * n))
-        assert all(d._real_pos == single._real_pos for d in ranks)
-    epoch0 = sorted(torch.cat([source(r, 2)._next_real(size, 5) for r in range(2)]).tolist())
+    ranks, single = [source(0, 2, n), source(1, 2, n)], source(0, 1, 2 * n)
+    for step in range(4):             # 24 draws: crosses two epoch boundaries
+        drawn = [d.real_indices(step, size, n) for d in ranks]
+        assert torch.equal(torch.cat(drawn), single.real_indices(step, size, 2 * n))
+        assert all(d.real_position(step) == single.real_position(step) == 6 * step for d in ranks)
+    epoch0 = sorted(torch.cat([source(r, 2, 5).real_indices(0, size, 5) for r in range(2)]).tolist())
     assert epoch0 == list(range(size))    # one global batch = one whole epoch: every image once, no overlap
+    resumed = source(1, 2, n)             # a checkpoint's cursor: step 3 at position 18
+    resumed.load_state_dict(ranks[1].state_dict(3), 3)
+    assert torch.equal(resumed.real_indices(3, size, n), ranks[1].real_indices(3, size, n))
     with pytest.raises(ValueError, match="shared_seed"):      # ranks with their own seeds would overlap
-        DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(1), 1, 2)
+        RowSource(toy_cfg(), None, (1, 8, 8), 1, 1, 2)
 
 # ---------------------------------------------------------------- OTA
 def test_ota_takes_authentic_segments_with_the_online_share_and_logs_it():
@@ -210,7 +221,7 @@ def test_ota_takes_authentic_segments_with_the_online_share_and_logs_it():
     seg = scalar_segments([1, 2, 0, 3], [0.5, 0.3, 1.0, 0.1], [0.3, 0.1, 0.5, 0.0], [False, False, True, True])
     data = FixedSegments(seg)
     method = make_method("ota", cfg, data)
-    batch = method.batch(step=0)
+    batch = method.draw(0, data.at(0))          # the rows as drawn (the online rows' rollouts left out)
     assert data.calls == [dict(n=4, window_probs=None, online_fraction=0.5)]
     losses = method.generator_losses(LinearField(0.0), batch, step=0)   # v = 0: loss = mean(v*^2), t-free
     v_star = [(e - s) / (seg["sigma_end"][i] - seg["sigma_start"][i]).item()
@@ -340,10 +351,10 @@ def test_flowsteer_fake_is_the_students_one_step_jump_and_d_loss_is_the_hinge_on
 
 def test_flowsteer_without_adversarial_terms_is_ota():
     method, student, teacher = flowsteer_setup(lambda_adv=0.0, lambda_fm=0.0)
-    ota = make_method("ota", method.ctx.cfg, method.ctx.data, teacher=teacher)
+    ota = make_method("ota", method.ctx.cfg, method.ctx.rows, teacher=teacher)
     batch_f = method.batch(step=0)
     batch_o = ota.batch(step=0)
-    ota.ctx.generator.set_state(method.ctx.generator.get_state())   # same chord-time draw
+    ota.ctx.step_rng.set_state(method.ctx.step_rng.get_state())   # same chord-time draw
     lf = method.generator_losses(student, batch_f, step=0)
     lo = ota.generator_losses(student, batch_o, step=0)
     assert lf["loss"].item() == pytest.approx(lo["loss"].item(), rel=1e-6)

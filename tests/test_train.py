@@ -1,4 +1,4 @@
-"""Train stage: exact resume, non-finite stop, DataSource rows, export loadable by plain diffusers."""
+"""Train stage: exact resume, non-finite stop, segment rows, export loadable by plain diffusers."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,10 +62,11 @@ def test_resume_is_exact(toy_store, monkeypatch, method, train):
     pending ones are redrawn on resume), and with the student's blocks compiled)."""
     from pipeline.trainer import Trainer
 
-    whole = config_at(toy_store, f"whole-{method}", **train)
+    name = "-".join([method, *(f"{k}{v}" for k, v in train.items())])
+    whole = config_at(toy_store, f"whole-{name}", **train)
     run_job(train_job(whole, method), progress=False)
 
-    cut = config_at(toy_store, f"cut-{method}", **train)
+    cut = config_at(toy_store, f"cut-{name}", **train)
     job = train_job(cut, method)
     run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)     # steps 1, 2 committed
     original = Trainer.train_step
@@ -123,17 +124,20 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypa
     assert not (out_dir / "export").exists()
 
 
-def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store):
-    """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment."""
-    from pipeline.data import DataSource
+def test_online_rows_follow_the_cached_teacher_trajectory(toy_store):
+    """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment; segment
+    rows drawn for a step and completed in the training process land on the teacher's window ends."""
+    from pipeline.data import RowSource
     from pipeline.store import noise_for
+    from pipeline.teacher_solves import TeacherSolves
     from pipeline.teachers import load_teacher
     from stages.train import open_store
 
     _, _, cfg = toy_store
     store = open_store(cfg)
     teacher = load_teacher(cfg)
-    data = DataSource(cfg, teacher, store, "cpu", torch.Generator().manual_seed(0))
+    source = RowSource(cfg, store, teacher.sample_shape, seed=0)
+    solves = TeacherSolves(teacher, store, "cpu", source.windows)
     idx = np.arange(min(4, store.num_samples))
     seeds = np.asarray(store.seed[:])[idx]
     noise = torch.stack([torch.as_tensor(noise_for(int(s), teacher.sample_shape)) for s in seeds]).float()
@@ -141,19 +145,25 @@ def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store)
     prompt = torch.as_tensor(np.asarray(store.prompt_index[:])[idx])
     cond = {c: torch.as_tensor(np.asarray(v)).float() for c, v in store.cond(prompt.numpy()).items()}
     w = torch.as_tensor(np.asarray(store.guidance[:])[idx]).float()
-    z_start, z_end = data.rollout(noise, k, cond, w)
+    z_start, z_end = solves.rollout(noise, k, cond, w)
     c_start, c_end = store.segments(idx, k.numpy())
     torch.testing.assert_close(z_start, torch.as_tensor(np.asarray(c_start)).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(z_end, torch.as_tensor(np.asarray(c_end)).float(), atol=1e-4, rtol=1e-4)
 
-    batch = data.segments(10, window_probs=(0.0, 0.0, 1.0, 0.0), online_fraction=0.3)
-    assert batch["online_mask"].tolist() == [False] * 7 + [True] * 3
+    rows = source.at(5).segments(10, window_probs=(0.0, 0.0, 1.0, 0.0), online_fraction=0.3)
+    assert rows["online_mask"].tolist() == [False] * 7 + [True] * 3
+    assert (rows["z_end"][7:] == 0).all()                          # online rows: nothing until completed
+    noise = rows["z_start"][7:].clone()
+    batch = solves.complete_segments(rows)
     assert (batch["k"] == 2).all()
-    assert torch.equal(batch["sigma_start"], data.edges[2].expand(10))
-    assert torch.equal(batch["sigma_end"], data.edges[3].expand(10))
+    assert torch.equal(batch["sigma_start"], source.windows.edges[2].expand(10))
+    assert torch.equal(batch["sigma_end"], source.windows.edges[3].expand(10))
+    on = {c: v[7:] for c, v in batch["cond"].items()}
+    expected = solves.rollout(noise, batch["k"][7:], on, batch["guidance"][7:])
+    assert torch.equal(batch["z_start"][7:], expected[0]) and torch.equal(batch["z_end"][7:], expected[1])
     # one teacher window from a cached start lands on the cached end
-    torch.testing.assert_close(data.teacher_window(batch["z_start"][:7], 2, {c: v[:7] for c, v in batch["cond"].items()},
-                                                   batch["guidance"][:7]), batch["z_end"][:7], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(solves.teacher_window(batch["z_start"][:7], 2, {c: v[:7] for c, v in batch["cond"].items()},
+                                                     batch["guidance"][:7]), batch["z_end"][:7], atol=1e-4, rtol=1e-4)
 
 
 def test_export_loads_in_plain_diffusers_and_sd3_pipeline(toy_store, tmp_path):
@@ -226,7 +236,7 @@ def test_ray_train_two_workers_average_gradients(toy_store):
     state = load_checkpoint(out_dir)
     assert state["step"] == 2 and state["world"] == 2
     r0, r1 = state["ranks"]
-    assert not torch.equal(r0["generator"], r1["generator"])          # rank-derived streams
+    assert not torch.equal(r0["step_rng"], r1["step_rng"])            # rank-derived streams
     assert all(torch.isfinite(t).all() for t in state["student"].values())
     assert [json.loads(line)["step"] for line in (out_dir / "losses.jsonl").read_text().splitlines()] == [1, 2]
     assert (out_dir / "export" / "transformer").is_dir()

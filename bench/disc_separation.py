@@ -49,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = load_config(args.config)
 
-    from pipeline.data import DataSource
+    from pipeline.data import RowSource
     from pipeline.methods.discriminator import TransformerDiscriminator, accuracy, hinge_d_loss, sample_logits
     from pipeline.sampling import euler  # noqa: F401
     from pipeline.teachers import load_teacher
@@ -63,11 +63,11 @@ def main() -> None:
         jumper = SD3Transformer2DModel.from_pretrained(args.student).eval()
     adv = cfg.train.adversarial
     if args.rms:
-        data = DataSource(cfg, teacher, store, "cpu", torch.Generator().manual_seed(0))
+        rows = RowSource(cfg, store, teacher.sample_shape, seed=0)
         for k in range(cfg.schedule.windows):
             probs = torch.zeros(cfg.schedule.windows, dtype=torch.float64)
             probs[k] = 1
-            b = data.segments(64, window_probs=probs)
+            b = rows.at(k).segments(64, window_probs=probs)
             with torch.no_grad():
                 for name, net in (("teacher", teacher.transformer), ("student", jumper)):
                     v = sd3_velocity(net, b["z_start"], b["sigma_start"], b["cond"])
@@ -81,13 +81,13 @@ def main() -> None:
         if args.only and not any(o in name for o in args.only):
             continue
         torch.manual_seed(0)
-        data = DataSource(cfg, teacher, store, "cpu", torch.Generator().manual_seed(0))
+        rows = RowSource(cfg, store, teacher.sample_shape, seed=0)
         disc = TransformerDiscriminator(teacher.transformer, adv.disc_blocks, spectral_norm=sn, backbone=backbone)
         params = [p for p in disc.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
         hist, t0 = [], time.perf_counter()
         for step in range(args.steps):
-            b = data.segments(args.batch, window_probs=probs)
+            b = rows.at(step).segments(args.batch, window_probs=probs)
             real, s_s, s_e = b["z_end"], b["sigma_start"], b["sigma_end"]
             with torch.no_grad():
                 if args.fake == "jump":

@@ -101,16 +101,16 @@ def write_latent_store(cfg: RunConfig, rows: int) -> None:
 def timed_block(trainer, steps: int) -> tuple[list[float], list[float], float]:
     """(step seconds, seconds waiting for the batch, store/latent read seconds) of `steps` steps after one
     untimed step."""
-    trainer.train_step()                                   # refills the prefetch pipeline
+    trainer.train_step()                                   # refills the loader's pipeline
     times, waits = [], []
-    r0 = trainer.data.wait_seconds
+    r0 = trainer.solves.teacher_seconds
     for _ in range(steps):
-        t0, w0 = time.perf_counter(), trainer.batches.wait_seconds
+        t0, w0 = time.perf_counter(), trainer.loader.wait_seconds
         trainer.train_step()
         times.append(time.perf_counter() - t0)
-        waits.append(trainer.batches.wait_seconds - w0)
-    trainer.batches.discard()                              # nothing drawn in the background of the next block
-    return times, waits, trainer.data.wait_seconds - r0
+        waits.append(trainer.loader.wait_seconds - w0)
+    trainer.loader.discard()                               # nothing drawn in the background of the next block
+    return times, waits, trainer.solves.teacher_seconds - r0
 
 
 def bench_training(args) -> None:
@@ -131,7 +131,7 @@ def bench_training(args) -> None:
         for depth in (0, 1):
             c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"prefetch": depth})})
             trainers[method, depth] = Trainer(c, method, teacher, store, "cpu")
-    cached = trainers["ota", 0].data._cond_cache is not None
+    cached = trainers["ota", 0].rows._cond_cache is not None
     print(f"store: {store.num_samples} trajectories, {store.store_dtype}, 24 prompts' conditions "
           f"{'held in memory' if cached else 'read from the store every batch'}; latent store float16, 48 rows; "
           f"batch {args.batch}, teacher bf16, bf16 autocast, {torch.get_num_threads()} threads")
@@ -145,11 +145,11 @@ def bench_training(args) -> None:
     for trainer in trainers.values():
         trainer.close()
     med = {}
-    for (method, depth), (times, waits, (reads,)) in results.items():
+    for (method, depth), (times, waits, (teach,)) in results.items():
         med[method, depth] = statistics.median(times)
         print(f"{method:8s} prefetch {depth}: step {med[method, depth]:.3f} s (median of {len(times)}), "
-              f"data wait {100 * sum(waits) / sum(times):.1f}% of the step (store reads {100 * reads / sum(times):.1f}%"
-              f"{', in the background' if depth else ''})")
+              f"data wait {100 * sum(waits) / sum(times):.1f}% of the step (teacher solves for the batch "
+              f"{100 * teach / sum(times):.1f}%)")
     print(f"OTA (cache + 25% online) / PeRFlow step, prefetch on: {med['ota', 1] / med['perflow', 1]:.2f}x "
           f"(target <= 1.2x); prefetch on / off: perflow {med['perflow', 1] / med['perflow', 0]:.2f}x, "
           f"ota {med['ota', 1] / med['ota', 0]:.2f}x")

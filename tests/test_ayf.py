@@ -50,9 +50,9 @@ def test_loss_value_is_mean_squared_normalised_tangent_and_warmup_scales_the_jvp
     method = make_ayf(cfg, teacher, store, options={"tangent_warmup": 4})
     student = trained_looking(teacher).train()
     batch = method.batch(0)
-    gen_state = method.ctx.generator.get_state()
+    gen_state = method.ctx.step_rng.get_state()
     losses = method.generator_losses(student, batch, step=2)            # r = 2 / 4
-    method.ctx.generator.set_state(gen_state)                          # the same autoguidance lambda
+    method.ctx.step_rng.set_state(gen_state)                          # the same autoguidance lambda
     v = method.teacher_velocity(batch["x_t"], batch["t"], batch["cond"], batch["guidance"], batch["null_cond"])
     with torch.no_grad():
         F_m, dF = jvp_torch(lambda a, b, c: student(a, b, c, batch["cond"]), batch["x_t"], batch["t"], batch["s"], v)
@@ -74,10 +74,10 @@ def test_autoguidance_mixes_teacher_and_weak_teacher(toy):
     cfg, teacher, store = toy
     method = make_ayf(cfg, teacher, store, options={"autoguidance": [1.0, 3.0], "guidance": "auto"})
     x, t, _, _, cond = inputs(teacher)
-    state = method.ctx.generator.get_state()
+    state = method.ctx.step_rng.get_state()
     v = method.teacher_velocity(x, t, cond, torch.full((3,), 4.0), None)
-    method.ctx.generator.set_state(state)
-    lam = (1 + 2 * torch.rand(3, generator=method.ctx.generator)).view(-1, 1, 1, 1)
+    method.ctx.step_rng.set_state(state)
+    lam = (1 + 2 * torch.rand(3, generator=method.ctx.step_rng)).view(-1, 1, 1, 1)
     assert ((lam >= 1) & (lam <= 3)).all()
     with torch.no_grad():
         want = lam * teacher.velocity(x, t, cond) + (1 - lam) * teacher.weak_velocity(x, t, cond)

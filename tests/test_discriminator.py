@@ -22,20 +22,20 @@ def store_cfg(tmp_path_factory):
 
 def train_alone(cfg, steps: int, noise: float, **disc_kwargs) -> tuple[float, float, float]:
     """(d_loss, acc_real, acc_fake) over the last 30 of `steps` D steps; fake = real window end + noise."""
-    from pipeline.data import DataSource
+    from pipeline.data import RowSource
     from pipeline.methods.discriminator import TransformerDiscriminator, accuracy, hinge_d_loss
     from pipeline.teachers import load_teacher
     from stages.train import open_store
 
     torch.manual_seed(0)
     teacher = load_teacher(cfg)
-    data = DataSource(cfg, teacher, open_store(cfg), "cpu", torch.Generator().manual_seed(0))
+    rows = RowSource(cfg, open_store(cfg), teacher.sample_shape, seed=0)
     disc = TransformerDiscriminator(teacher.transformer, 1, **disc_kwargs)
     opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=cfg.train.adversarial.disc_lr,
                             weight_decay=cfg.train.weight_decay)
     history = []
-    for _ in range(steps):
-        b = data.segments(8)
+    for step in range(steps):
+        b = rows.at(step).segments(8)
         real = b["z_end"]
         fake = real + noise * torch.randn_like(real)
         both = {k: torch.cat([v, v]) for k, v in b["cond"].items()}

@@ -122,12 +122,12 @@ def test_bf16_student_stays_float32_and_its_loss_decreases_on_a_fixed_batch(bf16
     _, cfg = bf16_run
     trainer = trainer_for(cfg, "perflow", lr=1e-3, grad_clip=0.0)
     assert trainer.autocast_dtype == torch.bfloat16
-    batch = trainer.batches.next(0)
-    trainer.batches.next = lambda step: batch                 # the same batch every step
-    method_rng = trainer.method.ctx.generator.get_state()
+    rows = trainer.loader.next(0)
+    trainer.loader.next = lambda step: rows                   # the same batch every step
+    method_rng = trainer.method.ctx.step_rng.get_state()
     losses = []
     for _ in range(20):
-        trainer.method.ctx.generator.set_state(method_rng)   # ... and the same chord points
+        trainer.method.ctx.step_rng.set_state(method_rng)    # ... and the same chord points
         losses.append(trainer.train_step()["loss"])
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
     assert all(t.dtype == torch.float32 for t in trainer.ema.shadow.values())
@@ -188,11 +188,7 @@ def test_perflow_on_byo_teacher_draws_x0_and_prompt_from_the_latent_store(bf16_r
 
     jobs(cfg, methods=["perflow"])                           # has real data: accepted
     trainer = trainer_for(cfg, "perflow", prefetch=0)
-    drawn = []
-    real = trainer.data.real
-    trainer.data.real = lambda n: drawn.append(real(n)) or drawn[-1]
-    trainer.train_step()
-    trainer.train_step()
+    drawn = [trainer.loader.next(step) for step in (0, 1)]   # the rows PeRFlow's first two steps draw
     rows = torch.cat([d["index"] for d in drawn])
     assert len(rows) == 8 and len(set(rows.tolist())) == 6                # a 6-row epoch, then the next one
     for d in drawn:

@@ -1,5 +1,5 @@
 """SCFlow: pseudo-Huber, truncation, target EMA, ground truth from the trajectory, resume without the
-public code's teacher/EMA bugs, and its sampler; on real toy-teacher trajectories through the real DataSource."""
+public code's teacher/EMA bugs, and its sampler; on real toy-teacher trajectories through the real RowSource and TeacherSolves."""
 from __future__ import annotations
 
 import copy
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataSource
+from pipeline.data import RowSource, Windows
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodContext, get_method
 from pipeline.methods.scflow import consistency, pseudo_huber, truncated_target
 from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
+from pipeline.teacher_solves import TeacherSolves
 from pipeline.teachers.toy import make_toy_teacher
 from schemas.config import RunConfig
 
@@ -29,7 +30,7 @@ def toy_cfg(**train) -> RunConfig:
 
 def build_store(directory, cfg, teacher, samples: int = 6, seed: int = 0):
     """A real trajectory store holding the toy teacher's own CFG Euler solves on the fixed grid (what
-    generate writes), made with DataSource.teacher_window."""
+    generate writes), made with TeacherSolves.teacher_window."""
     from pipeline.store import TrajectoryStore
 
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +39,7 @@ def build_store(directory, cfg, teacher, samples: int = 6, seed: int = 0):
     cond = teacher.encode(PROMPTS)
     store = TrajectoryStore.create(directory / "store.zarr", {"test": "h7"}, PROMPTS, teacher.sample_shape, samples,
                                    cfg.schedule.teacher_steps, cfg.schedule.windows, plan, cond, teacher.encode([""]))
-    solver = DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(seed))
+    solver = TeacherSolves(teacher, None, "cpu", Windows.of(cfg))
     rows = {k: v[plan["prompt_index"]] for k, v in cond.items()}
     states = [torch.randn(samples, *teacher.sample_shape, generator=g)]
     for k in range(cfg.schedule.windows):
@@ -60,11 +61,11 @@ def toy(tmp_path_factory):
 
 
 def make_method(name, cfg, teacher, store, options=None, seed=0):
-    """A registered method on the toy store, with its own seeded generator (shared with test_ayf)."""
-    gen = torch.Generator().manual_seed(seed)
-    data = DataSource(cfg, teacher, store, "cpu", gen)
-    ctx = MethodContext(cfg=cfg, teacher=teacher, data=data, edges=data.edges, device=torch.device("cpu"),
-                        generator=gen, options=options or {})
+    """A registered method on the toy store, its streams seeded from `seed` (shared with test_ayf)."""
+    rows = RowSource(cfg, store, teacher.sample_shape, seed)
+    ctx = MethodContext(cfg=cfg, teacher=teacher, rows=rows, solves=TeacherSolves(teacher, store, "cpu", rows.windows),
+                        edges=rows.windows.edges, device=torch.device("cpu"),
+                        step_rng=torch.Generator().manual_seed(seed), options=options or {})
     return get_method(name)(ctx)
 
 
@@ -91,7 +92,7 @@ def test_consistency_loss_targets_the_ema_one_teacher_step_towards_the_data(toy)
         for p in method.target.parameters():
             p.add_(0.05 * torch.randn_like(p))
     batch = method.batch(0)
-    state = method.ctx.generator.get_state()
+    state = method.ctx.step_rng.get_state()
     con = method.generator_losses(student, batch, step=0)["con"]
     g = torch.Generator().set_state(state)
     z_t, t, cond = batch["z_t"], batch["t"], batch["cond"]
@@ -184,7 +185,7 @@ def test_reflow_target_is_the_students_own_one_step_output(toy):
     with torch.no_grad():
         x0 = consistency(lambda x, s, c: method.velocity(student, x, s, c), z1, torch.ones(3), cond)
     # the loss is zero at a student whose f(z~, t) equals x0_one for every t: check it against a hand MSE
-    g = method.ctx.generator
+    g = method.ctx.step_rng
     state = g.get_state()
     loss = method.reflow_loss(student, x0, z1, cond)
     g.set_state(state)

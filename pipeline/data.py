@@ -121,9 +121,11 @@ class RowSource:
 
     # ------------------------------------------------------------ what rows are read from
     def cond(self, prompt_index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The prompts' conditions; read from the store they stay in its dtype (float16: half the bytes to hand
+        to the step, which casts them to float32 on the device)."""
         if self._cond_cache is not None:
             return {k: v[prompt_index] for k, v in self._cond_cache.items()}
-        return self.store.cond(prompt_index.numpy())
+        return self.store.cond(prompt_index.numpy(), stored=True)
 
     def digits(self):
         if self._digits is None:
@@ -227,7 +229,7 @@ class StepRows:
             latents = src.latent_store()
             idx = self._real_indices(latents.num_samples, n)
             rows = idx.numpy()
-            out = {"x0": torch.from_numpy(latents.latents(rows)), "cond": latents.cond(rows)}
+            out = {"x0": latents.latents(rows, stored=True), "cond": latents.cond(rows, stored=True)}
         return {**out, "guidance": self.guidance(n), "index": idx}
 
     def teacher_samples(self, n: int) -> dict[str, Any]:

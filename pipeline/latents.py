@@ -100,13 +100,14 @@ class LatentStore(RowStore):
                         for n in names))
 
     # ------------------------------------------------------------ reader API
-    def latents(self, indices) -> np.ndarray:
-        """float32 [n, C, H, W] latents of rows `indices`."""
-        return self.rows("latents", indices)
+    def latents(self, indices, stored: bool = False) -> np.ndarray | torch.Tensor:
+        """[n, C, H, W] latents of rows `indices`: float32 (`stored`: a tensor in the store dtype)."""
+        return self.rows("latents", indices, stored)
 
-    def cond(self, indices) -> dict[str, torch.Tensor]:
-        """Teacher conditions of the rows' captions (float32, CPU; encoder_hidden_states, pooled_projections)."""
-        return self.row_cond(indices)
+    def cond(self, indices, stored: bool = False) -> dict[str, torch.Tensor]:
+        """Teacher conditions of the rows' captions (CPU; encoder_hidden_states, pooled_projections), float32
+        or with `stored` the store dtype."""
+        return self.row_cond(indices, stored)
 
     def captions(self, indices) -> list[str]:
         from pipeline.datasets import TextColumn

@@ -37,7 +37,7 @@ class StepRange(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        torch.set_num_threads(1)          # a worker decodes rows; the training process keeps the cores' math
+        torch.set_num_threads(1)          # a worker reads rows; the training process keeps the cores' math
         for step in range(self.first + worker, self.last, workers):
             with torch.no_grad():
                 yield step, self.draw(step)
@@ -131,20 +131,27 @@ class BatchLoader:
             return future.result()
         return self._drawn(step)
 
-    def next(self, step: int) -> dict:
-        """Step `step`'s rows on the device (float32); a step out of sequence restarts the pipeline there."""
+    def rows(self, step: int) -> dict:
+        """Step `step`'s rows as drawn (CPU, in the store's dtypes), the wait for them counted in wait_seconds; a
+        step out of sequence restarts the pipeline there."""
         if self._next_step != step:
             self._start(step)
         t0 = time.perf_counter()
         rows = self._rows(step)
         self._next_step = step + 1
+        self.wait_seconds += time.perf_counter() - t0
+        return rows
+
+    def next(self, step: int) -> dict:
+        """Step `step`'s rows on the device, float32. Rows cross processes in the store's dtype (float16: half of
+        float32's bytes); the copy and the cast are the device's work (on the CPU, the step's), not waiting."""
+        rows = self.rows(step)
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 out = to_device(rows, self.device, self._stream)
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         else:
             out = to_device(rows, self.device)
-        self.wait_seconds += time.perf_counter() - t0
         return out
 
     def discard(self) -> None:

@@ -175,11 +175,13 @@ class TrajectoryStore(RowStore):
         self._prompt_row = np.zeros(self.num_prompts, dtype=np.int64)
         self._prompt_row[self.prompt_index[::-1]] = np.arange(len(self.prompt_index))[::-1]
         self._prompts = None
-        # Whole shards are cached (LRU, bounded, as float32) when small enough: random batches then cost one
-        # read per shard.
+        # Whole shards are cached (as float32) when all of them fit: random batches then cost one read per shard.
+        # A store bigger than the cache is read row by row: under random batches a cached shard would rarely be
+        # hit again, and reading a whole shard for one row costs shard_size rows (bench/loader_bench.py).
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._shard_bytes = self.shard_size * int(np.prod(self.states.shape[1:])) * 4
+        self._cache_shards = self._shard_bytes * self.num_shards <= cache_bytes
 
     # ------------------------------------------------------------ create / open
     @classmethod
@@ -302,7 +304,7 @@ class TrajectoryStore(RowStore):
     # ------------------------------------------------------------ reader API (float32 out, any store dtype)
     def segment(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(z at edge k, z at edge k+1) of sample i: window k of its teacher trajectory."""
-        if self._shard_bytes > self._cache_bytes or i // self.shard_size not in self._cache:
+        if not self._cache_shards or i // self.shard_size not in self._cache:
             if not (0 <= i < self.num_samples and 0 <= k < self.num_windows):
                 raise IndexError(f"segment ({i}, {k}) out of range "
                                  f"({self.num_samples} samples, {self.num_windows} windows)")
@@ -320,16 +322,24 @@ class TrajectoryStore(RowStore):
             raise IndexError(f"segment index out of range (samples < {self.num_samples}, windows < {self.num_windows})")
         out = np.empty((len(idx), 2, *self.states.shape[2:]), dtype=np.float32)
         shards = idx // self.shard_size
-        if self._shard_bytes <= self._cache_bytes:
+        if self._cache_shards:
             for j in np.unique(shards):
                 rows = np.nonzero(shards == j)[0]
                 data = self._shard_states(int(j))
                 local = idx[rows] - j * self.shard_size
                 out[rows] = data[local[:, None], ks[rows, None] + np.arange(2)]
-        else:                                    # big latents: read only the chunks of the asked samples
-            uniq, inv = np.unique(idx, return_inverse=True)
-            data = decode(read_rows(self.states, uniq), self.store_dtype)
-            out[:] = data[inv[:, None], ks[:, None] + np.arange(2)]
+        else:                                    # a big store: read only the asked rows
+            from pipeline.shard_reader import ShardRows
+
+            direct = ShardRows.of(self.states)
+            if direct is not None:               # the plain layout: just edges k, k+1 of each row, from the file
+                raw = np.empty(out.shape, dtype=self.states.dtype)
+                direct.read_into(idx, raw, first=ks, count=2)
+                out[:] = decode(raw, self.store_dtype)
+            else:
+                uniq, inv = np.unique(idx, return_inverse=True)
+                data = decode(read_rows(self.states, uniq), self.store_dtype)
+                out[:] = data[inv[:, None], ks[:, None] + np.arange(2)]
         return out[:, 0], out[:, 1]
 
     def iter_shards(self) -> Iterator[dict[str, Any]]:
@@ -344,12 +354,13 @@ class TrajectoryStore(RowStore):
                 item["steps"] = decode(np.asarray(self.steps[lo:hi]), self.store_dtype)
             yield item
 
-    def cond(self, prompt_indices) -> dict[str, torch.Tensor]:
-        """Teacher conditions (float32, CPU) for the given prompt indices; each distinct prompt is read once."""
+    def cond(self, prompt_indices, stored: bool = False) -> dict[str, torch.Tensor]:
+        """Teacher conditions (CPU; float32, or with `stored` the store dtype) for the given prompt indices; each
+        distinct prompt is read once."""
         p = np.asarray(prompt_indices, dtype=np.int64).reshape(-1)
         if len(p) and (p.min() < 0 or p.max() >= self.num_prompts):
             raise IndexError(f"prompt index out of range (prompts < {self.num_prompts})")
-        return self.row_cond(self._prompt_row[p])
+        return self.row_cond(self._prompt_row[p], stored)
 
     def sample_cond(self, indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) of sample rows (their own prompts)."""

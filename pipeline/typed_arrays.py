@@ -54,6 +54,30 @@ def decode(raw: np.ndarray, store_dtype: str) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
+def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(tensor in the store dtype, its on-disk-dtype numpy view) to read rows into; in a loader worker process
+    the tensor is in shared memory, so handing it to the training process copies nothing."""
+    from torch.utils.data import get_worker_info
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[store_dtype]
+    t = torch.empty(tuple(shape), dtype=dtype)
+    if get_worker_info() is not None:
+        t.share_memory_()
+    view = t.numpy()
+    if store_dtype == "bfloat16":
+        return t.view(torch.bfloat16), view.view(np.uint16)
+    return t, view
+
+
+def as_stored(raw: np.ndarray, store_dtype: str) -> torch.Tensor:
+    """The on-disk array as a tensor of the store's own dtype (float16, bfloat16 or float32), unconverted: half
+    the bytes of float32 to hand between processes; `.float()` later (on the device) gives `decode`'s values."""
+    raw = np.ascontiguousarray(raw)
+    if store_dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw)
+
+
 def round_trip(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
     """`values` as they will read back from the store (float32), on their device."""
     if store_dtype == "float32":
@@ -131,19 +155,27 @@ def digest(*arrays: np.ndarray | None) -> str:
     return h.hexdigest()[:32]
 
 
-def read_rows(arr, rows: np.ndarray, threads: int = 4) -> np.ndarray:
-    """arr[rows] for sorted unique `rows`, one slice per run of consecutive rows, runs read in a few threads.
-    (Zarr's own `oindex` on a sharded array is ~100x slower here: it decodes shard by shard per request.)"""
+def read_rows(arr, rows: np.ndarray, threads: int = 4, out: np.ndarray | None = None) -> np.ndarray:
+    """arr[rows] for distinct `rows` in any order: one slice per run of consecutive rows (in sorted order, i.e.
+    shard by shard), each read straight into its places in `out` (allocated when None; e.g. shared memory), runs
+    read in a few threads. (Zarr's own `oindex` on a sharded array is ~100x slower here: it decodes shard by
+    shard per request.)"""
     rows = np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    if out is None:
+        out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
     if not len(rows):
         return out
-    cuts = np.nonzero(np.diff(rows) != 1)[0] + 1
-    runs = [(int(rows[r[0]]), int(rows[r[-1]]) + 1, int(r[0])) for r in np.split(np.arange(len(rows)), cuts)]
+    order = np.argsort(rows, kind="stable")
+    ranked = rows[order]
+    cuts = np.nonzero(np.diff(ranked) != 1)[0] + 1
+    runs = [(int(ranked[g[0]]), int(ranked[g[-1]]) + 1, order[g]) for g in np.split(np.arange(len(rows)), cuts)]
 
     def one(run):
         lo, hi, at = run
-        out[at:at + hi - lo] = arr[lo:hi]
+        if (np.diff(at) == 1).all():             # places in order (always for one row): one copy, no gather
+            out[at[0]:at[0] + hi - lo] = arr[lo:hi]
+        else:
+            out[at] = arr[lo:hi]
     if len(runs) == 1 or threads <= 1:
         for run in runs:
             one(run)
@@ -281,18 +313,31 @@ class RowStore:
         return np.asarray(self.group[name][lo:hi])
 
     # ------------------------------------------------------------ reader API
-    def rows(self, name: str, indices) -> np.ndarray:
-        """float32 rows of a row array; each distinct row is read once (one chunk read per row)."""
+    def rows(self, name: str, indices, stored: bool = False) -> np.ndarray | torch.Tensor:
+        """float32 rows of a row array (`stored`: a tensor in the store dtype, `as_stored`); each distinct row is
+        read once (one chunk read per row)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise IndexError(f"row index out of range (rows < {self.num_samples})")
         uniq, inv = np.unique(idx, return_inverse=True)
         arr = self.group[name]
-        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
+        if not stored:
+            return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
+        from pipeline.shard_reader import ShardRows
 
-    def row_cond(self, indices) -> dict[str, torch.Tensor]:
-        """Teacher conditions (float32, CPU) of the given rows."""
-        return {k: torch.from_numpy(self.rows(name, indices)) for k, name in self.cond_arrays.items()}
+        tensor, view = empty_stored((len(idx), *arr.shape[1:]), self.store_dtype)
+        direct = ShardRows.of(arr)
+        if direct is not None:                  # the plain layout: rows read from the shard files
+            direct.read_into(idx, view)
+        elif len(uniq) == len(idx):             # distinct rows: read straight into their places
+            read_rows(arr, idx, out=view)
+        else:
+            view[:] = read_rows(arr, uniq)[inv.reshape(-1)]
+        return tensor
+
+    def row_cond(self, indices, stored: bool = False) -> dict[str, torch.Tensor]:
+        """Teacher conditions (CPU; float32, or with `stored` the store dtype) of the given rows."""
+        return {k: torch.as_tensor(self.rows(name, indices, stored)) for k, name in self.cond_arrays.items()}
 
     def null_cond(self, n: int) -> dict[str, torch.Tensor]:
         """The unconditional ("" prompt) condition, n rows (float32)."""

@@ -128,6 +128,54 @@ def test_a_worker_that_raises_is_an_error_naming_the_step():
     loader.close()
 
 
+# ---------------------------------------------------------------- reads (pipeline/shard_reader.py)
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16", "float32"])
+def test_rows_read_from_shard_files_equal_zarrs_reads(tmp_path, store_dtype):
+    """Rows as stored, read straight from the shard files (any order, repeats, a shard never written = the fill
+    value), are zarr's rows; a compressed array is not read that way."""
+    import numpy as np
+    import zarr
+
+    from pipeline.shard_reader import ShardRows
+    from pipeline.typed_arrays import RowStore, create_rows, decode, encode, write_shard_rows
+
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    create_rows(g, "x", 10, (3, 5), 4, store_dtype, "none")
+    create_rows(g, "z", 10, (3, 5), 4, store_dtype, "zstd")
+    data = torch.randn(10, 3, 5)
+    for name in ("x", "z"):
+        for shard, (lo, hi) in enumerate([(0, 4), (4, 8)]):            # rows 8, 9 (shard 2) never written
+            write_shard_rows(tmp_path / "s.zarr", g[name], shard, lo, encode(data[lo:hi], store_dtype))
+    assert ShardRows.of(g["x"]) is not None and ShardRows.of(g["z"]) is None
+    g.attrs.update({"meta": {}, "sample_shape": [3, 5], "shard_size": 4, "cond_arrays": {}, "num_rows": 10,
+                    "store_dtype": store_dtype})
+    store = RowStore(g, tmp_path / "s.zarr")
+    rows = [9, 2, 7, 2, 0, 5, 8]
+    expected = decode(np.asarray(g["x"][:]), store_dtype)[rows]
+    assert not expected[[0, 6]].any()                                   # the fill value
+    for name in ("x", "z"):
+        got = store.rows(name, rows, stored=True)
+        assert got.dtype == {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[store_dtype]
+        assert torch.equal(got.float(), torch.from_numpy(expected)), name
+        assert np.array_equal(store.rows(name, rows), expected)
+
+
+def test_segments_of_a_store_bigger_than_its_cache_are_read_edge_by_edge_from_the_files(toy_run):
+    """A store that does not fit its shard cache reads each row's two edges straight from the shard files:
+    the same segments as the cached whole shards."""
+    import numpy as np
+
+    from pipeline.store import TrajectoryStore
+
+    path = toy_run.stage_dir("generate")
+    cached, direct = TrajectoryStore.open(path), TrajectoryStore.open(path, cache_bytes=1)
+    assert cached._cache_shards and not direct._cache_shards
+    idx, ks = np.array([5, 0, 5, 3, 4, 1]), np.array([3, 0, 1, 2, 0, 3])
+    for a, b in zip(cached.segments(idx, ks), direct.segments(idx, ks)):
+        assert np.array_equal(a, b)
+    assert not direct._cache                                  # nothing cached
+
+
 # ---------------------------------------------------------------- a faster step (pipeline/fast_step.py)
 def test_fused_adamw_takes_the_foreach_steps():
     from pipeline.fast_step import adamw

@@ -1,0 +1,97 @@
+"""Whole rows of an uncompressed sharded Zarr v3 array read straight from the shard files: one `preadv` per row
+into the caller's buffer (e.g. a loader worker's shared memory), the zarr-python format unchanged.
+
+Why: zarr-python decodes each inner chunk through its codec pipeline (buffers, copies, an event loop), ~4x the
+time of the file read itself for SD3's 2.7 MB condition rows (bench/loader_bench.py). Only the layout the stores
+write is read this way (pipeline/typed_arrays.py `create_rows`: one row per inner chunk, codec `bytes`, index at
+the shard's end, on a local disk); anything else, e.g. a compressed store, goes through zarr (`of` returns None).
+
+A shard file ends with its index: per inner chunk (offset, nbytes) as little-endian uint64 (all ones: never
+written, i.e. the fill value), then a crc32c of the index (zarr's sharding_indexed codec).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+EMPTY = np.uint64(2 ** 64 - 1)
+
+
+class ShardRows:
+    """Row reader of one array; `of(arr)` is None when the array's layout is not the plain one."""
+
+    def __init__(self, directory: Path, shard_rows: int, row_nbytes: int, ndim: int, fill_value, dtype):
+        self.directory, self.shard_rows, self.row_nbytes = directory, shard_rows, row_nbytes
+        self.ndim, self.fill_value, self.dtype = ndim, fill_value, np.dtype(dtype)
+        self._index: dict[int, np.ndarray] = {}     # per shard read: [shard_rows, 2] (offset, nbytes)
+
+    @classmethod
+    def of(cls, arr) -> "ShardRows | None":
+        try:
+            from zarr.codecs import BytesCodec, ShardingCodec
+            from zarr.storage import LocalStore
+
+            meta = arr.metadata
+            (codec,) = meta.codecs
+            ok = (isinstance(arr.store, LocalStore) and isinstance(codec, ShardingCodec)
+                  and len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec)
+                  and str(codec.codecs[0].endian.value) == "little" and codec.index_location.value == "end"
+                  and tuple(codec.chunk_shape) == (1, *arr.shape[1:])
+                  and tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(arr.shape[1:])
+                  and np.dtype(arr.dtype).byteorder in "<=|" and getattr(meta.chunk_key_encoding, "separator", "") == "/"
+                  and meta.chunk_key_encoding.name == "default")
+        except (AttributeError, ValueError, TypeError, ImportError):
+            return None
+        if not ok:
+            return None
+        row_nbytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
+        return cls(Path(arr.store.root) / arr.path, int(meta.chunk_grid.chunk_shape[0]), row_nbytes, arr.ndim,
+                   meta.fill_value, arr.dtype)
+
+    def _path(self, shard: int) -> Path:
+        return self.directory / "c" / "/".join([str(shard)] + ["0"] * (self.ndim - 1))
+
+    def _shard_index(self, shard: int, fd: int) -> np.ndarray:
+        if shard not in self._index:
+            size = os.fstat(fd).st_size
+            n = self.shard_rows * 16
+            raw = os.pread(fd, n, size - n - 4)
+            if len(raw) != n:
+                raise OSError(f"{self._path(shard)}: shard index cut short")
+            self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(self.shard_rows, 2)
+        return self._index[shard]
+
+    def read_into(self, rows, out: np.ndarray, first=None, count: int | None = None) -> None:
+        """out[j] = row rows[j] for every j (rows in any order, repeats allowed; reads sorted: shard files in
+        order); with `first` and `count`: out[j] = row rows[j][first[j]:first[j] + count] (its axis 1)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        want = flat.shape[1]
+        skip = np.zeros(len(rows), dtype=np.int64)
+        if first is not None:
+            skip = np.asarray(first, dtype=np.int64) * (want // count)
+        order = np.argsort(rows, kind="stable")
+        shards = rows[order] // self.shard_rows
+        for shard in np.unique(shards):
+            at = order[shards == shard]
+            try:
+                fd = os.open(self._path(int(shard)), os.O_RDONLY)
+            except FileNotFoundError:               # a shard never written reads as its fill value
+                out[at] = self.fill_value
+                continue
+            try:
+                index = self._shard_index(int(shard), fd)
+                for j in at:
+                    offset, nbytes = index[rows[j] % self.shard_rows]
+                    if offset == EMPTY:
+                        out[j] = self.fill_value
+                        continue
+                    if nbytes != self.row_nbytes:
+                        raise OSError(f"{self._path(int(shard))}: row {rows[j]} holds {nbytes} bytes, "
+                                      f"expected {self.row_nbytes}")
+                    if os.preadv(fd, [flat[j]], int(offset) + int(skip[j])) != want:
+                        raise OSError(f"{self._path(int(shard))}: row {rows[j]} cut short")
+            finally:
+                os.close(fd)

@@ -202,6 +202,10 @@ def cuda_bench(args) -> None:
                                 attention_head_dim=64, num_attention_heads=24, joint_attention_dim=JOINT,
                                 caption_projection_dim=1536, pooled_projection_dim=POOLED, pos_embed_max_size=192)
     net = net.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    if args.compile:                                         # regional: each block (pipeline/fast_step.py)
+        from pipeline.fast_step import compile_blocks
+
+        compile_blocks(net)
     b = 2 * args.batch                                       # CFG: conditional + unconditional rows
     x = torch.randn(b, *LATENT, device="cuda", dtype=torch.bfloat16)
     cond = {"encoder_hidden_states": torch.randn(b, TOKENS, JOINT, device="cuda", dtype=torch.bfloat16),
@@ -219,7 +223,8 @@ def cuda_bench(args) -> None:
             sd3_velocity(net, x, sigma, cond)
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
-    print(f"cuda {torch.cuda.get_device_name()}: SD3-Medium-size transformer bf16, batch {args.batch} (x2 CFG), "
+    print(f"cuda {torch.cuda.get_device_name()}: SD3-Medium-size transformer bf16{', compiled' if args.compile else ''}, "
+          f"batch {args.batch} (x2 CFG: conditional and unconditional rows in one forward), "
           f"{args.steps} steps/sample: {args.batch / (dt * args.steps):.2f} samples/s, "
           f"MFU {flops / dt / (args.peak_tflops * 1e12):.1%} of {args.peak_tflops:.0f} TFLOP/s")
 
@@ -235,6 +240,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="cuda: samples per forward batch")
     ap.add_argument("--steps", type=int, default=28, help="cuda: teacher steps per sample")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="cuda: dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--compile", action="store_true", help="cuda: torch.compile each transformer block")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))

@@ -3,10 +3,13 @@
 #   bash bench/gpu_check.sh          # with the wheels of the missing packages in .whl/ (carry [".whl"])
 # Parts (each under `timeout`, a failing part does not stop the others, the whole run ends in < 7 min):
 #   a  nvidia-smi + versions + the imports flowsteer needs
-#   b  bench/train_scale.py --device cuda: SD3-Medium-size student, batch 8 (and 16 if time allows)
+#   b  bench/train_scale.py --device cuda: SD3-Medium-size student, batch 16: MFU eager vs compiled+fused
+#      AdamW (train.compile; fused AdamW on CUDA), then compiled alone if time allows
 #   c  the CLI end to end on a random-init SD3 pipeline dir (64x64x16 latents, 1024 wide, 6 blocks):
-#      teacher -> generate -> train (perflow, ota, flowsteer; bf16) -> evaluate -> report
-#   d  bench/generate_throughput.py --device cuda (generate stage vs a bare sampling loop, toy teacher)
+#      teacher -> generate -> train (perflow, ota, flowsteer; bf16; train.loader_workers 4: data wait and
+#      GPU utilisation per method from losses.jsonl and nvidia-smi) -> evaluate -> report
+#   d  bench/generate_throughput.py --device cuda (generate stage vs a bare sampling loop, toy teacher), and
+#      bench/generate_scale.py --device cuda: SD3-Medium-size CFG forwards, generate MFU (eager, compiled)
 # Logs: $OUT/{a,b,c,d}.log, $OUT/summary.txt, $OUT/c_report.md, $OUT/c_losses.jsonl, $OUT/c_scores.csv
 # Dry run on a CPU machine:
 #   OUT=/tmp/gpucheck_out GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 SKIP_INSTALL=1 bash bench/gpu_check.sh
@@ -16,7 +19,9 @@ T0=$(date +%s)
 DEV=${GPU_CHECK_DEVICE:-cuda}
 PARTS=${GPU_CHECK_PARTS:-abcd}          # which parts to run, e.g. "ac"
 GC_METHODS=${GPU_CHECK_METHODS:-perflow, ota, flowsteer}
-GC_PREFETCH=${GPU_CHECK_PREFETCH:-1}
+GC_PREFETCH=${GPU_CHECK_PREFETCH:-2}
+GC_LOADER_WORKERS=${GPU_CHECK_LOADER_WORKERS:-4}
+GC_COMPILE=${GPU_CHECK_COMPILE:-false}
 SMALL=${GPU_CHECK_SMALL:-0}
 if [ "$SMALL" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-1500}; else BUDGET=${GPU_CHECK_BUDGET:-400}; fi
 OUT=${OUT:-/tmp/gpucheck_out}
@@ -104,16 +109,19 @@ elif [ "$SMALL" = 1 ]; then     # 2B params do not fit a CPU dry run: only check
   note "b train_scale --help" "$RC" "$DT" "(small mode: the 2B-param bench is not run)"
 else
   export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  smi_start b8
-  run "$B" "$(limit 110 280)" "$PY" bench/train_scale.py --device "$DEV" --batch 8 --steps 10
-  note "b batch 8" "$RC" "$DT" "$(grep -o 'step [0-9.]* s.*' "$W/last.log" | tail -1 | cut -c1-120) $(smi_stop b8)"
-  # batch 16 (~66 GiB estimated: 32 GB fp32 weights+grads+AdamW, ~2 GiB activations a sample) if time allows
-  if [ "$(left)" -gt 310 ]; then
-    smi_start b16
-    run "$B" "$(limit 100 240)" "$PY" bench/train_scale.py --device "$DEV" --batch 16 --steps 10
-    note "b batch 16" "$RC" "$DT" "$(grep -o 'step [0-9.]* s.*' "$W/last.log" | tail -1 | cut -c1-120) $(smi_stop b16)"
+  # batch 16 (measured 67.5 GiB eager: 32 GB fp32 weights+grads+AdamW, ~2 GiB activations a sample)
+  smi_start b16
+  run "$B" "$(limit 200 240)" "$PY" bench/train_scale.py --device "$DEV" --batch 16 --steps 10 \
+    --variants eager,compiled+fused
+  for v in eager compiled+fused; do
+    note "b batch 16 $v" "$RC" "$DT" "$(grep "^\[$v\]" "$W/last.log" | grep -o 'step [0-9.]* s.*' | tail -1 | cut -c1-150)"
+  done
+  echo "  $(smi_stop b16)" | tee -a "$SUMMARY"
+  if [ "$(left)" -gt 330 ]; then
+    run "$B" "$(limit 120 240)" "$PY" bench/train_scale.py --device "$DEV" --batch 16 --steps 10 --variants compiled
+    note "b batch 16 compiled" "$RC" "$DT" "$(grep -o 'step [0-9.]* s.*' "$W/last.log" | tail -1 | cut -c1-150)"
   else
-    note "b batch 16" "-" "0" "skipped: $(left)s left"
+    note "b batch 16 compiled" "-" "0" "skipped: $(left)s left"
   fi
   unset PYTORCH_CUDA_ALLOC_CONF
 fi
@@ -176,6 +184,8 @@ generate: {prompts: $W/prompts.txt, samples_per_prompt: $PER_PROMPT, shard_size:
 train:
   methods: [$GC_METHODS]
   prefetch: $GC_PREFETCH
+  loader_workers: $GC_LOADER_WORKERS
+  compile: $GC_COMPILE
   steps: $STEPS
   batch_size: $TBATCH
   mixed_precision: bf16
@@ -224,6 +234,12 @@ elif [ "$(left)" -ge 45 ]; then
   run "$D" "$(limit 60 8)" "$PY" bench/generate_throughput.py --device "$DEV" --demo-root "$W/no-demo" \
     $( [ "$SMALL" = 1 ] && echo --samples 32 --steps 8 --batch 16 )
   note "d generate_throughput" "$RC" "$DT" "$(grep -o 'pipeline / bare throughput = [0-9.]*' "$W/last.log" | tail -1) $(smi_stop d)"
+  if [ "$DEV" != cpu ] && [ "$(left)" -ge 60 ]; then
+    for flag in "" --compile; do
+      run "$D" "$(limit 90 5)" "$PY" bench/generate_scale.py --device "$DEV" --batch 16 --steps 8 $flag
+      note "d generate MFU $flag" "$RC" "$DT" "$(grep -o 'samples/s, MFU [0-9.]*%' "$W/last.log" | tail -1)"
+    done
+  fi
 else
   note "d generate_throughput" "-" "0" "skipped: $(left)s left"
 fi

@@ -1,7 +1,8 @@
 """Training at SD3-Medium shapes: prefetch off vs on, OTA vs PeRFlow, generation vs plain diffusers, GPU MFU.
 
     python bench/train_scale.py [--steps 8] [--rounds 2] [--batch 4] [--threads 2]
-    python bench/train_scale.py --device cuda [--batch 8]       # SD3-Medium-size student: step, memory, MFU
+    python bench/train_scale.py --device cuda [--batch 8] [--variants eager,compiled,compiled+fused]
+                                      # SD3-Medium-size student: step, memory, MFU per variant, side by side
 
 CPU part: a byo teacher with SD3-Medium *shapes* and tiny compute (16x64x64 latents, patch 2 -> 1024 image
 tokens, 333 x 4096 text conditions + 2048 pooled, one block of width 16) at teacher.dtype bfloat16, a float16
@@ -205,17 +206,36 @@ def bench_generation(args) -> None:
 
 
 # ---------------------------------------------------------------- GPU: SD3-Medium-size student
+VARIANTS = {   # --variants: how the student steps (pipeline/fast_step.py, what train.compile etc. switch on)
+    "eager": dict(compile=False, fused=False, checkpointing=False),
+    "compiled": dict(compile=True, fused=False, checkpointing=False),
+    "compiled+fused": dict(compile=True, fused=True, checkpointing=False),
+    "compiled+fused+ckpt": dict(compile=True, fused=True, checkpointing=True),
+}
+
+
 def bench_cuda(args) -> None:
-    """SD3-Medium-size random-init transformer (24 blocks, 1536 wide): float32 masters, bf16 autocast, AdamW."""
+    for name in args.variants.split(","):
+        bench_cuda_variant(args, name, **VARIANTS[name])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def bench_cuda_variant(args, name: str, compile: bool, fused: bool, checkpointing: bool) -> None:
+    """SD3-Medium-size random-init transformer (24 blocks, 1536 wide): float32 masters, bf16 autocast, AdamW;
+    optionally its blocks compiled, fused AdamW, gradient checkpointing (TF32 on CUDA in every variant)."""
     from diffusers import SD3Transformer2DModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pipeline.fast_step import adamw, compile_blocks, enable_gradient_checkpointing, use_tf32
+
     dev = torch.device(args.device)
+    use_tf32(dev)
     net = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=args.layers,
                                 attention_head_dim=64, num_attention_heads=24, joint_attention_dim=TEXT_DIM,
                                 caption_projection_dim=1536, pooled_projection_dim=POOLED_DIM,
                                 pos_embed_max_size=192).to(dev).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    opt = adamw(net.parameters(), 1e-5, 0.0, dev, fused=fused)
     b = args.batch
     x = torch.randn(b, *LATENT, device=dev)
     cond = {"encoder_hidden_states": torch.randn(b, TOKENS, TEXT_DIM, device=dev),
@@ -230,12 +250,17 @@ def bench_cuda(args) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with FlopCounterMode(display=False) as counter:       # the student's forward + backward FLOPs
+    with FlopCounterMode(display=False) as counter:       # the student's forward + backward FLOPs (eager)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             net(hidden_states=x, timestep=t, return_dict=False, **cond)[0].float().mean().backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    for _ in range(3):
+    if checkpointing:
+        enable_gradient_checkpointing(net)
+    if compile:
+        compile_blocks(net)
+    t_warm = time.perf_counter()
+    for _ in range(3):                                     # compiles here
         step()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
@@ -248,9 +273,10 @@ def bench_cuda(args) -> None:
     dt = (time.perf_counter() - t0) / args.steps
     params = sum(p.numel() for p in net.parameters()) / 1e9
     achieved = flops / dt
-    line = (f"SD3-Medium-size student ({args.layers} blocks, 1536 wide, {params:.2f} B params), batch {b}, "
-            f"16x64x64 latents + {TOKENS} text tokens, bf16 autocast, fp32 AdamW: step {dt:.3f} s, "
-            f"{achieved / 1e12:.1f} TFLOP/s (fwd+bwd {flops / 1e12:.2f} TFLOP)")
+    line = (f"[{name}] SD3-Medium-size student ({args.layers} blocks, 1536 wide, {params:.2f} B params), batch {b}, "
+            f"16x64x64 latents + {TOKENS} text tokens, bf16 autocast, fp32 AdamW{' (fused)' if fused else ''}: step "
+            f"{dt:.3f} s, {achieved / 1e12:.1f} TFLOP/s (fwd+bwd {flops / 1e12:.2f} TFLOP; warm-up incl. compile "
+            f"{t0 - t_warm:.0f} s)")
     if dev.type == "cuda":
         peak = args.peak_tflops * 1e12
         line += (f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, MFU {100 * achieved / peak:.1f}% "
@@ -267,6 +293,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--layers", type=int, default=24, help="--device cuda: transformer blocks (SD3-Medium: 24)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    ap.add_argument("--variants", default="eager", help=f"--device cuda, comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--only", choices=["train", "generate", "student"], help="run one part")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -223,7 +223,7 @@ class Trainer:
         own = state["ranks"][self.rank % len(state["ranks"])]
         if "rows" not in own:
             raise UserError("this checkpoint was written before batches were drawn per step (its batch stream "
-                            "cannot be continued exactly): retrain the run (`flowsteer train --rebuild`)")
+                            "cannot be continued exactly): retrain the run (move its train directory away)")
         self.step = int(state["step"])
         self.method.load_state_dict(own["method"])
         self.method.ctx.step_rng.set_state(own["step_rng"])

@@ -94,7 +94,7 @@ def test_table_sources_with_bytes_or_paths(make_toy_config, tmp_path, fmt):
                                for c, p in zip(caps, images)))
     extra = {} if fmt == "parquet-bytes" else {"image_column": "file"}
     cfg = load_config(make_toy_config(teacher=TOY, data={"images": str(src), "shard_size": 2, "limit": 4, **extra},
-                                      generate={"store_dtype": "bfloat16"}))
+                                      encode={"store_dtype": "bfloat16"}))
     job, st = encode(cfg)
     store = LatentStore.open(job.out_dir)
     assert st["done"] == 2 and store.num_samples == 4 and store.captions([3, 0]) == ["row 3", "row 0"]
@@ -149,7 +149,7 @@ def test_sd3_layout_from_config_files_and_vae_latents(tmp_path):
     from schemas.config import RunConfig
 
     cfg = RunConfig.model_validate({"teacher": {"kind": "sd3", "path": str(build_tiny_sd3_pipeline(tmp_path / "sd3"))}})
-    assert cfg.generate.store_dtype == "float16"                  # the sd3 default
+    assert cfg.generate.store_dtype == cfg.encode.store_dtype == "float16"      # the sd3 default
     layout = describe_teacher(cfg)
     teacher = load_teacher(cfg)
     enc = teacher.encode(["a cat", ""])
@@ -166,20 +166,25 @@ def test_sd3_layout_from_config_files_and_vae_latents(tmp_path):
 def test_store_dtype_defaults_and_fingerprints(make_toy_config):
     from schemas.config import RunConfig
 
-    assert RunConfig().generate.store_dtype == "float32"          # embedded
+    assert RunConfig().generate.store_dtype == RunConfig().encode.store_dtype == "float32"          # embedded
     base = load_config(make_toy_config())
     fp = {k: base.fingerprint(k) for k in ("generate", "encode")}
-    for name, over in {"dev": {"device": "cuda:1"}, "f16": {"generate": {"store_dtype": "float16"}},
-                       "zstd": {"generate": {"compressor": "zstd"}}, "tdtype": {"teacher": {"dtype": "bfloat16"}}}.items():
+    for name, over in {"dev": {"device": "cuda:1"}, "tdtype": {"teacher": {"dtype": "bfloat16"}}}.items():
         other = load_config(make_toy_config(f"{name}.yaml", **over))
         assert other.fingerprint("generate") != fp["generate"] and other.fingerprint("encode") != fp["encode"], name
+    for stage, other in (("generate", "encode"), ("encode", "generate")):   # each stage's store settings are its own
+        for name, over in {"f16": {"store_dtype": "float16"}, "zstd": {"compressor": "zstd"}}.items():
+            changed = load_config(make_toy_config(f"{stage}-{name}.yaml", **{stage: over}))
+            assert changed.fingerprint(stage) != fp[stage] and changed.fingerprint(other) == fp[other], (stage, name)
     same = load_config(make_toy_config("b.yaml", generate={"batch_size": 3}, data={"shard_size": 256}))
     assert same.fingerprint("generate") == fp["generate"]
+    workers = load_config(make_toy_config("w.yaml", encode={"cpus_per_worker": 2, "gpus_per_worker": 1, "max_retries": 0}))
+    assert workers.fingerprint("encode") == fp["encode"]       # how encode runs is not what it writes
 
 
 @pytest.mark.timeout(600)
-def test_ray_data_encode_equals_local(make_toy_config, tmp_path, monkeypatch):
-    """--executor ray runs the shards through a Ray Data actor pool: same bytes, same records as local."""
+def test_ray_encode_equals_local(make_toy_config, tmp_path):
+    """--executor ray runs the shards on the runner's actors, as generate does: same bytes, same records as local."""
     import ray
 
     folder = png_folder(tmp_path)

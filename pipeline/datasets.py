@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -185,31 +185,28 @@ def copy_text_column(src: str | Path, dest: Path, column: str | None = None, key
 
     from pipeline.files import atomic_path
 
-    digest = RowsHash()
     with atomic_path(dest) as tmp:
         with pq.ParquetWriter(str(tmp), pa.schema([("text", pa.string())])) as writer:
-            for values in text_batches(src, column, key, column_key):
-                digest.update(values)
-                writer.write_table(pa.table({"text": pa.array(values, pa.string())}), row_group_size=BATCH_ROWS)
-        if digest.rows == 0:
+            rows, sha = rows_hash(text_batches(src, column, key, column_key), on_batch=lambda values: writer.write_table(
+                pa.table({"text": pa.array(values, pa.string())}), row_group_size=BATCH_ROWS))
+        if rows == 0:
             raise UserError(f"{key} {src} has no rows (empty file)")
-    return digest.rows, digest.hexdigest()
+    return rows, sha
 
 
-class RowsHash:
-    """The prompts' hash: sha256 of the text rows joined by newlines, fed batch by batch (16 hex digits)."""
-
-    def __init__(self):
-        self._h, self.rows = hashlib.sha256(), 0
-
-    def update(self, values: Sequence[str]) -> None:
+def rows_hash(batches: Iterable[Sequence[str]], on_batch: Callable[[Sequence[str]], Any] | None = None
+              ) -> tuple[int, str]:
+    """(rows, their hash) in one pass over batches of text rows: the hash is sha256 of the rows joined by
+    newlines (16 hex digits), the prompts' hash in a store's meta. `on_batch` sees each batch (e.g. to copy it)."""
+    h, rows = hashlib.sha256(), 0
+    for values in batches:
         for v in values:
-            self._h.update(b"\n" if self.rows else b"")
-            self._h.update(v.encode())
-            self.rows += 1
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()[:16]
+            h.update(b"\n" if rows else b"")
+            h.update(v.encode())
+            rows += 1
+        if on_batch is not None:
+            on_batch(values)
+    return rows, h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- generate's prompts
@@ -228,13 +225,11 @@ def generate_prompts(cfg):
 
 
 def prompt_summary(cfg) -> tuple[int, str]:
-    """(number of prompts, RowsHash of them): one streamed pass, cached per file state."""
+    """(number of prompts, rows_hash of them): one streamed pass, cached per file state."""
     if cfg.generate.prompts is None:
         from pipeline.digits import DIGIT_PROMPTS
 
-        digest = RowsHash()
-        digest.update(DIGIT_PROMPTS)
-        return digest.rows, digest.hexdigest()
+        return rows_hash([DIGIT_PROMPTS])
     path = Path(cfg.generate.prompts)
     if not path.exists():
         raise UserError(f"generate.prompts not found: {path}")
@@ -244,12 +239,10 @@ def prompt_summary(cfg) -> tuple[int, str]:
 
 @functools.lru_cache(maxsize=8)
 def _scan_prompts(path: str, column: str | None, mtime_ns: int, size: int) -> tuple[int, str]:
-    digest = RowsHash()
-    for values in text_batches(path, column):
-        digest.update(values)
-    if digest.rows == 0:
+    rows, sha = rows_hash(text_batches(path, column))
+    if rows == 0:
         raise UserError(f"generate.prompts {path} has no prompts (empty file)")
-    return digest.rows, digest.hexdigest()
+    return rows, sha
 
 
 # ---------------------------------------------------------------- reading a written text column back

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.datasets import RowsHash
+from pipeline.datasets import rows_hash
 from pipeline.errors import UserError
 from pipeline.latents import CAPTIONS, FORMAT, LATENT_STORE, LatentStore, latent_store_dir
 from pipeline.runner import Job, Unit, drop_record, torch_threads
@@ -163,11 +163,9 @@ class EncodeWorker(ShardWorker):
         t3 = time.perf_counter()
         shard = unit.params["shard"]
         digest = self.store.write_shard(shard, latents, cond, null if shard == 0 else None)
-        captions_hash = RowsHash()
-        captions_hash.update(captions)
         return {"checksum": digest, "images": hi - lo, "worker_pid": os.getpid(),
                 "caption_seconds": round(t1 - t0, 4), "read_seconds": round(t2 - t1, 4),
-                "vae_seconds": round(t3 - t2, 4), "captions_sha256": captions_hash.hexdigest()}
+                "vae_seconds": round(t3 - t2, 4), "captions_sha256": rows_hash([captions])[1]}
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:

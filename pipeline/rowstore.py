@@ -63,7 +63,7 @@ def round_trip(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
 
 
 def compressors(name: str):
-    """Zarr v3 codecs for `generate.compressor` / `data.compressor` (None = raw bytes)."""
+    """Zarr v3 codecs for `generate.compressor` / `encode.compressor` (None = raw bytes)."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if name == "none":

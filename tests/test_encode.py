@@ -117,6 +117,32 @@ def test_embedded_teacher_encodes_the_training_digits(embedded_tiny):
     assert store.captions([5]) == [prompt_for(int(labels[5]))]
 
 
+def test_embedded_real_data_is_read_from_the_latent_store(embedded_tiny):
+    """One real-data path: the embedded teacher's x0 rows are the encoded digits, drawn from the latent store
+    (data.limit: 40 keeps every draw among the first 40 digits), with their captions' stored conditions."""
+    from pipeline.data import DataSource
+    from pipeline.digits import load_digits, prompt_for
+    from pipeline.errors import UserError
+    from pipeline.teachers import load_teacher
+
+    _, base = embedded_tiny
+    cfg = base.model_copy(update={"data": base.data.model_copy(update={"limit": 40, "shard_size": 16})})
+    encode(cfg)
+    teacher = load_teacher(cfg)
+    images, labels = load_digits()
+    data = DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(0))
+    drawn = [data.real(16) for _ in range(3)]                  # 48 rows: one whole 40-row epoch, then the next
+    rows = torch.cat([d["index"] for d in drawn])
+    assert sorted(rows[:40].tolist()) == list(range(40))
+    for d in drawn:
+        assert torch.equal(d["x0"], images[d["index"]])
+        enc = teacher.encode([prompt_for(int(y)) for y in labels[d["index"]]])
+        assert all(torch.allclose(d["cond"][k], enc[k].float(), atol=1e-5) for k in enc)
+    other = base.model_copy(update={"data": base.data.model_copy(update={"limit": 41})})      # never encoded
+    with pytest.raises(UserError, match="no latent store .*run `flowsteer encode` first"):
+        DataSource(other, teacher, None, "cpu", torch.Generator().manual_seed(0)).real(4)
+
+
 def test_bad_image_sets_are_one_line(make_toy_config, tmp_path):
     from typer.testing import CliRunner
 

@@ -6,7 +6,7 @@ generate.store_dtype; docs/store.md):
     steps         [S, M+1, C, H, W] T     every teacher step (only with generate.record_every_step)
     guidance      [S] float32             CFG scale w of the sample's trajectory
     prompt_index  [S] int64               row of prompts.parquet (beside the store)
-    seed          [S] int64               noise_for(seed, shape) is the sample's initial noise
+    seed          [S] int64               seeds.noise_for(seed, shape) is the sample's initial noise
     prompt_embeds [S, L, D] T, pooled_embeds [S, D'] T   the sample's prompt condition, per sample row,
                                           encoded and written by the unit of its shard
     null_*        [1, ...] T              the "" condition (written by shard 0's unit)

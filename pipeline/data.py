@@ -31,7 +31,8 @@ from pipeline.schedule import fixed_sigmas
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+    """Whether the run has real images, read from its latent store (`flowsteer encode`): `data.images`, or the
+    embedded teacher's training MNIST digits when it has none."""
     return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
@@ -78,7 +79,6 @@ class RowSource:
         self.guidance_range = tuple(cfg.generate.guidance)
         self.batch_size = cfg.train.batch_size          # this rank's rows per step
         self.cursor = (0, 0)                            # (step, global real-data position at that step)
-        self._digits = None
         self._latents = None
         self._perm: tuple[int, int, torch.Tensor] | None = None     # (epoch, size, permutation)
         if store is not None:
@@ -126,13 +126,6 @@ class RowSource:
         if self._cond_cache is not None:
             return {k: v[prompt_index] for k, v in self._cond_cache.items()}
         return self.store.cond(prompt_index.numpy(), stored=True)
-
-    def digits(self):
-        if self._digits is None:
-            from pipeline.digits import split_digits
-
-            self._digits = split_digits()[0]    # the classifier's held-out split stays unseen by training
-        return self._digits
 
     def latent_store(self):
         """The run's real-image latent store (opened once per process; a missing one is a UserError)."""
@@ -217,20 +210,13 @@ class StepRows:
         return self.source.real_indices(self.step, size, n)
 
     def real(self, n: int) -> dict[str, Any]:
-        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher; their prompts are
-        encoded by the teacher in the training process, from `digit_label`) or the run's latent store
-        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
-        src = self.source
-        if src.cfg.teacher.kind == "embedded":
-            images, labels = src.digits()
-            idx = self._real_indices(len(images), n)
-            out = {"x0": images[idx], "digit_label": labels[idx]}
-        else:
-            latents = src.latent_store()
-            idx = self._real_indices(latents.num_samples, n)
-            rows = idx.numpy()
-            out = {"x0": latents.latents(rows, stored=True), "cond": latents.cond(rows, stored=True)}
-        return {**out, "guidance": self.guidance(n), "index": idx}
+        """Real clean samples x0 with their caption's condition, from the run's latent store (`flowsteer encode`:
+        `data.images`, or the embedded teacher's training digits), in the store's dtype; docs/precision.md."""
+        latents = self.source.latent_store()
+        idx = self._real_indices(latents.num_samples, n)
+        rows = idx.numpy()
+        return {"x0": latents.latents(rows, stored=True), "cond": latents.cond(rows, stored=True),
+                "guidance": self.guidance(n), "index": idx}
 
     def teacher_samples(self, n: int) -> dict[str, Any]:
         """The store's final teacher samples as x0, with their prompt and guidance (reflow on teacher samples:

@@ -1,9 +1,10 @@
-"""Whole rows of an uncompressed sharded Zarr v3 array read straight from the shard files: one `preadv` per row
-into the caller's buffer (e.g. a loader worker's shared memory), the zarr-python format unchanged.
+"""Rows as stored, for the batch loader: tensors in the store's own dtype to read them into (`empty_stored`: in
+a loader worker, in shared memory), and whole rows of an uncompressed sharded Zarr v3 array read straight from the
+shard files (`ShardRows`: one `preadv` per row into the caller's buffer), the zarr-python format unchanged.
 
 Why: zarr-python decodes each inner chunk through its codec pipeline (buffers, copies, an event loop), ~4x the
 time of the file read itself for SD3's 2.7 MB condition rows (bench/loader_bench.py). Only the layout the stores
-write is read this way (pipeline/typed_arrays.py `create_rows`: one row per inner chunk, codec `bytes`, index at
+write is read this way (pipeline/rowstore.py `create_rows`: one row per inner chunk, codec `bytes`, index at
 the shard's end, on a local disk); anything else, e.g. a compressed store, goes through zarr (`of` returns None).
 
 A shard file ends with its index: per inner chunk (offset, nbytes) as little-endian uint64 (all ones: never
@@ -15,8 +16,24 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 EMPTY = np.uint64(2 ** 64 - 1)
+
+
+def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(tensor in the store dtype, its on-disk-dtype numpy view) to read rows into; in a loader worker process
+    the tensor is in shared memory, so handing it to the training process copies nothing."""
+    from torch.utils.data import get_worker_info
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[store_dtype]
+    t = torch.empty(tuple(shape), dtype=dtype)
+    if get_worker_info() is not None:
+        t.share_memory_()
+    view = t.numpy()
+    if store_dtype == "bfloat16":
+        return t.view(torch.bfloat16), view.view(np.uint16)
+    return t, view
 
 
 class ShardRows:

@@ -33,15 +33,6 @@ class TeacherSolves:
             self._null = {k: v[:1].to(self.device, torch.float32) for k, v in null.items()}
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
-    def prompt_cond(self, rows: dict) -> dict:
-        """rows["cond"], or for the digits the teacher's encoding of their labels' prompts (float32)."""
-        if "cond" in rows:
-            return rows["cond"]
-        from pipeline.digits import prompt_for
-
-        enc = self.teacher.encode([prompt_for(int(label)) for label in rows["digit_label"]])
-        return {k: v.to(self.device, torch.float32) for k, v in enc.items()}
-
     @torch.no_grad()
     def teacher_window(self, z: torch.Tensor, k, cond: dict, guidance, grid: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher with CFG over window k (M/K Euler sub-steps from edge k to k+1); k int or per row.

@@ -63,7 +63,7 @@ def test_make_sigmas_rejects_unknown_kind():
 @pytest.mark.parametrize("m,k", [(32, 4), (8, 4), (12, 3), (4, 4), (6, 1)])
 def test_teacher_grid_contains_window_boundaries(m, k):
     grid = fixed_sigmas(m, 3.0)
-    torch.testing.assert_close(grid[:: m // k], fixed_sigmas(k, 3.0))     # DataSource.edges: every (M/K)-th point
+    torch.testing.assert_close(grid[:: m // k], fixed_sigmas(k, 3.0))     # Windows.edges: every (M/K)-th point
 
 
 def test_default_grid_is_not_aligned():

@@ -128,7 +128,7 @@ def test_online_rows_follow_the_cached_teacher_trajectory(toy_store):
     """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment; segment
     rows drawn for a step and completed in the training process land on the teacher's window ends."""
     from pipeline.data import RowSource
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teacher_solves import TeacherSolves
     from pipeline.teachers import load_teacher
     from stages.train import open_store

@@ -86,7 +86,7 @@ class PeRFlow(ChordMethod):
     def complete(self, real: dict) -> dict:
         """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window."""
         ctx = self.ctx
-        x0, k, cond = real["x0"], real["k"], ctx.solves.prompt_cond(real)
+        x0, k, cond = real["x0"], real["k"], real["cond"]
         edges = (ctx.edges if self.grid_edges is None else self.grid_edges).to(x0.device)
         s_s, s_e = edges[k], edges[k + 1]
         z_s = (1 - rowwise(s_s, x0)) * x0 + rowwise(s_s, x0) * real["eps"]

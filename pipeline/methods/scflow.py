@@ -139,7 +139,8 @@ class SCFlow(Method):
                "guidance": seg["guidance"], "z1": torch.randn(z_t.shape, generator=rows.rng)}
         if self.discriminator() is not None:
             if rows.has_real_data():          # SCFlow's GAN sees real data: digits or the run's image latents
-                out["real_rows"] = rows.real(n)
+                real = rows.real(n)
+                out.update(real=real["x0"], real_cond=real["cond"])
             else:                             # no real set (byo/sd3 without data.images): cached final samples
                 real = rows.segments(n, window_probs=[0.0] * (len(self.ctx.edges) - 2) + [1.0])
                 out.update(real=real["z_end"], real_cond=real["cond"])
@@ -147,9 +148,6 @@ class SCFlow(Method):
 
     def complete(self, drawn):
         drawn["null_cond"] = self.ctx.solves.null_cond(len(drawn["t"]))
-        real = drawn.pop("real_rows", None)
-        if real is not None:
-            drawn.update(real=real["x0"], real_cond=self.ctx.solves.prompt_cond(real))
         return drawn
 
     @torch.no_grad()

@@ -29,29 +29,39 @@ class LoaderError(RuntimeError):
 
 
 class StepRange(IterableDataset):
-    """(s, draw(s)) for steps first..last-1, the steps split round-robin over the DataLoader's workers."""
+    """(s, draw(s)) for steps first..last-1, the steps split round-robin over the DataLoader's workers, each
+    worker `depth` batches ahead (its rows read into a shared-memory ring of depth + 2 batches)."""
 
-    def __init__(self, draw: Callable[[int], dict], first: int, last: int):
-        self.draw, self.first, self.last = draw, first, last
+    def __init__(self, draw: Callable[[int], dict], first: int, last: int, depth: int):
+        self.draw, self.first, self.last, self.depth = draw, first, last, depth
 
     def __iter__(self):
+        from pipeline import shard_reader
+
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         torch.set_num_threads(1)          # a worker reads rows; the training process keeps the cores' math
+        if info is not None:
+            shard_reader.RING = shard_reader.SharedRing(self.depth + 2)
         for step in range(self.first + worker, self.last, workers):
+            if shard_reader.RING is not None:
+                shard_reader.RING.next_batch()
             with torch.no_grad():
                 yield step, self.draw(step)
 
 
 def to_device(tree: Any, device: torch.device, stream=None) -> Any:
     """Tensors of a (nested) batch on `device`, floating ones as float32 (rows may come in the store's float16);
-    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it)."""
+    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it). A CPU tensor
+    in shared memory (a worker's ring buffer, reused a few batches later) is copied."""
     if isinstance(tree, dict):
         return {k: to_device(v, device, stream) for k, v in tree.items()}
     if not isinstance(tree, torch.Tensor):
         return tree
     t = tree.to(device, non_blocking=device.type == "cuda")
     t = t.float() if t.is_floating_point() else t
+    if t.device.type == "cpu" and t.is_shared():
+        t = t.clone()
     if stream is not None:                # allocated on the side stream, used on the step's
         t.record_stream(torch.cuda.current_stream(device))
     return t
@@ -90,8 +100,9 @@ class BatchLoader:
     def _start(self, step: int) -> None:
         self.discard()
         if self.workers > 0:
-            loader = DataLoader(StepRange(self.draw, step, max(step + 1, self.last_step)), batch_size=None,
-                                num_workers=self.workers, prefetch_factor=max(1, self.depth),
+            depth = max(1, self.depth)
+            loader = DataLoader(StepRange(self.draw, step, max(step + 1, self.last_step), depth), batch_size=None,
+                                num_workers=self.workers, prefetch_factor=depth,
                                 pin_memory=self.device.type == "cuda", multiprocessing_context="fork",
                                 timeout=self.timeout_s, generator=torch.Generator().manual_seed(0))
             # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
@@ -133,7 +144,8 @@ class BatchLoader:
 
     def rows(self, step: int) -> dict:
         """Step `step`'s rows as drawn (CPU, in the store's dtypes), the wait for them counted in wait_seconds; a
-        step out of sequence restarts the pipeline there."""
+        step out of sequence restarts the pipeline there. From workers they may sit in a ring buffer, valid until
+        rows of a later step are asked for (`next` copies them)."""
         if self._next_step != step:
             self._start(step)
         t0 = time.perf_counter()

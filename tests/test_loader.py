@@ -67,6 +67,28 @@ def test_batch_of_each_step_is_identical_with_0_1_and_4_workers(toy_run, method)
     trainer.close()
 
 
+def test_real_rows_from_worker_ring_buffers_stay_intact_while_held(toy_run, tmp_path):
+    """PeRFlow's x0 and conditions read by 2 workers into their shared-memory rings (3 batches each, reused over
+    8 steps) are, held all at once after `next`, the rows drawn in this process."""
+    from conftest import deep_merge, toy_sections
+    from test_precision import _write_latents
+
+    sections = deep_merge(toy_sections(tmp_path), {"train": {**TRAIN, "method_options": {"perflow": {"x0": "real"}},
+                                                             "store": str(toy_run.stage_dir("generate"))},
+                                                   "data": {"images": str(tmp_path / "images")}})
+    cfg = load_config(write_config(tmp_path / "real.yaml", **sections))
+    _write_latents(cfg, n=10)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 8})})
+    runs = {}
+    for workers in (0, 2):
+        trainer = trainer_for(cfg, "perflow", loader_workers=workers, prefetch=1)
+        runs[workers] = [trainer.loader.next(s) for s in range(8)]
+        trainer.close()
+    assert all(same(a, b) for a, b in zip(runs[0], runs[2]))
+    assert len({float(b["x0"].sum()) for b in runs[0]}) > 4
+    assert all(float(b["x0"].min()) >= 0 for b in runs[0])           # the latent store's rows (i + 0.01 j)
+
+
 def test_resumed_cursor_draws_the_uninterrupted_batches(toy_run):
     """A trainer loaded at step 3 with workers on draws steps 3.. exactly as the uninterrupted one."""
     whole = trainer_for(toy_run, "perflow", loader_workers=2)

@@ -28,6 +28,7 @@ import torch
 from pipeline.checkpoint import derive_seed
 from pipeline.errors import UserError
 from pipeline.schedule import fixed_sigmas
+from pipeline.shard_reader import empty
 
 
 def has_real_data(cfg) -> bool:
@@ -182,8 +183,7 @@ class StepRows:
         n_online = int(round(n * online_fraction))
         n_cached = n - n_online
         k = self.windows(n, window_probs)
-        z_start = torch.empty(n, *src.sample_shape)
-        z_end = torch.zeros(n, *src.sample_shape)
+        z_start, z_end = empty((n, *src.sample_shape)), empty((n, *src.sample_shape))
         prompt = torch.empty(n, dtype=torch.long)
         guidance = torch.empty(n)
         if n_cached:
@@ -194,6 +194,7 @@ class StepRows:
         if n_online:
             prompt[n_cached:] = self.prompts(n_online)
             z_start[n_cached:] = self.noise(n_online)
+            z_end[n_cached:] = 0
             guidance[n_cached:] = self.guidance(n_online)
         online = torch.zeros(n, dtype=torch.bool)
         online[n_cached:] = True

@@ -53,11 +53,16 @@ class SharedRing:
 RING: SharedRing | None = None      # set in a loader worker (pipeline/loader.py StepRange)
 
 
+def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor to fill with a batch's rows: a `RING` buffer in a loader worker, else a fresh one."""
+    return RING.take(tuple(shape), dtype) if RING is not None else torch.empty(tuple(shape), dtype=dtype)
+
+
 def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
     """(tensor in the store dtype, its on-disk-dtype numpy view) to read rows into; in a loader worker process
     the tensor is in shared memory (a `RING` buffer), so handing it to the training process copies nothing."""
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[store_dtype]
-    t = RING.take(tuple(shape), dtype) if RING is not None else torch.empty(tuple(shape), dtype=dtype)
+    t = empty(shape, dtype)
     view = t.numpy()
     if store_dtype == "bfloat16":
         return t.view(torch.bfloat16), view.view(np.uint16)

@@ -22,16 +22,11 @@ def resolve_export(cfg, checkpoint: str) -> Path:
     path = Path(checkpoint)
     if path.is_dir():
         return path
-    from pipeline.methods.base import METHODS
+    from pipeline.methods import METHODS, method_names
 
     if checkpoint not in cfg.train.variants and checkpoint not in METHODS:
-        from pipeline.methods.base import get_method
-
-        try:
-            get_method(checkpoint)
-        except KeyError:
-            raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(sorted(METHODS))}), "
-                            "a train.variants name or an export directory") from None
+        raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(method_names())}), "
+                        "a train.variants name or an export directory")
     export = cfg.train_dir(cfg.train_run(checkpoint)) / "export"
     if not export.is_dir():
         raise UserError(f"no exported student for '{checkpoint}' at {export}: run `flowsteer train -m {checkpoint}` first")

@@ -165,7 +165,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str                         # a registered method: perflow | ota | flowsteer | scflow | ayf-emd
+    method: str                         # a registered method (pipeline/methods/)
     options: dict[str, Any] = Field(default_factory=dict)   # its method options (as in train.method_options)
 
 
@@ -305,7 +305,7 @@ class RunConfig(Section):
                 tr.pop(k)
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
-            from pipeline.methods.base import get_method
+            from pipeline.methods import get_method
             if not get_method(run.method).uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
             parts["train"] = tr
@@ -365,10 +365,10 @@ def pointed_store_fingerprint(store: str) -> str:
 def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]],
                    where: str = "train.method_options") -> str | None:
     """Why `train.methods` / `train.method_options` (or a variant, `where`) name an unknown method or option."""
-    from pipeline.methods.base import METHODS
+    from pipeline.errors import UserError
+    from pipeline.methods import METHODS, method_names
 
-    import pipeline.methods  # noqa: F401  (registers every method)
-    known = ", ".join(sorted(METHODS))
+    known = ", ".join(method_names())
     for name in methods:
         if name not in METHODS:
             return (f"train.methods: unknown method '{name}' (known: {known}; or name a train.variants entry)"
@@ -376,12 +376,11 @@ def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]]
     for name, options in method_options.items():
         if name not in METHODS:
             return f"{where}.{name}: unknown method '{name}' (known: {known})"
-        declared = METHODS[name].option_defaults
-        unknown = sorted(set(options) - set(declared))
-        if unknown:
-            allowed = ", ".join(sorted(declared)) or "none"
-            key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
-            return f"{key}.{unknown[0]}: unknown option (known for {name}: {allowed})"
+        key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
+        try:
+            METHODS[name].parse_options(options, where=key)
+        except UserError as exc:
+            return str(exc)
     return None
 
 

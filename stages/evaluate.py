@@ -7,7 +7,7 @@ Units are (checkpoint, schedule, NFE, evaluation seed). Two jobs run in order un
              evaluate.nfes on every grid in evaluate.schedules ("fixed": the method's own sampler; "diffusers":
              the sigmas of diffusers' default FlowMatchEulerDiscreteScheduler), guidance-free, one unit per seed
 The metrics are the registry's (pipeline/metrics/base.py): every one that applies to the run, or those named
-in evaluate.metrics. Each unit writes its rows (pipeline/metrics/scores.py) to <job>/scores/<unit>.parquet,
+in evaluate.metrics. Each unit writes its rows (pipeline/scores.py) to <job>/scores/<unit>.parquet,
 then its record, which names the metrics computed (a unit missing a metric added since is redone); `after`
 gathers every row into scores.parquet. Sample i of seed s starts from `noise_for(noise_seeds(s, n)[i])` and
 asks for prompt i mod P, for every checkpoint alike, so students, teacher and the image grids share noise
@@ -25,7 +25,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_bytes, atomic_write_parquet
-from pipeline.metrics import scores
+from pipeline import scores
 from pipeline.metrics.base import EvalContext, Samples, metrics_for
 from pipeline.runner import Job, Unit, drop_record, is_done, read_record
 from schemas.config import RunConfig
@@ -101,7 +101,7 @@ def _prepare(cfg: RunConfig | None, job: Job, names: list[str]) -> None:
 def after(cfg: RunConfig, methods=None) -> str:
     """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet, then
     put each evaluated student's scores into its export's model card (export/README.md)."""
-    from pipeline.metrics.tables import checkpoint_scores
+    from pipeline.report_tables import checkpoint_scores
     from pipeline.model_card import refresh_model_card
 
     root = cfg.stage_dir("evaluate")

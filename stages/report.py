@@ -4,7 +4,7 @@ plots, image grids and timings.
 Reads only files on disk: the evaluate stage's scores.parquet, grids and records (timings), each training
 run's losses.jsonl (the discriminator's accuracy) and export metadata (flowsteer.json). Metric titles,
 directions, descriptions, formats and sample-size warnings come from the metric registry
-(pipeline/metrics/base.py); tables from pipeline/metrics/tables.py. One unit (so `flowsteer status` shows
+(pipeline/metrics/base.py); tables from pipeline/report_tables.py. One unit (so `flowsteer status` shows
 it), redone on every run: it takes seconds.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import yaml
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_bytes
-from pipeline.metrics import scores as sc
+from pipeline import scores as sc
 from pipeline.metrics.base import registered
-from pipeline.metrics.tables import RunInfo, ladder_table, metric_table, spread_note, title
+from pipeline.report_tables import RunInfo, ladder_table, metric_table, spread_note, title
 from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
 

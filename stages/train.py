@@ -249,7 +249,7 @@ def prepare(cfg, out_dir: Path, units: list[Unit]) -> None:
 
 def runs(cfg, methods=None):
     """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
-    from pipeline.methods.base import METHODS, get_method
+    from pipeline.methods import get_method, method_names
 
     from pipeline.teachers import teacher_depth
 
@@ -260,7 +260,7 @@ def runs(cfg, methods=None):
             get_method(method)
         except KeyError:
             where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
-            raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
+            raise UserError(f"{where} '{method}' is neither a method ({', '.join(method_names())}) nor a "
                             f"train.variants entry ({', '.join(sorted(cfg.train.variants)) or 'none defined'})") from None
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name

@@ -262,7 +262,8 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
                                             "train.variants key: its first train seed's student) or an export dir."),
            config: Optional[Path] = ConfigOpt,
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
-           schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),
+           schedule: str = typer.Option("fixed", help="Teacher grid: fixed (ends at 0) or diffusers (diffusers' "
+                                       "default set_timesteps grid), the names evaluate.schedules uses."),
            guidance: Optional[float] = typer.Option(None, help="CFG scale (teacher only; default evaluate.guidance)."),
            prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the run's generate.prompts, first 10; the digits for the embedded teacher)."),
            per_prompt: int = typer.Option(8, help="Images per prompt."),

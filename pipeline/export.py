@@ -23,15 +23,17 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write_bytes
 from pipeline.methods import get_method
 
+EXPORT_DIR = "export"               # an export's place inside its training run's directory
 META = "flowsteer.json"
 CARD = "README.md"
 SCHEDULER = "scheduler"
+EMA_DISTANCE = "ema_rel_distance"   # flowsteer.json: the EMA's distance from the teacher / the raw weights'
 
 
 def export_dir(cfg, run) -> Path:
     """Where the train stage exports training run `run` (a TrainRun or a run name)."""
     run = cfg.train_run(run) if isinstance(run, str) else run
-    return cfg.train_dir(run) / "export"
+    return cfg.train_dir(run) / EXPORT_DIR
 
 
 def network_dir(method_name: str) -> str:
@@ -51,10 +53,18 @@ def read_meta(directory) -> dict[str, Any]:
     return json.loads((directory / META).read_text())
 
 
+def meta_if_any(directory) -> dict[str, Any]:
+    """The export's flowsteer.json, or {} where there is none or it cannot be read (for the report's labels)."""
+    try:
+        return json.loads((Path(directory) / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def missing_parts(directory) -> list[str]:
     """The parts of a finished export that are not on disk (empty: the export is whole)."""
     directory = Path(directory)
-    meta = json.loads((directory / META).read_text()) if is_export(directory) else {}
+    meta = meta_if_any(directory)
     needed = (META, meta.get("network", "transformer"), SCHEDULER, CARD)
     return [p for p in needed if not (directory / p).exists()]
 

@@ -2,7 +2,7 @@
 plots, image grids and timings.
 
 Reads only files on disk: the evaluate stage's scores.parquet, grids and records (timings), each training
-run's losses.jsonl (the discriminator's accuracy) and export metadata (flowsteer.json). Metric titles,
+run's losses.jsonl (the discriminator's accuracy) and export metadata (pipeline/export.py). Metric titles,
 directions, descriptions, formats and sample-size warnings come from the metric registry
 (pipeline/metrics/base.py); tables from pipeline/report_tables.py. One unit (so `flowsteer status` shows
 it), redone on every run: it takes seconds.
@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.export import EMA_DISTANCE, export_dir, meta_if_any
 from pipeline.files import atomic_write_bytes
 from pipeline import scores as sc
 from pipeline.metrics.base import registered
@@ -28,8 +29,6 @@ from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
 
 LOSSES = "losses.jsonl"                 # the train stage's loss log (one JSON object per logged step)
-EXPORT_META = "flowsteer.json"          # an export's metadata (pipeline/student.py)
-EMA_DISTANCE_KEY = "ema_rel_distance"   # flowsteer.json: the EMA's distance from the teacher / the raw weights'
 
 
 def report_dir(cfg: RunConfig) -> Path:
@@ -90,15 +89,12 @@ def run_infos(cfg: RunConfig, methods: list[str]) -> list[RunInfo]:
     d_stats: dict[str, list[dict[str, float]]] = {}
     for run in cfg.train_runs(methods):
         info = out.setdefault(run.name, RunInfo(run.name, run.method, dict(run.options)))
-        d, meta = cfg.train_dir(run), {}
-        try:
-            meta = json.loads((d / "export" / EXPORT_META).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+        d = cfg.train_dir(run)
+        meta = meta_if_any(export_dir(cfg, run))
         if meta.get("x0_source") == "teacher_samples" and "reflow on teacher samples" not in info.tags:
             info.tags.append("reflow on teacher samples")
-        if isinstance(meta.get(EMA_DISTANCE_KEY), (int, float)):
-            ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE_KEY]))
+        if isinstance(meta.get(EMA_DISTANCE), (int, float)):
+            ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE]))
         stats = final_d_stats(d / LOSSES)
         if stats is not None:
             d_stats.setdefault(run.name, []).append(stats)

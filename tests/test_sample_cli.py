@@ -1,4 +1,4 @@
-"""`flowsteer sample`: PNG grids from the teacher (fixed / default schedule) and from an exported student."""
+"""`flowsteer sample`: PNG grids from the teacher (fixed / diffusers schedule) and from an exported student."""
 from __future__ import annotations
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_schedule_seed_and_guidance_change_the_grid(toy_config, tmp_path):
 
     base = grid("a.png")
     torch.testing.assert_close(grid("again.png"), base, atol=0, rtol=0)            # deterministic
-    assert not torch.allclose(grid("default.png", schedule="default"), base, atol=2 / 255)
+    assert not torch.allclose(grid("default.png", schedule="diffusers"), base, atol=2 / 255)
     assert not torch.allclose(grid("seed.png", seed=5), base, atol=2 / 255)
     assert not torch.allclose(grid("w1.png", guidance=1.0), base, atol=2 / 255)   # default is evaluate.guidance
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.teacher_outputs import load_outputs, outputs_path
 
 METRICS: dict[str, type["Metric"]] = {}
 
@@ -105,14 +106,9 @@ class EvalContext:
 
         return self.shared("classifier", lambda: load_classifier(self.cfg.stage_dir("teacher"), self.device))
 
-    def teacher_outputs_path(self, seed: int) -> Path:
-        """Where the evaluate stage keeps the teacher's final samples of evaluation seed `seed`."""
-        return self.root / "teacher" / "outputs" / f"seed{seed}.npz"
-
     def teacher_outputs(self, seed: int, noise_seeds: np.ndarray) -> torch.Tensor:
-        from pipeline.metrics.fidelity import load_outputs
-
-        return load_outputs(self.teacher_outputs_path(seed), noise_seeds)
+        """The teacher's final samples of evaluation seed `seed` (saved by the evaluate stage's teacher job)."""
+        return load_outputs(outputs_path(self.root, seed), noise_seeds)
 
 
 class Metric:

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.metrics import fid as fidlib
+from pipeline.images import to_uint8
 from pipeline.metrics.frechet import frechet_distance, frechet_from_features
 from pipeline.runner import run_job, write_record
 from schemas.config import load_config
@@ -98,7 +99,7 @@ def test_classifier_features_through_cleanfid_equal_direct_features(tmp_path):
     images = _blobs(40, 2).clamp(0, 1)
     feats = fidlib.folder_features(fidlib.write_png_folder(images, tmp_path / "x"), fidlib.classifier_space(clf),
                                    batch_size=16)
-    quantized = torch.from_numpy(fidlib.to_uint8(images)).permute(0, 3, 1, 2).float() / 255
+    quantized = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255
     np.testing.assert_allclose(feats, clf.features(quantized).numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -155,7 +156,8 @@ def test_cli_missing_inception_exits_2_with_one_line(make_toy_config, tmp_path):
 
 # ---------------------------------------------------------------- fidelity
 def test_teacher_outputs_round_trip_and_noise_check(tmp_path):
-    from pipeline.metrics.fidelity import load_outputs, per_sample_mse, save_outputs
+    from pipeline.metrics.fidelity import per_sample_mse
+    from pipeline.teacher_outputs import load_outputs, save_outputs
 
     x = torch.randn(5, 1, 4, 4)
     seeds = np.arange(5) + 100
@@ -171,7 +173,7 @@ def test_teacher_outputs_round_trip_and_noise_check(tmp_path):
 def _fake_export(cfg, name: str, seed: int) -> None:
     """An exported student per training seed of run `name` that is a toy transformer (weights seed 0 = the
     teacher's own weights), with its record."""
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from pipeline.teachers.toy import make_toy_transformer
 
     for run in cfg.train_runs([name]):
@@ -255,7 +257,7 @@ def test_evaluate_needs_exports_and_valid_inputs(make_toy_config):
 
 def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     """The embedded default: classifier-feature FID against the real digits and prompt accuracy."""
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from pipeline.teachers import load_teacher
 
     _, base = embedded_tiny
@@ -281,7 +283,8 @@ def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
     FlowMatchEulerDiscreteScheduler.set_timesteps(nfe), checked against a sampler run by hand on them."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from pipeline.metrics.fidelity import load_outputs, per_sample_mse
+    from pipeline.metrics.fidelity import per_sample_mse
+    from pipeline.teacher_outputs import load_outputs
     from pipeline.sampling import euler
     from pipeline.schedule import fixed_sigmas
     from pipeline.store import noise_for

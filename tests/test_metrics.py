@@ -28,7 +28,7 @@ def brightness():
 
 
 def _export(cfg, name: str) -> None:
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from pipeline.teachers.toy import make_toy_transformer
 
     for run in cfg.train_runs([name]):
@@ -68,7 +68,7 @@ def test_metrics_for_follows_the_run_and_evaluate_metrics(make_toy_config):
 
 
 def test_a_registered_metric_reaches_evaluate_rows_and_the_report(make_toy_config, brightness):
-    from pipeline.metrics.fidelity import load_outputs
+    from pipeline.teacher_outputs import load_outputs
     from pipeline.teachers import load_teacher
     from stages import report
 

@@ -67,8 +67,9 @@ def test_schedule_seed_and_guidance_change_the_grid(toy_config, tmp_path):
 
 
 def test_student_export_samples(toy_config, tmp_path):
-    from pipeline.methods.base import get_method
-    from pipeline.student import export_student, load_student
+    from pipeline.methods import get_method
+    from pipeline.export import export_student
+    from pipeline.student import load_student
     from pipeline.teachers.toy import make_toy_transformer
 
     cfg = load_config(toy_config)

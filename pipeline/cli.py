@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 # Before pyarrow loads: Arrow's default jemalloc pool keeps the extents of every table the driver builds
 # (~450 bytes a planned prompt at 20k prompts, bench/generate_scale.py); the system allocator returns them.
@@ -34,6 +35,21 @@ def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help=
     from pipeline.quiet import set_verbose
 
     set_verbose(verbose)
+
+
+class MethodsInHelp(TyperCommand):
+    """A command whose option help may say `{methods}`: filled with the registered methods (pipeline/methods/)
+    when --help is shown, so a new method file is listed without an edit here, and a plain command line does
+    not pay the seconds that importing the methods (torch) takes."""
+
+    def format_help(self, ctx, formatter):
+        from pipeline.methods import method_names
+
+        for param in self.params:
+            template = param.__dict__.setdefault("help_template", getattr(param, "help", None))
+            if template and "{methods}" in template:
+                param.help = template.replace("{methods}", " | ".join(method_names()))
+        return super().format_help(ctx, formatter)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
@@ -165,12 +181,12 @@ def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
     run_stage("encode", get_config(config), executor, address, workers)
 
 
-@app.command()
+@app.command(cls=MethodsInHelp)
 def train(config: Optional[Path] = ConfigOpt,
           method: Optional[list[str]] = typer.Option(None, "--method", "-m",
-                                                     help="Run names: a method (perflow | ota | flowsteer | "
-                                                          "scflow | ayf-emd) or a train.variants key (repeatable; "
-                                                          "default: train.methods); each trains once per train.seeds"),
+                                                     help="Run names: a method ({methods}) or a train.variants key "
+                                                          "(repeatable; default: train.methods); each trains once "
+                                                          "per train.seeds"),
           executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
           share: bool = ShareOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
@@ -197,9 +213,8 @@ def report(config: Optional[Path] = ConfigOpt,
 @app.command()
 def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
            address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt):
-    """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
-    (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
-    and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
+    """The ablation ladder from ONE store: teacher, generate once, train every ladder row (the rows each method
+    declares) x train.seeds, evaluate and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
     the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
     from pipeline.ladder import with_ladder
 
@@ -282,8 +297,8 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
 
 @app.command()
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to train and score "
-                                                    "(default: train.methods; add scflow / ayf-emd here).")):
+         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to train and score "
+                                                    "(default: train.methods).")):
     """Run every stage in order on the config (default: the embedded default)."""
     cfg = get_config(config)
     t0 = time.time()

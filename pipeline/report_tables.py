@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics.base import registered
+from pipeline.metrics import registered
 from pipeline.methods import ladder_rank
 from pipeline.scores import WARN, cell, separated, summarize
 

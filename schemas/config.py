@@ -319,6 +319,11 @@ class RunConfig(Section):
                                                                                 "schedules", "metrics"})
         return fingerprint(parts)
 
+    @property
+    def has_real_images(self) -> bool:
+        """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+        return self.teacher.kind == "embedded" or self.data.images is not None
+
     def stage_dir(self, stage: str) -> Path:
         """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
         return Path(self.root) / stage / self.fingerprint(stage)

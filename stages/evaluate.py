@@ -26,7 +26,8 @@ from pipeline.errors import UserError
 from pipeline.export import export_dir, is_export, write_card_scores
 from pipeline.files import atomic_write_parquet
 from pipeline import scores
-from pipeline.metrics.base import EvalContext, Samples, metrics_for
+from pipeline.metrics import metrics_for
+from pipeline.metrics.base import EvalContext, Samples
 from pipeline.runner import Job, Unit, drop_record, is_done, read_record
 from pipeline.teacher_outputs import load_outputs, outputs_path, save_outputs
 from schemas.config import RunConfig

@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.export import EMA_DISTANCE, export_dir, meta_if_any
 from pipeline.files import atomic_write_bytes
 from pipeline import scores as sc
-from pipeline.metrics.base import registered
+from pipeline.metrics import registered
 from pipeline.report_tables import RunInfo, ladder_table, metric_table, spread_note, title
 from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig

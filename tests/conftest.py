@@ -112,7 +112,7 @@ def one_thread():
 def _metric_registry():
     """Each test sees the built-in metrics only: a metric a test (or a docs snippet it runs) registers is
     dropped afterwards, so evaluate runs elsewhere keep their metric set."""
-    from pipeline.metrics.base import METRICS, registered
+    from pipeline.metrics import METRICS, registered
 
     before = dict(registered())
     yield

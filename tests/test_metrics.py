@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.metrics import base
+from pipeline.metrics import base, get_metric, metrics_for, registered
 from pipeline.runner import run_job, write_record
 from schemas.config import load_config
 
@@ -45,26 +45,26 @@ def _evaluate(cfg, methods):
 
 
 def test_registry_lists_the_built_in_metrics_in_report_order():
-    names = list(base.registered())
+    names = list(registered())
     assert names[:4] == ["fid", "prompt_accuracy", "clip_score", "fidelity_mse"]
-    for cls in base.registered().values():
+    for cls in registered().values():
         assert cls.better in ("lower", "higher") and cls.title and cls.description
-    assert base.get_metric("clip_score").weights == "evaluate.clip_path"
+    assert get_metric("clip_score").weights == "evaluate.clip_path"
     with pytest.raises(KeyError, match="unknown metric 'nope'"):
-        base.get_metric("nope")
+        get_metric("nope")
 
 
 def test_metrics_for_follows_the_run_and_evaluate_metrics(make_toy_config):
     cfg = load_config(make_toy_config(evaluate={"features": "pixels"}))
-    assert [m.name for m in base.metrics_for(cfg)] == ["fid", "fidelity_mse"]     # toy teacher: no classifier, no CLIP
+    assert [m.name for m in metrics_for(cfg)] == ["fid", "fidelity_mse"]     # toy teacher: no classifier, no CLIP
     cfg = load_config(make_toy_config(evaluate={"features": "pixels", "metrics": ["fidelity_mse"]}))
-    assert [m.name for m in base.metrics_for(cfg)] == ["fidelity_mse"]
+    assert [m.name for m in metrics_for(cfg)] == ["fidelity_mse"]
     with pytest.raises(UserError, match="unknown metric 'fdi'"):
-        base.metrics_for(load_config(make_toy_config(evaluate={"metrics": ["fdi"]})))
+        metrics_for(load_config(make_toy_config(evaluate={"metrics": ["fdi"]})))
     with pytest.raises(UserError, match="'prompt_accuracy' does not apply"):
-        base.metrics_for(load_config(make_toy_config(evaluate={"metrics": ["prompt_accuracy"]})))
+        metrics_for(load_config(make_toy_config(evaluate={"metrics": ["prompt_accuracy"]})))
     with pytest.raises(UserError, match="evaluate.clip_path .* is not a directory"):
-        base.get_metric("clip_score").check(load_config(make_toy_config(evaluate={"clip_path": "/nowhere"})))
+        get_metric("clip_score").check(load_config(make_toy_config(evaluate={"clip_path": "/nowhere"})))
 
 
 def test_a_registered_metric_reaches_evaluate_rows_and_the_report(make_toy_config, brightness):

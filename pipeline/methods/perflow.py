@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data import has_real_data
 from pipeline.diffusers_scheduler import diffusers_sigmas
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodOptions, register
@@ -69,7 +68,7 @@ class PeRFlow(ChordMethod):
             raise UserError(f"train.method_options.{cls.name}.grid must be one of {', '.join(GRIDS)}")
         if x0 not in X0_SOURCES:
             raise UserError(f"train.method_options.{cls.name}.x0 must be one of {', '.join(X0_SOURCES)}, got {x0!r}")
-        if x0 == "real" and not has_real_data(cfg):
+        if x0 == "real" and not cfg.has_real_images:
             raise UserError(f"{cls.name} draws x0 from real images, and a {cfg.teacher.kind} teacher has none: set "
                             f"data.images (then `flowsteer encode`), or train.method_options.{cls.name}.x0: "
                             f"teacher_samples for reflow on teacher samples")

@@ -24,12 +24,11 @@ LADDER_VARIANTS: dict[str, dict[str, Any]] = {name: {"method": m.name, "options"
                                               if name != m.name}
 
 # `flowsteer init --preset study`: 3 training seeds x the whole ladder, each student long enough to leave the
-# teacher (400 steps, 5x the demo's), on both sampling grids (docs/ablation.md, "The study preset", gives
-# its measured time and the command).
+# teacher (400 steps, 5x the demo's), on both sampling grids (docs/ablation.md, "The study preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "study": {
         "root": "runs/study",
-        # the measured study's teacher and store, pinned: the demo's defaults are trimmed to fit its 15 minutes
+        # the study's teacher and store, pinned: the defaults are sized for the demo, not for the study
         "teacher": {"embedded": {"train_steps": 1000}},
         "generate": {"samples_per_prompt": 64},
         "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 400,

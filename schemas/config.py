@@ -84,7 +84,7 @@ class TeacherConfig(Section):
         if self.kind == "byo" and (not self.factory or ":" not in self.factory):
             raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
         if "dtype" in self.kwargs:
-            raise ValueError("teacher.kwargs.dtype is now teacher.dtype (float32 | bfloat16 | float16)")
+            raise ValueError("teacher.kwargs.dtype: the teacher's precision is teacher.dtype (float32 | bfloat16 | float16)")
         if self.describe is not None and ":" not in self.describe:
             raise ValueError("teacher.describe must be 'module:function'")
         return self
@@ -189,7 +189,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 80                   # demo budget: 1.5-2 min per method on 2 cores (README, make demo)
+    steps: Count = 80                   # the demo's budget per student (its time: README, `make demo`)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)

@@ -62,7 +62,7 @@ class ReportWorker:
     def run(self, unit: Unit) -> dict:
         scores = pd.read_parquet(scores_path(self.cfg))
         if "run" not in scores.columns:
-            raise UserError(f"{scores_path(self.cfg)} predates training runs and schedules: rerun `flowsteer evaluate`")
+            raise UserError(f"{scores_path(self.cfg)} has no run and schedule columns: rerun `flowsteer evaluate`")
         path = write_report(self.cfg, select(self.cfg, scores, self.methods), report_dir(self.cfg), self.methods)
         return {"report": str(path)}
 

@@ -123,7 +123,7 @@ class SCFlow(Method):
         else:                             # before make_student, or before LoRA reshaped the student
             self._pending_target = state["target"]
 
-    # --- GAN on the one-step output (H5's discriminator and hinge losses: one way to do each thing)
+    # --- GAN on the one-step output: the shared discriminator and hinge losses (pipeline/methods/discriminator.py)
     def discriminator(self):
         if self.options["lambda_gan"] <= 0:
             return None

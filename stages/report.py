@@ -184,11 +184,7 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], met
         ax.set_xlabel("NFE (student sampling steps)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, columns: int = 10) -> Path | None:
@@ -230,11 +226,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     for i in range(shown):                      # sample i asks for prompt i mod P (the evaluate stage's rule)
         axes[0, 0].text((i + 0.45) * width, -2, prompt_label(prompts[i % len(prompts)]), ha="center",
                         va="bottom", fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def prompt_label(prompt: str, width: int = 12) -> str:
@@ -390,10 +382,15 @@ def to_html(markdown: str, title: str) -> str:
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
-def _save_figure(fig, out: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (pipeline/files.py)."""
+def _save_figure(fig, out: Path) -> Path:
+    """A matplotlib figure laid out and written as a PNG, atomically (pipeline/files.py), then closed."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
+    return out

@@ -25,10 +25,9 @@ class ToyMethod(OnTrajectoryChordMethod):
 
 
 @pytest.fixture
-def toy_method():
-    base.register(ToyMethod)
-    yield ToyMethod
-    base.METHODS.pop(ToyMethod.name)
+def toy_method(monkeypatch):
+    monkeypatch.setitem(base.METHODS, ToyMethod.name, None)     # dropped again after the test
+    return base.register(ToyMethod)
 
 
 def test_the_built_in_methods_declare_their_facts():
@@ -60,17 +59,14 @@ def test_without_registration_the_method_is_unknown(make_toy_config):
         load_config(make_toy_config(train={"methods": ["toy-chord"]}))
 
 
-def test_a_registered_method_is_listed_in_train_help(toy_method):
+def test_a_registered_method_is_listed_in_train_help(toy_method, monkeypatch):
     from pipeline.cli import app
 
     res = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "toy-chord" in res.output and "perflow" in res.output
-    base.METHODS.pop(ToyMethod.name)
-    try:
-        assert "toy-chord" not in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
-    finally:
-        base.register(ToyMethod)
+    monkeypatch.delitem(base.METHODS, ToyMethod.name)
+    assert "toy-chord" not in CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output
 
 
 def test_a_registered_method_takes_its_ladder_place_in_the_report(make_toy_config, toy_method):

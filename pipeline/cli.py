@@ -71,6 +71,11 @@ WaitOpt = typer.Option(False, "--wait", help="If another run writes the same sta
 ShareOpt = typer.Option(False, "--share", help="Run beside other flowsteer processes on the same config (this "
                         "host, or other hosts on a shared filesystem): take the jobs (e.g. training runs) that no "
                         "other process holds, then wait for the rest to finish (docs/scaling.md).")
+def methods_option(help: str):
+    """`--method/-m`, repeatable: the run names a command works on."""
+    return typer.Option(None, "--method", "-m", help=help)
+
+
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto' on a `ray up` cluster.")
 WorkersOpt = typer.Option(None, "--workers", help="Number of Ray actors (default: as many as resources allow).")
 
@@ -183,10 +188,9 @@ def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
 
 @app.command(cls=MethodsInHelp)
 def train(config: Optional[Path] = ConfigOpt,
-          method: Optional[list[str]] = typer.Option(None, "--method", "-m",
-                                                     help="Run names: a method ({methods}) or a train.variants key "
-                                                          "(repeatable; default: train.methods); each trains once "
-                                                          "per train.seeds"),
+          method: Optional[list[str]] = methods_option("Run names: a method ({methods}) or a train.variants key "
+                                                       "(repeatable; default: train.methods); each trains once "
+                                                       "per train.seeds"),
           executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
           share: bool = ShareOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
@@ -195,7 +199,7 @@ def train(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
-             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
+             method: Optional[list[str]] = methods_option("Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
              share: bool = ShareOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
@@ -204,7 +208,7 @@ def evaluate(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def report(config: Optional[Path] = ConfigOpt,
-           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods)."),
+           method: Optional[list[str]] = methods_option("Run names to include (default: train.methods)."),
            wait: bool = WaitOpt):
     """Write report.md / report.html with the ablation table, plots and image grids."""
     run_stage("report", get_config(config), methods=method or None, wait=wait)
@@ -297,8 +301,7 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
 
 @app.command()
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to train and score "
-                                                    "(default: train.methods).")):
+         method: Optional[list[str]] = methods_option("Run names to train and score (default: train.methods).")):
     """Run every stage in order on the config (default: the embedded default)."""
     cfg = get_config(config)
     t0 = time.time()

@@ -101,6 +101,7 @@ def test_student_export_samples(toy_config, tmp_path):
     (["perflow"], "no exported student for 'perflow'"),
     (["nonsense"], "is not 'teacher', a method name"),
     (["teacher", "--schedule", "karras"], "unknown schedule 'karras'"),
+    (["teacher", "--schedule", "default"], "schedule 'default' is spelled 'diffusers'"),
     (["teacher", "-n", 0], "must be >= 1"),
 ])
 def test_user_errors_are_one_line(toy_config, tmp_path, args, message):

@@ -38,7 +38,7 @@ class RunInfo:
     @property
     def default_grid(self) -> bool:
         """Trained on diffusers' default grid (a `grid: diffusers` variant, the ladder's first row)."""
-        return str(self.options.get("grid", "")) in ("diffusers", "default")
+        return str(self.options.get("grid", "")) == "diffusers"
 
 
 def title(metric: str) -> str:

@@ -81,10 +81,10 @@ def main() -> None:
             teacher.velocity(ref_x, torch.full((128,), 0.5), ref_cond)
             ref.append(time.perf_counter() - t0)
         for name, tr in trainers.items():
-            w0, t0 = tr.data.wait_seconds, time.perf_counter()
+            w0, t0 = tr.loader.wait_seconds, time.perf_counter()
             tr.train_step()
             times[name].append(time.perf_counter() - t0)
-            waits[name].append(tr.data.wait_seconds - w0)
+            waits[name].append(tr.loader.wait_seconds - w0)
     base = statistics.median(times["perflow"])
     print(f"train step bench: {which}; teacher {cfg.teacher.kind}, sample {tuple(teacher.sample_shape)}, "
           f"batch {cfg.train.batch_size}, M={cfg.schedule.teacher_steps}, K={cfg.schedule.windows}, "

@@ -1,7 +1,7 @@
 """The distillation loop (EDM2 style): the trainer owns optimisers, EMA, seeds, logging and checkpoint state;
 a registered Method (pipeline/methods) owns the batch and the losses.
 
-Per step: batch = method.batch(step); if the method has a discriminator, one D step (own AdamW, disc_lr) on
+Per step: batch = method.complete(the step's rows from the loader); if the method has a discriminator, one D step (own AdamW, disc_lr) on
 `discriminator_losses`; then one G step (AdamW, weight decay, grad clip) on `generator_losses`; `after_step`;
 EMA of the student. Every non-finite loss stops the run before any weight changes.
 
@@ -29,7 +29,8 @@ from pipeline.errors import UserError
 from pipeline.fast_step import adamw, plain_copy, prepare_student
 from pipeline.loader import BatchLoader
 from pipeline.loss_log import LossLog
-from pipeline.methods.base import MethodContext, get_method
+from pipeline.methods import get_method
+from pipeline.methods.base import MethodContext
 from pipeline.teacher_solves import TeacherSolves
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

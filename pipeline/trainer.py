@@ -1,9 +1,9 @@
 """The distillation loop (EDM2 style): the trainer owns optimisers, EMA, seeds, logging and checkpoint state;
 a registered Method (pipeline/methods) owns the batch and the losses.
 
-Per step: batch = method.complete(the step's rows from the loader); if the method has a discriminator, one D step (own AdamW, disc_lr) on
-`discriminator_losses`; then one G step (AdamW, weight decay, grad clip) on `generator_losses`; `after_step`;
-EMA of the student. Every non-finite loss stops the run before any weight changes.
+Per step: batch = method.complete(the step's rows from the loader); if the method has a discriminator, one D
+step (own AdamW, disc_lr) on `discriminator_losses`; then one G step (AdamW, weight decay, grad clip) on
+`generator_losses`; `after_step`; EMA of the student. Every non-finite loss stops the run before any weight changes.
 
 Precision (docs/precision.md): the student and discriminator are float32 master weights whatever the
 teacher's dtype; with `train.mixed_precision` their losses run under torch.autocast (bf16, or fp16 with a

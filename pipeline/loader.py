@@ -91,6 +91,7 @@ class BatchLoader:
         self.timeout_s = timeout_s
         self.wait_seconds = 0.0
         self._next_step: int | None = None          # the step the running pipeline hands out next
+        self._first = 0                             # the step it started at (worker w draws first + w + kN)
         self._iter = None                           # workers: the DataLoader's iterator
         self._pending: deque[tuple[int, Future]] = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if workers == 0 and depth > 0 else None
@@ -107,7 +108,7 @@ class BatchLoader:
                                 timeout=self.timeout_s, generator=torch.Generator().manual_seed(0))
             # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
             self._iter = iter(loader)
-        self._next_step = step
+        self._next_step, self._first = step, step
 
     def _fill(self, upto: int) -> None:
         nxt = self._next_step + len(self._pending)
@@ -129,8 +130,8 @@ class BatchLoader:
             except UserError as exc:
                 raise UserError(f"step {step + 1}: {worker_message(exc)}") from None
             except Exception as exc:  # noqa: BLE001  (a worker died or raised: name the step, never hang)
-                raise LoaderError(f"batch loader: a worker failed while drawing the batch of step {step + 1} "
-                                  f"({type(exc).__name__}: {worker_message(exc)})") from exc
+                raise LoaderError(f"batch loader: {self._failed_worker(step)} the batch of step "
+                                  f"{self._owed_step(step) + 1} ({type(exc).__name__}: {worker_message(exc)})") from exc
             if got != step:
                 raise LoaderError(f"batch loader handed out step {got + 1} for step {step + 1}")
             return rows
@@ -153,6 +154,22 @@ class BatchLoader:
         self._next_step = step + 1
         self.wait_seconds += time.perf_counter() - t0
         return rows
+
+    def _dead_worker(self) -> int | None:
+        workers = getattr(self._iter, "_workers", [])
+        return next((i for i, w in enumerate(workers) if not w.is_alive()), None)
+
+    def _failed_worker(self, step: int) -> str:
+        dead = self._dead_worker()
+        return "a worker failed while drawing" if dead is None else f"worker {dead} died while drawing"
+
+    def _owed_step(self, step: int) -> int:
+        """The step a dead worker was drawing: its first step not yet handed out (torch may notice the death
+        while the loop waits for another worker's batch)."""
+        dead = self._dead_worker()
+        if dead is None:
+            return step
+        return step + (dead - (step - self._first)) % self.workers
 
     def next(self, step: int) -> dict:
         """Step `step`'s rows on the device, float32. Rows cross processes in the store's dtype (float16: half of

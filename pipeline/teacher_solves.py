@@ -26,6 +26,12 @@ class TeacherSolves:
         self.teacher_seconds = 0.0
         self._null = None
 
+    def to_device(self, rows: dict) -> dict:
+        """Drawn rows on this device, floats as float32 (what the loader hands a step)."""
+        from pipeline.loader import to_device
+
+        return to_device(rows, self.device)
+
     def null_cond(self, n: int) -> dict:
         """The unconditional ("" prompt) condition, n rows."""
         if self._null is None:

@@ -144,10 +144,8 @@ class Method:
 
     def batch(self, step: int) -> dict[str, Any]:
         """Draw and complete step's batch in this process (tests; the trainer goes through its loader)."""
-        from pipeline.loader import to_device
-
         with torch.no_grad():
-            return self.complete(to_device(self.draw(step, self.ctx.rows.at(step)), self.ctx.device))
+            return self.complete(self.ctx.solves.to_device(self.draw(step, self.ctx.rows.at(step))))
 
     def generator_losses(self, student: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named losses for the student; key 'loss' is the total that is back-propagated."""

@@ -247,3 +247,16 @@ def test_compiled_student_trains_as_the_eager_one_and_its_copies_run_their_own_w
         assert not torch.equal(copy(**args)[0], tc.student(**args)[0])     # the copy runs its own (zero) weights
     te.close()
     tc.close()
+
+
+def test_gradient_checkpointing_trains_the_same_steps(toy_run):
+    """train.gradient_checkpointing recomputes the blocks' activations in backward: the same losses and weights."""
+    runs = {}
+    for ckpt in (False, True):
+        trainer = trainer_for(toy_run, "ota", gradient_checkpointing=ckpt, prefetch=0)
+        runs[ckpt] = ([trainer.train_step()["loss"] for _ in range(3)], trainer.student.state_dict())
+        assert trainer.student.gradient_checkpointing is ckpt
+        trainer.close()
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6, abs=1e-9)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-7)

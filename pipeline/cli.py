@@ -124,7 +124,8 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
 def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to write the example config."),
          force: bool = typer.Option(False, help="Overwrite an existing file."),
          preset: Optional[str] = typer.Option(None, help="study: the whole ablation ladder, 3 training seeds, "
-                                              "400 steps (docs/ablation.md).")):
+                                              "400 steps; exact-study: the same ladder on the exact benchmark "
+                                              "teacher, 600 steps (docs/ablation.md).")):
     """Write a commented example config (the embedded default) to edit."""
     if path.exists() and not force:
         fail(f"{path} exists (use --force to overwrite)")
@@ -196,18 +197,40 @@ def report(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-           address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt):
+           address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt,
+           rows: Optional[str] = typer.Option(None, "--rows", help="Comma-separated ladder rows to run (default: "
+                                              "all), e.g. ota,flowsteer-adv,flowsteer."),
+           seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds (default: "
+                                               "train.seeds), e.g. 0,1.")):
     """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
     (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
-    and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
-    the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
-    from pipeline.ladder import with_ladder
+    and report them (docs/ablation.md). --rows / --seeds run part of it (the report shows what was run; other
+    rows and seeds already trained keep their directories). With --share, several processes (or hosts) on the
+    same config split the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
+    from pipeline.ladder import LadderError, with_ladder
 
-    cfg = with_ladder(get_config(config))
+    try:
+        cfg = with_ladder(get_config(config), _csv(rows, str, "--rows"), _csv(seeds, int, "--seeds"))
+        stage_module("train").runs(cfg)       # method options and disc_blocks: exit 2 before the teacher trains
+    except (LadderError, UserError, ConfigError) as exc:
+        fail(str(exc))
     t0 = time.time()
     for name in STAGES:
         run_stage(name, cfg, executor, address, wait=wait or share, share=share)
     typer.echo(f"ablate: finished in {time.time() - t0:.1f}s")
+
+
+def _csv(text: Optional[str], kind, flag: str) -> Optional[list]:
+    """'a,b' -> [a, b] of `kind`; a bad item is one error line naming the flag."""
+    if text is None:
+        return None
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag}: '{text}' is not a comma-separated list of {kind.__name__} values")
+    if not items:
+        fail(f"{flag}: empty list")
+    return items
 
 
 @app.command()

@@ -28,8 +28,9 @@ from pipeline.schedule import fixed_sigmas
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
-    return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
+    """Whether the run has real images: the MNIST digits (embedded teacher), the exact teacher's own data
+    samples, or `data.images` (encoded latents)."""
+    return cfg.teacher.kind in ("embedded", "exact") or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
 class DataSource:
@@ -156,6 +157,14 @@ class DataSource:
             x0 = images[idx]
             enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
             cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
+        elif self.cfg.teacher.kind == "exact":           # exact data of the run's prompts (no image files)
+            from pipeline.store import generate_prompts
+
+            prompts = generate_prompts(self.cfg)
+            idx = self._randint(len(prompts), n)
+            chosen = [prompts[int(i)] for i in idx]
+            x0 = self.teacher.sample_data(chosen, self.generator)
+            cond = {k: v.to(self.device, torch.float32) for k, v in self.teacher.encode(chosen).items()}
         else:
             latents = self.latent_store()
             idx = self._next_real(latents.num_samples, n)

@@ -66,8 +66,41 @@ class EmbeddedTeacher(Section):
         return self
 
 
+class ExactTeacher(Section):
+    """The exact benchmark teacher (docs/teachers.md): a class-conditional Gaussian mixture in latent shape with
+    a closed-form velocity, plus the SD3-architecture init the students start from (pretrained on that field)."""
+    channels: int = Field(4, ge=1, le=64)
+    sample_size: int = Field(8, ge=2, le=256)
+    classes: int = Field(10, ge=1, le=32)           # prompts map to classes (digit prompts: their digit)
+    modes_per_class: int = Field(3, ge=1, le=64)    # M equally likely Gaussian modes per class
+    mode_std: float = Field(0.5, gt=0, le=100)      # s: every mode is N(mu, s^2 I)
+    mean_std: float = Field(0.6, gt=0, le=100)      # mode means mu ~ N(0, mean_std^2 I)
+    mixture_seed: Seed = 0
+    exact_steps: int = Field(200, ge=1, le=MAX_STEPS)   # RK4 steps of the "exact ODE" endpoints (evaluate)
+    patch_size: int = Field(2, ge=1, le=64)         # the init network (SD3Transformer2DModel)
+    num_layers: int = Field(2, ge=1, le=128)
+    attention_head_dim: int = Field(16, ge=1, le=1024)
+    num_attention_heads: int = Field(4, ge=1, le=256)
+    train_steps: Count = 1500                       # its pretraining on the exact velocity
+    batch_size: Batch = 64
+    lr: float = Field(2e-3, gt=0, le=10)
+    prompt_dropout: Rate = 0.1
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    weak_checkpoint_step: Count = 300               # early snapshot = the weak net (AYF autoguidance)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"teacher.exact.sample_size ({self.sample_size}) must be a multiple of "
+                             f"teacher.exact.patch_size ({self.patch_size})")
+        if self.weak_checkpoint_step > self.train_steps:
+            raise ValueError(f"teacher.exact.weak_checkpoint_step ({self.weak_checkpoint_step}) must be <= "
+                             f"teacher.exact.train_steps ({self.train_steps})")
+        return self
+
+
 class TeacherConfig(Section):
-    kind: Literal["embedded", "sd3", "byo"] = "embedded"
+    kind: Literal["embedded", "sd3", "byo", "exact"] = "embedded"
     path: str | None = None             # sd3: local diffusers pipeline dir (from_pretrained, offline)
     factory: str | None = None          # byo: "module:function" returning a Teacher
     describe: str | None = None         # byo: "module:function" returning its TeacherLayout without building it
@@ -75,6 +108,7 @@ class TeacherConfig(Section):
     # Precision every teacher call runs in (docs/precision.md); inputs are cast to it, outputs back to float32.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
+    exact: ExactTeacher = Field(default_factory=ExactTeacher)
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -110,7 +144,7 @@ StoreDtype = Literal["float32", "float16", "bfloat16"]
 class GenerateConfig(Section):
     prompts: str | None = None          # .txt / .jsonl / .csv / .parquet / saved HF dataset dir; None = digit prompts
     prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
-    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded), float16 (sd3)
+    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded, exact), float16 (sd3, byo)
     compressor: Literal["none", "zstd", "blosc"] = "none"
     samples_per_prompt: Count = 32
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
@@ -143,21 +177,33 @@ class DataConfig(Section):
 
 class AdversarialConfig(Section):
     """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
-    disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
+    # first teacher transformer blocks used as the discriminator backbone; None = min(2, the teacher's depth)
+    disc_blocks: int | None = Field(None, ge=1, le=1024)
     lambda_adv: float = Field(0.001, ge=0)       # unknown in the paper: measured choice, docs/ablation.md
     lambda_fm: float = Field(0.01, ge=0)         # feature matching on the discriminator's blocks (docs/ablation.md)
     disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
     disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
     spectral_norm: bool = False                  # on the heads' convolutions
     fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
-    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
-    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.1, 0.1, 0.1, 0.7)
+    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0). None = the emphasis rule
+    # (`window_emphasis`): the last window gets clean_weight, the other K-1 share the rest equally
+    # (K = 4, 0.7: [0.1, 0.1, 0.1, 0.7]); an explicit list must have schedule.windows entries.
+    window_probs: tuple[Annotated[float, Field(ge=0)], ...] | None = None
+    clean_weight: Rate = 0.7
 
     @model_validator(mode="after")
     def _probs(self):
-        if not self.window_probs or sum(self.window_probs) <= 0:
+        if self.window_probs is not None and (not self.window_probs or sum(self.window_probs) <= 0):
             raise ValueError("train.adversarial.window_probs must hold at least one positive probability")
         return self
+
+
+def window_emphasis(windows: int, clean_weight: float) -> tuple[float, ...]:
+    """p_{K-1} = clean_weight, p_k = (1 - clean_weight) / (K - 1) for k < K - 1; one window: (1.0,)."""
+    if windows == 1:
+        return (1.0,)
+    rest = (1 - clean_weight) / (windows - 1)
+    return tuple([rest] * (windows - 1) + [clean_weight])
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -238,7 +284,8 @@ class EvaluateConfig(Section):
     n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
-    features: Literal["classifier", "inception", "pixels"] = "classifier"
+    # None = follows the teacher: classifier (embedded), pixels (others)
+    features: Literal["classifier", "inception", "pixels"] | None = None
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
@@ -270,16 +317,20 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_store_dtype(cls, data: Any) -> Any:
-        """generate.store_dtype defaults by teacher: float32 for the tiny embedded one, float16 for sd3."""
+    def _teacher_defaults(cls, data: Any) -> Any:
+        """Keys whose default follows the teacher (`flowsteer init` writes them commented out): generate.store_dtype
+        float32 for the small embedded / exact teachers, float16 for sd3 and byo; evaluate.features classifier
+        for the embedded teacher (its digit classifier), pixels for the others."""
         if isinstance(data, dict):
-            gen = data.get("generate")
-            gen = dict(gen.model_dump() if isinstance(gen, BaseModel) else gen or {})
-            if gen.get("store_dtype") is None:
-                teacher = data.get("teacher") or {}
-                kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
-                gen["store_dtype"] = "float16" if kind == "sd3" else "float32"
-                data = {**data, "generate": gen}
+            teacher = data.get("teacher") or {}
+            kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
+            for section, key, value in (("generate", "store_dtype", "float32" if kind in ("embedded", "exact")
+                                         else "float16"),
+                                        ("evaluate", "features", "classifier" if kind == "embedded" else "pixels")):
+                part = data.get(section)
+                part = dict(part.model_dump() if isinstance(part, BaseModel) else part or {})
+                if part.get(key) is None:
+                    data = {**data, section: {**part, key: value}}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,

@@ -251,8 +251,6 @@ def runs(cfg, methods=None):
     """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
     from pipeline.methods.base import METHODS, get_method
 
-    from pipeline.teachers import teacher_depth
-
     names = list(methods or cfg.train.methods)
     for name in names:
         method = cfg.train.variants[name].method if name in cfg.train.variants else name
@@ -265,10 +263,6 @@ def runs(cfg, methods=None):
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
         get_method(run.method).check_config(cfg, run.options)
-    depth = teacher_depth(cfg) if any(get_method(r.method).uses_adversarial for r in out) else None
-    if depth is not None and cfg.train.adversarial.disc_blocks > depth:
-        raise UserError(f"train.adversarial.disc_blocks is {cfg.train.adversarial.disc_blocks} but the teacher "
-                        f"transformer has {depth} blocks")
     return out
 
 

@@ -71,7 +71,7 @@ class PeRFlow(ChordMethod):
     def x0_source(cls, cfg, options) -> str | None:
         if parse_options(cls.name, options, DEFAULTS)["x0"] == "teacher_samples":
             return "teacher_samples"
-        return "digits" if cfg.teacher.kind == "embedded" else "latents"
+        return {"embedded": "digits", "exact": "exact_data"}.get(cfg.teacher.kind, "latents")
 
     @torch.no_grad()
     def batch(self, step: int) -> dict:

@@ -74,7 +74,8 @@ def main(argv=None) -> None:
 
     from pipeline.sampling import sample
     from pipeline.schedule import fixed_sigmas
-    from pipeline.store import generate_prompts, noise_for
+    from pipeline.datasets import generate_prompts
+    from pipeline.seeds import noise_for
     from pipeline.student import load_student
     from pipeline.teachers import load_teacher
     from schemas.config import load_config

@@ -144,7 +144,7 @@ StoreDtype = Literal["float32", "float16", "bfloat16"]
 class GenerateConfig(Section):
     prompts: str | None = None          # .txt / .jsonl / .csv / .parquet / saved HF dataset dir; None = digit prompts
     prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
-    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded, exact), float16 (sd3, byo)
+    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float16 (sd3), float32 (others)
     compressor: Literal["none", "zstd", "blosc"] = "none"
     samples_per_prompt: Count = 32
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
@@ -162,6 +162,15 @@ class GenerateConfig(Section):
         if not 0 <= lo <= hi <= 1000:
             raise ValueError(f"generate.guidance must be [lo, hi] with 0 <= lo <= hi <= 1000, got [{lo}, {hi}]")
         return self
+
+
+class EncodeConfig(Section):
+    """How `flowsteer encode` stores the latents and runs its workers (the image set itself is `data`)."""
+    store_dtype: StoreDtype | None = None   # latents + conditions on disk; None = float16 (sd3), float32 (others)
+    compressor: Literal["none", "zstd", "blosc"] = "none"
+    cpus_per_worker: int = Field(1, ge=1, le=1024)     # torch threads and Ray CPUs per encode worker
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)   # Ray GPUs per encode worker (1 on a GPU cluster)
+    max_retries: int = Field(2, ge=0, le=100)          # retries after a worker or node dies
 
 
 class DataConfig(Section):
@@ -305,6 +314,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
@@ -319,13 +329,13 @@ class RunConfig(Section):
     @classmethod
     def _teacher_defaults(cls, data: Any) -> Any:
         """Keys whose default follows the teacher (`flowsteer init` writes them commented out): generate.store_dtype
-        float32 for the small embedded / exact teachers, float16 for sd3 and byo; evaluate.features classifier
-        for the embedded teacher (its digit classifier), pixels for the others."""
+        and encode.store_dtype float16 for sd3, float32 for the others; evaluate.features classifier for the
+        embedded teacher (its digit classifier), pixels for the others."""
         if isinstance(data, dict):
             teacher = data.get("teacher") or {}
             kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
-            for section, key, value in (("generate", "store_dtype", "float32" if kind in ("embedded", "exact")
-                                         else "float16"),
+            dtype = "float16" if kind == "sd3" else "float32"
+            for section, key, value in (("generate", "store_dtype", dtype), ("encode", "store_dtype", dtype),
                                         ("evaluate", "features", "classifier" if kind == "embedded" else "pixels")):
                 part = data.get(section)
                 part = dict(part.model_dump() if isinstance(part, BaseModel) else part or {})
@@ -345,7 +355,7 @@ class RunConfig(Section):
             parts["device"] = self.device.split(":")[0]      # cpu and cuda numerics differ; the GPU index does not
         if stage == "encode":
             parts["data"] = self.data.model_dump(mode="json")
-            parts["store"] = {k: getattr(self.generate, k) for k in ("store_dtype", "compressor")}
+            parts["store"] = {k: getattr(self.encode, k) for k in ("store_dtype", "compressor")}
         if stage in ("generate", "train"):
             parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":

@@ -55,7 +55,7 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 
 # keys whose default follows the teacher (or its depth / the schedule): the example writes them commented out
-FOLLOWING = (("generate", "store_dtype"), ("evaluate", "features"), ("train", "adversarial", "disc_blocks"),
+FOLLOWING = (("generate", "store_dtype"), ("encode", "store_dtype"), ("evaluate", "features"), ("train", "adversarial", "disc_blocks"),
              ("train", "adversarial", "window_probs"))
 
 
@@ -79,7 +79,7 @@ def test_commented_keys_follow_the_teacher(tmp_path):
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.teacher.kind == "exact" and cfg.evaluate.features == "pixels"
     cfg = RunConfig.model_validate({"teacher": {"kind": "sd3", "path": "/x"}})
-    assert cfg.generate.store_dtype == "float16" and cfg.evaluate.features == "pixels"
+    assert cfg.generate.store_dtype == cfg.encode.store_dtype == "float16" and cfg.evaluate.features == "pixels"
     assert RunConfig().generate.store_dtype == "float32" and RunConfig().evaluate.features == "classifier"
 
 

@@ -138,7 +138,7 @@ def test_mode_switch_counts_a_planted_switch(tmp_path):
     ctx = EvalContext(cfg, "cpu", teacher, tmp_path / "evaluate")
     prompts = ["a handwritten digit one"] * 20
     seeds = np.arange(20, dtype=np.int64)
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
 
     noise = noise_for(seeds.tolist(), (1, 4, 4))
     target = teacher.exact_endpoints(noise, teacher.encode(prompts), teacher.encode([""] * 20), 4.0)

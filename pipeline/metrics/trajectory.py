@@ -73,7 +73,7 @@ def clip_nearest_prompt(ctx: EvalContext, images: torch.Tensor, prompts: list[st
 def exact_targets(ctx: EvalContext, samples: Samples) -> torch.Tensor:
     """The exact ODE endpoints of this unit's noise and prompts at evaluate.guidance (cached per seed)."""
     def build():
-        from pipeline.store import noise_for
+        from pipeline.seeds import noise_for
 
         teacher, ev = ctx.teacher, ctx.cfg.evaluate
         out = []

@@ -8,6 +8,8 @@ the mode-switch rate of these samplers:
   uniform   the same steps on an unshifted uniform grid (SCFlow's public code samples its RF pipeline so)
   renoise   consistency multistep sampling (Song et al. 2023, Alg. 1): jump to sigma 0, re-noise to the next
             sigma with FRESH noise (deterministic per sample: a second noise seed), repeat
+  anchor    the same, re-noised with the sample's ORIGINAL noise (SCFlow's stochastic sampler at beta = 1)
+  (-u: the same on the uniform grid)
 and two diagnostics of where the error comes from:
   restart   one jump to sigma 0 from the TEACHER's own state at each grid sigma (the states the method trains
             on): how good the student is on the trajectory
@@ -45,15 +47,20 @@ def jump(student, x, t, s, cond):
 
 @torch.no_grad()
 def samplers(student, noise, cond, sigmas, fresh):
-    own, renoise = noise, noise
+    """(own, renoise, anchor, own path): the method's steps; re-noise the x0 estimate with fresh noise; re-noise
+    it with the ORIGINAL noise (SCFlow's `sample_ode_generative_stochastic` at beta = 1: the states stay on
+    the line between the sample's noise and the student's x0 estimate, the line SCFlow's reflow loss trains)."""
+    own, renoise, anchor = noise, noise, noise
     path = [own]
     for i in range(len(sigmas) - 1):
         own = jump(student, own, sigmas[i], sigmas[i + 1], cond)
         path.append(own)
-        x0 = jump(student, renoise, sigmas[i], 0.0, cond)
         s = float(sigmas[i + 1])
+        x0 = jump(student, renoise, sigmas[i], 0.0, cond)
         renoise = (1 - s) * x0 + s * fresh[i] if s > 0 else x0
-    return own, renoise, path
+        x0 = jump(student, anchor, sigmas[i], 0.0, cond)
+        anchor = (1 - s) * x0 + s * noise if s > 0 else x0
+    return own, renoise, anchor, path
 
 
 def stats(x, ref, teacher, exact_modes):
@@ -106,9 +113,10 @@ def main(argv=None) -> None:
             fresh = [noise_for([s + (i + 1) * FRESH_OFFSET for s in seeds], tuple(teacher.sample_shape))
                      for i in range(nfe)]
             shifted = fixed_sigmas(nfe, cfg.schedule.shift)
-            own, renoise, path = samplers(student, noise, cond, shifted, fresh)
-            uniform, _, _ = samplers(student, noise, cond, torch.linspace(1, 0, nfe + 1), fresh)
-            for label, x in (("own", own), ("uniform", uniform), ("renoise", renoise)):
+            own, renoise, anchor, path = samplers(student, noise, cond, shifted, fresh)
+            uniform, renoise_u, anchor_u, _ = samplers(student, noise, cond, torch.linspace(1, 0, nfe + 1), fresh)
+            for label, x in (("own", own), ("uniform", uniform), ("renoise", renoise), ("renoise-u", renoise_u),
+                             ("anchor", anchor), ("anchor-u", anchor_u)):
                 line = f"{nfe} NFE {label:8s} vs teacher: {stats(x, target, teacher, None)}"
                 if exact is not None:
                     line += f" | vs exact: {stats(x, exact, teacher, exact_modes)}"

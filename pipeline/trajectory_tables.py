@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.metrics.base import registered
-from pipeline.metrics.scores import cell, separated, summarize
-from pipeline.metrics.tables import LADDER_NFES, _row, ladder_rows, ladder_table, spread_note
+from pipeline.metrics import registered
+from pipeline.scores import cell, separated, summarize
+from pipeline.report_tables import LADDER_NFES, _row, ladder_rows, ladder_table, spread_note
 
 FAMILIES = {   # target -> (median, upper quantile, switch rate, error without switches, mean)
     "exact": ("exact_median", "exact_p90", "exact_switch", "exact_kept", "exact_mean"),

@@ -195,7 +195,7 @@ class AdversarialConfig(Section):
     spectral_norm: bool = False                  # on the heads' convolutions
     fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
     # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0). None = the emphasis rule
-    # (`window_emphasis`): the last window gets clean_weight, the other K-1 share the rest equally
+    # (pipeline.methods.flowsteer.window_emphasis): the last window gets clean_weight, the other K-1 share the rest equally
     # (K = 4, 0.7: [0.1, 0.1, 0.1, 0.7]); an explicit list must have schedule.windows entries.
     window_probs: tuple[Annotated[float, Field(ge=0)], ...] | None = None
     clean_weight: Rate = 0.7
@@ -205,14 +205,6 @@ class AdversarialConfig(Section):
         if self.window_probs is not None and (not self.window_probs or sum(self.window_probs) <= 0):
             raise ValueError("train.adversarial.window_probs must hold at least one positive probability")
         return self
-
-
-def window_emphasis(windows: int, clean_weight: float) -> tuple[float, ...]:
-    """p_{K-1} = clean_weight, p_k = (1 - clean_weight) / (K - 1) for k < K - 1; one window: (1.0,)."""
-    if windows == 1:
-        return (1.0,)
-    rest = (1 - clean_weight) / (windows - 1)
-    return tuple([rest] * (windows - 1) + [clean_weight])
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")

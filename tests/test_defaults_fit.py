@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from conftest import toy_sections, write_config
 from pipeline.cli import app
-from schemas.config import load_config, window_emphasis
+from pipeline.methods.flowsteer import window_emphasis
+from schemas.config import load_config
 
 
 def run_cli(*args):

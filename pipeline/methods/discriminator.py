@@ -48,19 +48,6 @@ def default_disc_blocks(depth: int) -> int:
     return min(DEFAULT_DISC_BLOCKS, depth)
 
 
-def check_disc_blocks(cfg, blocks: int | None) -> None:
-    """An explicit disc_blocks deeper than the teacher is one UserError before any work (stages/train.py calls
-    each method's check_config first); the teacher's depth comes from its config, or a byo teacher built once."""
-    if blocks is None:
-        return
-    from pipeline.teachers import teacher_depth
-
-    depth = teacher_depth(cfg, build=True)
-    if depth is not None and blocks > depth:
-        raise UserError(f"train.adversarial.disc_blocks is {blocks} but the teacher transformer has {depth} "
-                        f"blocks (use 1..{depth}, or null for min(2, depth))")
-
-
 class TransformerDiscriminator(nn.Module):
     """D(x, sigma, cond) -> [B, L*N] per-token logits of L heads (one on every used block, as LADD), and
     per-block image-token features for feature matching.

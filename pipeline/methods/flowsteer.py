@@ -47,10 +47,16 @@ class FlowSteerOptions(MethodOptions):
 FAKE_SOURCES = ("one_step", "rollout")
 
 
+def window_emphasis(windows: int, clean_weight: float) -> tuple[float, ...]:
+    """p_{K-1} = clean_weight, p_k = (1 - clean_weight) / (K - 1) for k < K - 1; one window: (1.0,)."""
+    if windows == 1:
+        return (1.0,)
+    rest = (1 - clean_weight) / (windows - 1)
+    return tuple([rest] * (windows - 1) + [clean_weight])
+
+
 def window_probs(adv, windows: int) -> tuple[float, ...]:
     """The GAN's window probabilities: the explicit list, or the clean_weight emphasis rule for K windows."""
-    from schemas.config import window_emphasis
-
     return tuple(adv.window_probs) if adv.window_probs is not None else window_emphasis(windows, adv.clean_weight)
 
 
@@ -97,15 +103,12 @@ class FlowSteer(OnTrajectoryChordMethod):
     @classmethod
     def check_config(cls, cfg, options) -> None:
         """Before any work (exit 2, nothing written): the window probabilities, fake source and adv_fraction."""
-        from pipeline.methods.discriminator import check_disc_blocks
-
         adv = cls.adversarial(cfg, options)
         probs = adv.window_probs
         if probs is not None and (len(probs) != cfg.schedule.windows or min(probs) < 0 or sum(probs) <= 0):
             raise UserError(f"train.adversarial.window_probs {list(probs)} must be {cfg.schedule.windows} "
                             f"non-negative numbers (one per window of schedule.windows), or null for the "
                             f"clean_weight rule")
-        check_disc_blocks(cfg, adv.disc_blocks)
         if adv.fake_source not in FAKE_SOURCES:
             raise UserError(f"flowsteer fake_source must be one of {', '.join(FAKE_SOURCES)}, got {adv.fake_source!r}")
         adv_fraction = cls.parse_options(options)["adv_fraction"]

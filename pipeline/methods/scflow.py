@@ -85,13 +85,6 @@ class SCFlow(Method):
         self._pending_target: dict | None = None       # a state loaded before make_student ran
         self._disc = None
 
-    @classmethod
-    def check_config(cls, cfg, options) -> None:
-        from pipeline.methods.discriminator import check_disc_blocks
-
-        if cls.parse_options(options)["lambda_gan"] > 0:
-            check_disc_blocks(cfg, cfg.train.adversarial.disc_blocks)
-
     # --- student and target EMA
     def make_student(self, teacher_transformer):
         student = super().make_student(teacher_transformer)

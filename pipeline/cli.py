@@ -17,10 +17,10 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from pipeline.errors import UserError
 from pipeline.files import StageBusy, StageLock
+from pipeline.preflight import STAGES
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
-STAGES = ["teacher", "generate", "encode", "train", "evaluate", "report"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "schemas" / "example.yaml"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -64,11 +64,23 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config(path: Optional[Path], **overrides) -> RunConfig:
+def get_config(path: Optional[Path], checks: bool = True, **overrides) -> RunConfig:
+    """The config, checked on load: its schema, then every stage's own checks (pipeline/preflight.py), so a
+    setting of a late stage is refused before an early one runs."""
     try:
-        return load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
+        cfg = load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
         fail(str(exc))
+    if checks:
+        check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: RunConfig) -> None:
+    from pipeline.preflight import config_problems
+
+    for _, problem in config_problems(cfg, first_only=True):
+        fail(problem)
 
 
 def stage_module(name: str):
@@ -88,9 +100,12 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     job is waited for and run for whatever its holder left (usually nothing): N processes on one config split
     its jobs (datatrove-style workers on one task queue). Where a job needs the ones before it (evaluate's
     students need the teacher's outputs), a held job is waited for instead."""
+    from pipeline.preflight import before_run
+
     mod = stage_module(name)
     t0 = time.time()
     try:
+        before_run(cfg, name)
         held: list = []
         for job in mod.jobs(cfg, **opts):
             try:
@@ -204,6 +219,7 @@ def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
     from pipeline.ladder import with_ladder
 
     cfg = with_ladder(get_config(config))
+    check_config(cfg)                     # the ladder's own runs, before the teacher trains
     t0 = time.time()
     for name in STAGES:
         run_stage(name, cfg, executor, address, wait=wait or share, share=share)
@@ -217,10 +233,17 @@ def status(config: Optional[Path] = ConfigOpt,
            repair: bool = typer.Option(False, "--repair", help="With --verify: delete an output whose metadata "
                                        "cannot be read (e.g. the trajectory store) so the next run rebuilds it."),
            wait: bool = WaitOpt):
-    """Per stage: done / pending / failed unit counts read from the completion records."""
-    cfg = get_config(config)
+    """Per stage: done / pending / failed unit counts read from the completion records. Exits 2 when any
+    stage's config checks refuse the config (each is listed on its stage's row)."""
+    from pipeline.preflight import config_problems
+
+    cfg = get_config(config, checks=False)
+    invalid = dict(config_problems(cfg))
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")
     for name in STAGES:
+        if name in invalid:
+            typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  (config error: {invalid[name]})")
+            continue
         mod = stage_module(name)
         try:
             jobs = mod.jobs(cfg)
@@ -238,6 +261,9 @@ def status(config: Optional[Path] = ConfigOpt,
             typer.echo(f"{name:10s} {st['done']:6d} {st['pending']:8d} {st['failed']:7d}  {st['dir']}")
             for err in st["errors"][:5]:
                 typer.echo(f"    failed {err}")
+    if invalid:
+        stage, problem = next(iter(invalid.items()))
+        fail(f"{problem} ({len(invalid)} stage(s) refuse this config: {', '.join(invalid)})")
 
 
 def verify_job(mod, job, repair: bool) -> None:

@@ -225,7 +225,9 @@ class TextColumn:
                 out[j] = col[idx[j] - self._starts[g]]
         return out
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
         return self.take([i])[0]
 
     def __iter__(self) -> Iterator[str]:

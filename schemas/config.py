@@ -238,7 +238,9 @@ class EvaluateConfig(Section):
     n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
-    features: Literal["classifier", "inception", "pixels"] = "classifier"
+    # None: classifier for the embedded teacher (the only one with a digit classifier), else inception when
+    # inception_path is set, else pixels (RunConfig._teacher_defaults)
+    features: Literal["classifier", "inception", "pixels"] | None = None
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
@@ -270,16 +272,23 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_store_dtype(cls, data: Any) -> Any:
-        """generate.store_dtype defaults by teacher: float32 for the tiny embedded one, float16 for sd3."""
+    def _teacher_defaults(cls, data: Any) -> Any:
+        """Defaults by teacher: generate.store_dtype float32 for the tiny embedded one, float16 for sd3;
+        evaluate.features the digit classifier for the embedded one only (another teacher has none)."""
         if isinstance(data, dict):
             gen = data.get("generate")
             gen = dict(gen.model_dump() if isinstance(gen, BaseModel) else gen or {})
+            teacher = data.get("teacher") or {}
+            kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
             if gen.get("store_dtype") is None:
-                teacher = data.get("teacher") or {}
-                kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
                 gen["store_dtype"] = "float16" if kind == "sd3" else "float32"
                 data = {**data, "generate": gen}
+            ev = data.get("evaluate")
+            ev = dict(ev.model_dump() if isinstance(ev, BaseModel) else ev or {})
+            if ev.get("features") is None:
+                ev["features"] = ("classifier" if kind == "embedded" else
+                                  "inception" if ev.get("inception_path") else "pixels")
+                data = {**data, "evaluate": ev}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
@@ -327,6 +336,11 @@ class RunConfig(Section):
         """The runs to train, name-major then seed: `names` (default train.methods) x train.seeds."""
         tc, out = self.train, []
         for name in (names or tc.methods):
+            if name not in tc.variants and method_problem([name], {}):
+                from pipeline.methods.base import METHODS
+
+                raise ConfigError(f"run name '{name}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
+                                  f"train.variants entry ({', '.join(sorted(tc.variants)) or 'none defined'})")
             variant = tc.variants.get(name)
             method, options = ((variant.method, dict(variant.options)) if variant is not None
                                else (name, dict(tc.method_options.get(name, {}))))
@@ -403,16 +417,17 @@ def _one_line(err: ValidationError, path: str) -> str:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and check a YAML config; raises ConfigError with one readable line."""
+    """Read and check a YAML config; raises ConfigError with one readable line. Strict (schemas/strict.py):
+    UTF-8, no duplicate keys, not empty, counts and flags of their own type."""
+    from schemas.strict import StrictLoadError, check_types, read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+        data = read_yaml(p)
+    except StrictLoadError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
@@ -421,6 +436,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    try:
+        check_types(RunConfig, data)
+    except StrictLoadError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -41,14 +41,19 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
             "seed": seeds, "guidance": guidance_for(seeds, lo, hi)}
 
 
-def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
-    """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
+def check(cfg) -> None:
+    """At load (pipeline/preflight.py): the prompts read, and their sample count is under the ceiling."""
     from schemas.config import MAX_COUNT
 
     n_prompts = prompt_summary(cfg)[0]
     if n_prompts * cfg.generate.samples_per_prompt > MAX_COUNT:    # checked before anything is allocated
         raise UserError(f"generate.samples_per_prompt: {n_prompts} prompts x {cfg.generate.samples_per_prompt} "
                         f"= {n_prompts * cfg.generate.samples_per_prompt} samples is above the ceiling {MAX_COUNT}")
+
+
+def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
+    """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
+    check(cfg)
     # Absolute paths: Ray actors (maybe on other nodes, other working dirs) resolve the same files.
     cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
     out_dir = cfg.stage_dir("generate")

@@ -272,6 +272,11 @@ def runs(cfg, methods=None):
     return out
 
 
+def check(cfg) -> None:
+    """At load (pipeline/preflight.py): every run's method accepts the config (options, adversarial settings)."""
+    runs(cfg)
+
+
 def jobs(cfg, methods=None) -> list[Job]:
     out = []
     teacher = SharedTeacher(cfg)          # one teacher load for every run of this invocation (per process)

@@ -255,6 +255,9 @@ class RowStore:
         if missing:
             raise UserError(f"{self.kind} {self.path} is incomplete ({len(missing)} of {self.num_shards} "
                             f"shards not written); {hint}")
+        from pipeline.shard_check import check_shards
+
+        check_shards(self)              # every finished shard's files still there at their recorded sizes
 
     def write_rows(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Write a whole shard of each named row array (values already encoded to the store dtype)."""
@@ -288,7 +291,10 @@ class RowStore:
             raise IndexError(f"row index out of range (rows < {self.num_samples})")
         uniq, inv = np.unique(idx, return_inverse=True)
         arr = self.group[name]
-        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
+        from pipeline.shard_check import named_read_errors
+
+        with named_read_errors(self, f"of rows {uniq[0]}..{uniq[-1]}" if len(uniq) else "-"):
+            return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
 
     def row_cond(self, indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) of the given rows."""

@@ -315,8 +315,11 @@ class RunConfig(Section):
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             from pipeline.methods.base import get_method
-            if not get_method(run.method).uses_adversarial:
+            method = get_method(run.method)
+            if not method.uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
+            if method.x0_source(self, run.options) in ("latents", "digits"):
+                parts["latents"] = self.fingerprint("encode")   # real x0: the latent store read (data.images)
             parts["train"] = tr
             parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
             if self.train.store:         # the data trained on: the pointed store's own fingerprint

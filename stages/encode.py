@@ -89,7 +89,9 @@ def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) 
 
     path = out_dir / LATENT_STORE
     if LatentStore.created(path):
-        LatentStore.open(path, meta, check_complete=False)
+        from pipeline.shard_check import redo_damaged
+
+        redo_damaged(LatentStore.open(path, meta, check_complete=False), out_dir)   # redone, not skipped
         return
     for key in keys:
         drop_record(out_dir, key)
@@ -172,7 +174,10 @@ class EncodeWorker:
         t3 = time.perf_counter()
         shard = unit.params["shard"]
         digest = self.store.write_shard(shard, latents, cond, null if shard == 0 else None)
-        return {"checksum": digest, "images": hi - lo, "worker_pid": os.getpid(),
+        from pipeline.shard_check import shard_files
+
+        return {"checksum": digest, "files": shard_files(self.store, shard), "images": hi - lo,
+                "worker_pid": os.getpid(),
                 "caption_seconds": round(t1 - t0, 4), "read_seconds": round(t2 - t1, 4),
                 "vae_seconds": round(t3 - t2, 4),
                 "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]}
@@ -222,6 +227,11 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     rec = read_record(job.out_dir, unit.key)
     if not rec or rec.get("status") != "done":
         return None
+    from pipeline.shard_check import shard_problem
+
+    problem = shard_problem(job.out_dir / LATENT_STORE, rec.get("files") or {})
+    if problem:
+        return f"shard files damaged ({problem})"
     try:
         got = LatentStore.open(job.out_dir / LATENT_STORE, check_complete=False).shard_checksum(unit.params["shard"])
     except Exception as exc:  # unreadable metadata or a shard zarr cannot decode (e.g. truncated)

@@ -81,6 +81,9 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool
     _write_sample_table(out_dir, plan)
     if TrajectoryStore.created(path):
         store = TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        from pipeline.shard_check import redo_damaged
+
+        redo_damaged(store, out_dir)                                 # a lost shard file is redone, not skipped
         _check_resume(cfg, store, out_dir, keys)
         return
     for key in keys:                                                 # a new store has no finished shards
@@ -206,7 +209,9 @@ class GenerateWorker:
         t1 = time.perf_counter()
         shard = unit.params["shard"]
         digest = st.write_shard(shard, states, steps, shard_cond, shard_null if shard == 0 else None)
-        return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid(),
+        from pipeline.shard_check import shard_files
+
+        return {"checksum": digest, "files": shard_files(st, shard), "samples": hi - lo, "worker_pid": os.getpid(),
                 "encode_seconds": round(encode_seconds, 4), "teacher_seconds": round(self.teacher_seconds, 4),
                 "write_seconds": round(time.perf_counter() - t1, 4)}
 
@@ -232,6 +237,11 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     rec = read_record(job.out_dir, unit.key)
     if not rec or rec.get("status") != "done":
         return None
+    from pipeline.shard_check import shard_problem
+
+    problem = shard_problem(job.out_dir / STORE_NAME, rec.get("files") or {})
+    if problem:
+        return f"shard files damaged ({problem})"
     try:
         store = TrajectoryStore.open(job.out_dir / STORE_NAME, check_complete=False)
         got = store.shard_checksum(unit.params["shard"])

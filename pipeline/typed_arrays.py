@@ -88,8 +88,13 @@ def write_shard_rows(group_path, arr, shard: int, lo: int, data: np.ndarray) -> 
     overwriting it, so a damaged leftover of an interrupted writer is removed first."""
     key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
     (Path(group_path) / arr.path / key).unlink(missing_ok=True)
-    arr[lo:lo + len(data)] = data
-    make_durable(Path(group_path), Path(group_path) / arr.path / key)
+    try:
+        arr[lo:lo + len(data)] = data
+        make_durable(Path(group_path), Path(group_path) / arr.path / key)
+    except OSError as exc:              # Zarr's own errors (ENOSPC) name no file: say which one
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(Path(group_path) / arr.path / key)) from None
+        raise
 
 
 def make_durable(group_path: Path, shard_file: Path) -> None:

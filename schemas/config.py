@@ -139,6 +139,8 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)   # encode only the first N images
     shard_size: int = Field(256, ge=1)  # images per unit = per Zarr shard
     batch_size: int = Field(32, ge=1)   # images per encode_images call
+    # images with alpha are composited on this background before encoding (refuse: an error naming the file)
+    alpha_background: Literal["white", "black", "refuse"] = "white"
 
 
 class AdversarialConfig(Section):

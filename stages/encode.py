@@ -152,7 +152,7 @@ class EncodeWorker:
             col = pick_column(src, table_batches(src)[0], self.cfg.data.image_column, IMAGE_COLUMNS,
                               "data.image_column")
             sources = source_image_bytes(src, col, lo, hi)
-        return torch.stack([load_image(s, self.image_shape) for s in sources])
+        return torch.stack([load_image(s, self.image_shape, self.cfg.data.alpha_background) for s in sources])
 
     def run(self, unit: Unit) -> dict[str, Any]:
         from pipeline.runner import torch_threads

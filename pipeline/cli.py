@@ -105,6 +105,8 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     mod = stage_module(name)
     t0 = time.time()
     try:
+        if opts.get("methods"):
+            cfg.train_runs(list(opts["methods"]))        # an unknown -m name: one line, before anything
         before_run(cfg, name)
         held: list = []
         for job in mod.jobs(cfg, **opts):

@@ -53,7 +53,12 @@ def count_rows(cfg) -> int:
     if not src.exists():
         raise UserError(f"data.images not found: {src}")
     if src.is_dir() and not any((src / f).is_file() for f in ("state.json", "dataset_dict.json")):
-        n = len(folder_images(src))
+        from pipeline.datasets import read_text
+
+        images = folder_images(src)
+        for p in images[:cfg.data.limit or None]:       # a caption that is not UTF-8 fails before anything is written
+            read_text(p.with_suffix(".txt"))
+        n = len(images)
     else:                       # check both columns now: a bad set fails before anything is written
         image_column_kind(src, pick_column(src, table_batches(src)[0], cfg.data.image_column, IMAGE_COLUMNS,
                                            "data.image_column"))

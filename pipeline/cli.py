@@ -101,7 +101,9 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     its jobs (datatrove-style workers on one task queue). Where a job needs the ones before it (evaluate's
     students need the teacher's outputs), a held job is waited for instead."""
     from pipeline.preflight import before_run
+    from pipeline.shard_check import forget
 
+    forget()                                  # each command checks the shards it reads anew
     mod = stage_module(name)
     t0 = time.time()
     try:

@@ -93,6 +93,11 @@ def check_shards(store) -> None:
         _checked.add(key)
 
 
+def forget() -> None:
+    """Check every shard again (a new command in a long-lived process, e.g. tests or a notebook)."""
+    _checked.clear()
+
+
 def redo_damaged(store, out_dir: Path) -> list[str]:
     """Drop the `done` record of every finished shard whose files are not whole (so the stage redoes it
     instead of skipping it); returns the shard keys dropped. Call under the stage lock."""

@@ -82,7 +82,7 @@ def _check_value(value: Any, kind: str, key: str) -> None:
         if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
             return                       # 1e6 written as a number: the schema bounds still apply
         if isinstance(value, bool) or not isinstance(value, int):
-            raise StrictLoadError(f"'{key}': expected a whole number, got {value!r}")
+            raise StrictLoadError(f"'{key}': expected an integer, got {value!r}")
 
 
 def check_types(model: type[BaseModel], data: Any, prefix: str = "") -> None:

@@ -17,10 +17,10 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from pipeline.errors import UserError
 from pipeline.files import StageBusy, StageLock
-from pipeline.preflight import STAGES
 from pipeline.runner import JobFailed, drop_record, job_status, run_job
 from schemas.config import ConfigError, RunConfig, load_config
 
+STAGES = ["teacher", "generate", "encode", "train", "evaluate", "report"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "schemas" / "example.yaml"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -76,9 +76,22 @@ def get_config(path: Optional[Path], checks: bool = True, **overrides) -> RunCon
     return cfg
 
 
-def check_config(cfg: RunConfig) -> None:
-    from pipeline.preflight import config_problems
+def config_problems(cfg: RunConfig, first_only: bool = False) -> list[tuple[str, str]]:
+    """(stage, one-line problem) for each stage whose own `check(cfg)` refuses the config (pipeline/preflight.py)."""
+    out = []
+    for name in STAGES:
+        check = getattr(stage_module(name), "check", None)
+        try:
+            if check is not None:
+                check(cfg)
+        except (UserError, ConfigError) as exc:
+            out.append((name, str(exc)))
+            if first_only:
+                break
+    return out
 
+
+def check_config(cfg: RunConfig) -> None:
     for _, problem in config_problems(cfg, first_only=True):
         fail(problem)
 
@@ -239,8 +252,6 @@ def status(config: Optional[Path] = ConfigOpt,
            wait: bool = WaitOpt):
     """Per stage: done / pending / failed unit counts read from the completion records. Exits 2 when any
     stage's config checks refuse the config (each is listed on its stage's row)."""
-    from pipeline.preflight import config_problems
-
     cfg = get_config(config, checks=False)
     invalid = dict(config_problems(cfg))
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")

@@ -1,40 +1,21 @@
 """Checks that run before any work, in two kinds (docs/reliability.md):
 
 - config checks: every stage's own `check(cfg)` (a stage module may define one: cheap, reads config files and
-  the inputs' headers at most, creates nothing). Every command runs all of them when its config loads, so a
-  setting of a late stage (train.adversarial, evaluate.metrics) is refused before teacher or generate run;
-  `flowsteer status` lists them and exits non-zero. A check plugs in by defining `check(cfg)` in its stage.
+  the inputs' headers at most, creates nothing). Every command runs all of them when its config loads
+  (`pipeline/cli.config_problems`), so a setting of a late stage (train.adversarial, evaluate.metrics) is
+  refused before teacher or generate run; `flowsteer status` lists them and exits non-zero. A check plugs in
+  by defining `check(cfg)` in its stage module.
 - run checks (`before_run`): what this machine and the earlier stages must provide for a stage to run (the
   device, the teacher's files or factory), checked before the stage creates any directory.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from pipeline.errors import UserError
 
-STAGES = ["teacher", "generate", "encode", "train", "evaluate", "report"]
 # stages that build or run the teacher (report only reads scores)
 NEEDS_TEACHER = ("teacher", "generate", "encode", "train", "evaluate")
-
-
-def config_problems(cfg, first_only: bool = False) -> list[tuple[str, str]]:
-    """(stage, one-line problem) for each stage whose `check(cfg)` refuses the config."""
-    from schemas.config import ConfigError
-
-    out = []
-    for name in STAGES:
-        check = getattr(importlib.import_module(f"stages.{name}"), "check", None)
-        if check is None:
-            continue
-        try:
-            check(cfg)
-        except (UserError, ConfigError) as exc:
-            out.append((name, str(exc)))
-            if first_only:
-                break
-    return out
 
 
 def before_run(cfg, stage: str) -> None:

@@ -65,7 +65,7 @@ def shard_problem(store_path: Path, files: dict[str, int | None]) -> str | None:
 
 def _records(store) -> Iterator[tuple[int, dict, float]]:
     from pipeline.runner import read_record, records_dir
-    from pipeline.typed_arrays import shard_key
+    from pipeline.rowstore import shard_key
 
     out_dir = Path(store.path).parent
     for j in range(store.num_shards):
@@ -81,7 +81,7 @@ def _records(store) -> Iterator[tuple[int, dict, float]]:
 def check_shards(store) -> None:
     """Raise one UserError naming the store, the shard and the repair command when a finished shard's files
     are missing or of another size (checked once per shard per process)."""
-    from pipeline.typed_arrays import shard_key
+    from pipeline.rowstore import shard_key
 
     for j, rec, mtime in _records(store):
         key = (str(store.path), j, mtime)
@@ -102,7 +102,7 @@ def redo_damaged(store, out_dir: Path) -> list[str]:
     """Drop the `done` record of every finished shard whose files are not whole (so the stage redoes it
     instead of skipping it); returns the shard keys dropped. Call under the stage lock."""
     from pipeline.runner import drop_record
-    from pipeline.typed_arrays import shard_key
+    from pipeline.rowstore import shard_key
 
     dropped = []
     for j, rec, _ in _records(store):

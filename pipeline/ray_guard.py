@@ -14,7 +14,6 @@ kill of the whole process group, an OOM kill of both) leaves the cluster running
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -86,7 +85,6 @@ def guard_local_cluster(every: float = 1.0) -> subprocess.Popen:
         return _watchdog
     # stdin is the pipe; the driver's end is close-on-exec, so no Ray process inherits it and keeps it open
     _watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     threading.Thread(target=_report, args=(_watchdog, every), daemon=True, name="ray-guard").start()
     return _watchdog

@@ -247,8 +247,9 @@ def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
 def status(config: Optional[Path] = ConfigOpt,
            verify: bool = typer.Option(False, "--verify", help="Re-read finished outputs; corrupt units are "
                                        "marked for redo on the next run."),
-           repair: bool = typer.Option(False, "--repair", help="With --verify: delete an output whose metadata "
-                                       "cannot be read (e.g. the trajectory store) so the next run rebuilds it."),
+           repair: bool = typer.Option(False, "--repair", help="With --verify: also delete an output whose "
+                                       "metadata cannot be read (e.g. the trajectory store) so the next run rebuilds "
+                                       "it (a damaged shard is marked for redo by --verify alone)."),
            wait: bool = WaitOpt):
     """Per stage: done / pending / failed unit counts read from the completion records. Exits 2 when any
     stage's config checks refuse the config (each is listed on its stage's row)."""
@@ -277,7 +278,7 @@ def status(config: Optional[Path] = ConfigOpt,
             for err in st["errors"][:5]:
                 typer.echo(f"    failed {err}")
     if invalid:
-        stage, problem = next(iter(invalid.items()))
+        problem = next(iter(invalid.values()))
         fail(f"{problem} ({len(invalid)} stage(s) refuse this config: {', '.join(invalid)})")
 
 

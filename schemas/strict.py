@@ -65,6 +65,10 @@ def _unwrap(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
+def _is_model(t: Any) -> bool:
+    return typing.get_origin(t) is None and isinstance(t, type) and issubclass(t, BaseModel)
+
+
 def _kind(annotation: Any) -> str | None:
     """'int' or 'bool' where the annotation is exactly that scalar (possibly Optional), else None."""
     plain = [t for t in _unwrap(annotation) if t is not type(None)]
@@ -96,7 +100,7 @@ def check_types(model: type[BaseModel], data: Any, prefix: str = "") -> None:
             continue
         key, value = f"{prefix}{name}", data[name]
         plain = [t for t in _unwrap(field.annotation) if t is not type(None)]
-        if len(plain) == 1 and isinstance(plain[0], type) and issubclass(plain[0], BaseModel):
+        if len(plain) == 1 and _is_model(plain[0]):
             check_types(plain[0], value, key + ".")
             continue
         kind = _kind(field.annotation)
@@ -113,7 +117,7 @@ def check_types(model: type[BaseModel], data: Any, prefix: str = "") -> None:
                     _check_value(item, item_kind, f"{key}[{i}]")
         elif origin is dict and isinstance(value, dict):
             args = typing.get_args(plain[0])
-            sub = [t for t in _unwrap(args[1])] if len(args) == 2 else []
-            if len(sub) == 1 and isinstance(sub[0], type) and issubclass(sub[0], BaseModel):
+            sub = list(_unwrap(args[1])) if len(args) == 2 else []
+            if len(sub) == 1 and _is_model(sub[0]):
                 for k, v in value.items():
                     check_types(sub[0], v, f"{key}.{k}.")

@@ -82,7 +82,9 @@ def embedded_sections(root) -> dict:
         "teacher": {"kind": "embedded", "embedded": dict(EMBEDDED_TINY)},
         "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
         "generate": {"samples_per_prompt": 1, "shard_size": 5, "batch_size": 10},
-        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        # one transformer layer: the discriminator uses it (every stage's checks run at load, for every command)
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+                  "adversarial": {"disc_blocks": 1}},
         "evaluate": {"n_samples": 20, "nfes": [1, 2, 4], "teacher_nfe": 8, "batch_size": 20},
     }
 

@@ -312,7 +312,7 @@ class RowStore:
                             f"shards not written); {hint}")
         from pipeline.shard_check import check_shards
 
-        check_shards(self)              # every finished shard's files still there at their recorded sizes
+        check_shards(self, shard_key)              # every finished shard's files still there at their recorded sizes
 
     def write_rows(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Write a whole shard of each named row array (values already encoded to the store dtype)."""

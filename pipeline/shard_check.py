@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pipeline.errors import UserError
 
@@ -63,9 +63,8 @@ def shard_problem(store_path: Path, files: dict[str, int | None]) -> str | None:
     return None
 
 
-def _records(store) -> Iterator[tuple[int, dict, float]]:
+def _records(store, shard_key: Callable[[int], str]) -> Iterator[tuple[int, dict, float]]:
     from pipeline.runner import read_record, records_dir
-    from pipeline.rowstore import shard_key
 
     out_dir = Path(store.path).parent
     for j in range(store.num_shards):
@@ -78,12 +77,11 @@ def _records(store) -> Iterator[tuple[int, dict, float]]:
             yield j, rec, mtime
 
 
-def check_shards(store) -> None:
+def check_shards(store, shard_key: Callable[[int], str]) -> None:
     """Raise one UserError naming the store, the shard and the repair command when a finished shard's files
-    are missing or of another size (checked once per shard per process)."""
-    from pipeline.rowstore import shard_key
-
-    for j, rec, mtime in _records(store):
+    are missing or of another size (checked once per shard per process). `shard_key(j)` names shard j's
+    record (pipeline.rowstore.shard_key; passed in, as the store's module imports this one)."""
+    for j, rec, mtime in _records(store, shard_key):
         key = (str(store.path), j, mtime)
         if key in _checked:
             continue
@@ -98,14 +96,13 @@ def forget() -> None:
     _checked.clear()
 
 
-def redo_damaged(store, out_dir: Path) -> list[str]:
+def redo_damaged(store, out_dir: Path, shard_key: Callable[[int], str]) -> list[str]:
     """Drop the `done` record of every finished shard whose files are not whole (so the stage redoes it
     instead of skipping it); returns the shard keys dropped. Call under the stage lock."""
     from pipeline.runner import drop_record
-    from pipeline.rowstore import shard_key
 
     dropped = []
-    for j, rec, _ in _records(store):
+    for j, rec, _ in _records(store, shard_key):
         problem = shard_problem(store.path, rec["files"])
         if problem:
             drop_record(out_dir, shard_key(j))

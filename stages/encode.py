@@ -90,9 +90,10 @@ def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) 
 
     path = out_dir / LATENT_STORE
     if LatentStore.created(path):
+        from pipeline.rowstore import shard_key
         from pipeline.shard_check import redo_damaged
 
-        redo_damaged(LatentStore.open(path, meta, check_complete=False), out_dir)   # redone, not skipped
+        redo_damaged(LatentStore.open(path, meta, check_complete=False), out_dir, shard_key)   # redone, not skipped
         return
     for key in keys:
         drop_record(out_dir, key)

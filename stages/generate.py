@@ -78,9 +78,10 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool
     _write_sample_table(out_dir, plan)
     if TrajectoryStore.created(path):
         store = TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        from pipeline.rowstore import shard_key
         from pipeline.shard_check import redo_damaged
 
-        redo_damaged(store, out_dir)                                 # a lost shard file is redone, not skipped
+        redo_damaged(store, out_dir, shard_key)                                 # a lost shard file is redone, not skipped
         _check_resume(cfg, store, out_dir, keys)
         return
     for key in keys:                                                 # a new store has no finished shards

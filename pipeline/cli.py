@@ -85,11 +85,36 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config(path: Optional[Path], **overrides) -> RunConfig:
+def get_config(path: Optional[Path], checks: bool = True, **overrides) -> RunConfig:
+    """The config, checked on load: its schema, then every stage's own checks (pipeline/preflight.py), so a
+    setting of a late stage is refused before an early one runs."""
     try:
-        return load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
+        cfg = load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
         fail(str(exc))
+    if checks:
+        check_config(cfg)
+    return cfg
+
+
+def config_problems(cfg: RunConfig, first_only: bool = False) -> list[tuple[str, str]]:
+    """(stage, one-line problem) for each stage whose own `check(cfg)` refuses the config (pipeline/preflight.py)."""
+    out = []
+    for name in STAGES:
+        check = getattr(stage_module(name), "check", None)
+        try:
+            if check is not None:
+                check(cfg)
+        except (UserError, ConfigError) as exc:
+            out.append((name, str(exc)))
+            if first_only:
+                break
+    return out
+
+
+def check_config(cfg: RunConfig) -> None:
+    for _, problem in config_problems(cfg, first_only=True):
+        fail(problem)
 
 
 def stage_module(name: str):
@@ -109,9 +134,16 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     job is waited for and run for whatever its holder left (usually nothing): N processes on one config split
     its jobs (datatrove-style workers on one task queue). Where a job needs the ones before it (evaluate's
     students need the teacher's outputs), a held job is waited for instead."""
+    from pipeline.preflight import before_run
+    from pipeline.shard_check import forget
+
+    forget()                                  # each command checks the shards it reads anew
     mod = stage_module(name)
     t0 = time.time()
     try:
+        if opts.get("methods"):
+            cfg.train_runs(list(opts["methods"]))        # an unknown -m name: one line, before anything
+        before_run(cfg, name)
         held: list = []
         for job in mod.jobs(cfg, **opts):
             try:
@@ -230,9 +262,9 @@ def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
 
     try:
         cfg = with_ladder(get_config(config), _csv(rows, str, "--rows"), _csv(seeds, int, "--seeds"))
-        stage_module("train").runs(cfg)       # method options and disc_blocks: exit 2 before the teacher trains
-    except (LadderError, UserError, ConfigError) as exc:
+    except LadderError as exc:
         fail(str(exc))
+    check_config(cfg)                     # the ladder's own runs (options, disc_blocks), before the teacher trains
     t0 = time.time()
     for name in STAGES:
         run_stage(name, cfg, executor, address, wait=wait or share, share=share)
@@ -256,13 +288,19 @@ def _csv(text: Optional[str], kind, flag: str) -> Optional[list]:
 def status(config: Optional[Path] = ConfigOpt,
            verify: bool = typer.Option(False, "--verify", help="Re-read finished outputs; corrupt units are "
                                        "marked for redo on the next run."),
-           repair: bool = typer.Option(False, "--repair", help="With --verify: delete an output whose metadata "
-                                       "cannot be read (e.g. the trajectory store) so the next run rebuilds it."),
+           repair: bool = typer.Option(False, "--repair", help="With --verify: also delete an output whose "
+                                       "metadata cannot be read (e.g. the trajectory store) so the next run rebuilds "
+                                       "it (a damaged shard is marked for redo by --verify alone)."),
            wait: bool = WaitOpt):
-    """Per stage: done / pending / failed unit counts read from the completion records."""
-    cfg = get_config(config)
+    """Per stage: done / pending / failed unit counts read from the completion records. Exits 2 when any
+    stage's config checks refuse the config (each is listed on its stage's row)."""
+    cfg = get_config(config, checks=False)
+    invalid = dict(config_problems(cfg))
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")
     for name in STAGES:
+        if name in invalid:
+            typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  (config error: {invalid[name]})")
+            continue
         mod = stage_module(name)
         try:
             jobs = mod.jobs(cfg)
@@ -280,6 +318,9 @@ def status(config: Optional[Path] = ConfigOpt,
             typer.echo(f"{name:10s} {st['done']:6d} {st['pending']:8d} {st['failed']:7d}  {st['dir']}")
             for err in st["errors"][:5]:
                 typer.echo(f"    failed {err}")
+    if invalid:
+        problem = next(iter(invalid.values()))
+        fail(f"{problem} ({len(invalid)} stage(s) refuse this config: {', '.join(invalid)})")
 
 
 def verify_job(mod, job, repair: bool) -> None:

@@ -182,6 +182,8 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)   # encode only the first N images
     shard_size: int = Field(256, ge=1)  # images per unit = per Zarr shard
     batch_size: int = Field(32, ge=1)   # images per encode_images call
+    # images with alpha are composited on this background before encoding (refuse: an error naming the file)
+    alpha_background: Literal["white", "black", "refuse"] = "white"
 
 
 class AdversarialConfig(Section):
@@ -285,7 +287,8 @@ class EvaluateConfig(Section):
     n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
-    # None = follows the teacher: classifier (embedded), pixels (others)
+    # None: classifier for the embedded teacher (the only one with a digit classifier), else inception when
+    # inception_path is set, else pixels (RunConfig._teacher_defaults)
     features: Literal["classifier", "inception", "pixels"] | None = None
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
@@ -320,19 +323,23 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _teacher_defaults(cls, data: Any) -> Any:
-        """Keys whose default follows the teacher (`flowsteer init` writes them commented out): generate.store_dtype
-        and encode.store_dtype float16 for sd3, float32 for the others; evaluate.features classifier for the
-        embedded teacher (its digit classifier), pixels for the others."""
+        """Defaults by teacher: generate.store_dtype and encode.store_dtype float32 for the tiny embedded one,
+        float16 for sd3; evaluate.features the digit classifier for the embedded one only (no other has one)."""
         if isinstance(data, dict):
             teacher = data.get("teacher") or {}
             kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
-            dtype = "float16" if kind == "sd3" else "float32"
-            for section, key, value in (("generate", "store_dtype", dtype), ("encode", "store_dtype", dtype),
-                                        ("evaluate", "features", "classifier" if kind == "embedded" else "pixels")):
-                part = data.get(section)
-                part = dict(part.model_dump() if isinstance(part, BaseModel) else part or {})
-                if part.get(key) is None:
-                    data = {**data, section: {**part, key: value}}
+            for name in ("generate", "encode"):
+                section = data.get(name)
+                section = dict(section.model_dump() if isinstance(section, BaseModel) else section or {})
+                if section.get("store_dtype") is None:
+                    section["store_dtype"] = "float16" if kind == "sd3" else "float32"
+                    data = {**data, name: section}
+            ev = data.get("evaluate")
+            ev = dict(ev.model_dump() if isinstance(ev, BaseModel) else ev or {})
+            if ev.get("features") is None:
+                ev["features"] = ("classifier" if kind == "embedded" else
+                                  "inception" if ev.get("inception_path") else "pixels")
+                data = {**data, "evaluate": ev}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
@@ -359,8 +366,11 @@ class RunConfig(Section):
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             from pipeline.methods import get_method
-            if not get_method(run.method).uses_adversarial:
+            method = get_method(run.method)
+            if not method.uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
+            if method.x0_source(self, run.options) in ("latents", "digits"):
+                parts["latents"] = self.fingerprint("encode")   # real x0: the latent store read (data.images)
             parts["train"] = tr
             parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
             if self.train.store:         # the data trained on: the pointed store's own fingerprint
@@ -385,6 +395,11 @@ class RunConfig(Section):
         """The runs to train, name-major then seed: `names` (default train.methods) x train.seeds."""
         tc, out = self.train, []
         for name in (names or tc.methods):
+            if name not in tc.variants and method_problem([name], {}):
+                from pipeline.methods import method_names
+
+                raise ConfigError(f"run name '{name}' is neither a method ({', '.join(method_names())}) nor a "
+                                  f"train.variants entry ({', '.join(sorted(tc.variants)) or 'none defined'})")
             variant = tc.variants.get(name)
             method, options = ((variant.method, dict(variant.options)) if variant is not None
                                else (name, dict(tc.method_options.get(name, {}))))
@@ -460,16 +475,17 @@ def _one_line(err: ValidationError, path: str) -> str:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and check a YAML config; raises ConfigError with one readable line."""
+    """Read and check a YAML config; raises ConfigError with one readable line. Strict (schemas/strict.py):
+    UTF-8, no duplicate keys, not empty, counts and flags of their own type."""
+    from schemas.strict import StrictLoadError, check_types, read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+        data = read_yaml(p)
+    except StrictLoadError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
@@ -478,6 +494,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    try:
+        check_types(RunConfig, data)
+    except StrictLoadError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

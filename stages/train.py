@@ -285,6 +285,11 @@ def check_disc_blocks(cfg, runs) -> None:
                             f"has {depth} blocks (use 1..{depth}, or null for min(2, depth))")
 
 
+def check(cfg) -> None:
+    """At load (pipeline/preflight.py): every run's method accepts the config (options, adversarial settings)."""
+    runs(cfg)
+
+
 def jobs(cfg, methods=None) -> list[Job]:
     out = []
     teacher = SharedTeacher(cfg)          # one teacher load for every run of this invocation (per process)

@@ -80,7 +80,8 @@ def test_use_t5_on_a_directory_without_t5_is_one_error_line(tmp_path):
 
     pipe = build_tiny_sd3_pipeline(tmp_path / "sd3")          # no text_encoder_3
     path = write_config(tmp_path / "c.yaml", root=str(tmp_path / "runs"),
-                        teacher={"kind": "sd3", "path": str(pipe), "kwargs": {"use_t5": True}})
+                        teacher={"kind": "sd3", "path": str(pipe), "kwargs": {"use_t5": True}},
+                        train={"methods": ["ota"]})           # perflow would ask for data.images first
     one_line_error(run_cli("teacher", "-c", path), "use_t5 is true", "no T5")
     assert not (tmp_path / "runs").exists()
 

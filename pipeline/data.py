@@ -28,9 +28,9 @@ from pipeline.schedule import fixed_sigmas
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images: read from its latent store (`flowsteer encode`: `data.images`, or the
-    embedded teacher's training MNIST digits when it has none), or drawn exactly (the exact teacher)."""
-    return cfg.teacher.kind in ("embedded", "exact") or getattr(getattr(cfg, "data", None), "images", None) is not None
+    """Whether the run has real images (RunConfig.has_real_images): read from its latent store (`flowsteer
+    encode`: `data.images`, or the embedded teacher's training MNIST digits), or drawn exactly (exact teacher)."""
+    return cfg.has_real_images
 
 
 class DataSource:

@@ -384,8 +384,9 @@ class RunConfig(Section):
 
     @property
     def has_real_images(self) -> bool:
-        """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
-        return self.teacher.kind == "embedded" or self.data.images is not None
+        """Whether the run has real images: the MNIST digits (embedded teacher), `data.images` (encoded latents),
+        or the exact teacher's own data samples (drawn, no files)."""
+        return self.teacher.kind in ("embedded", "exact") or self.data.images is not None
 
     def stage_dir(self, stage: str) -> Path:
         """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""

@@ -119,3 +119,19 @@ def test_teacher_stage_pretrains_an_init_that_loads(tmp_path):
     assert v_net.shape == (2, 4, 8, 8)
     again = [job for job in teacher_stage.jobs(cfg)]
     assert run_job(again[0], "local")["skipped"] == 1          # cached: a second run trains nothing
+
+
+def test_the_exact_study_preset_loads_and_its_ladder_passes_the_checks(tmp_path):
+    """`flowsteer init --preset exact-study` writes a config whose every ladder row (PeRFlow's real x0 = exact
+    data, the GAN rows' disc_blocks) passes the load-time checks."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from schemas.config import load_config
+    from stages.train import runs
+
+    path = tmp_path / "exact.yaml"
+    assert CliRunner().invoke(app, ["init", str(path), "--preset", "exact-study"]).exit_code == 0
+    cfg = load_config(path)
+    assert cfg.teacher.kind == "exact" and cfg.has_real_images and len(cfg.train.seeds) == 3
+    assert len(runs(cfg)) == 8 * 3

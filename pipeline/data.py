@@ -32,9 +32,9 @@ from pipeline.shard_reader import empty
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images, read from its latent store (`flowsteer encode`): `data.images`, or the
-    embedded teacher's training MNIST digits when it has none."""
-    return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
+    """Whether the run has real images (RunConfig.has_real_images): read from its latent store (`flowsteer
+    encode`: `data.images`, or the embedded teacher's training MNIST digits), or drawn exactly (exact teacher)."""
+    return cfg.has_real_images
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class RowSource:
         self.batch_size = cfg.train.batch_size          # this rank's rows per step
         self.cursor = (0, 0)                            # (step, global real-data position at that step)
         self._latents = None
+        self._num_run_prompts: int | None = None
         self._perm: tuple[int, int, torch.Tensor] | None = None     # (epoch, size, permutation)
         if store is not None:
             self.store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
@@ -127,6 +128,14 @@ class RowSource:
         if self._cond_cache is not None:
             return {k: v[prompt_index] for k, v in self._cond_cache.items()}
         return self.store.cond(prompt_index.numpy(), stored=True)
+
+    def num_run_prompts(self) -> int:
+        """How many prompts the run has (generate.prompts): the exact teacher draws its real data among them."""
+        if self._num_run_prompts is None:
+            from pipeline.datasets import generate_prompts
+
+            self._num_run_prompts = len(generate_prompts(self.cfg))
+        return self._num_run_prompts
 
     def latent_store(self):
         """The run's real-image latent store (opened once per process; a missing one is a UserError)."""
@@ -212,7 +221,14 @@ class StepRows:
 
     def real(self, n: int) -> dict[str, Any]:
         """Real clean samples x0 with their caption's condition, from the run's latent store (`flowsteer encode`:
-        `data.images`, or the embedded teacher's training digits), in the store's dtype; docs/precision.md."""
+        `data.images`, or the embedded teacher's training digits), in the store's dtype; docs/precision.md.
+
+        The exact teacher's data has no files: its rows are the prompts drawn and a seed, and the teacher samples
+        x0 and encodes the prompts in the training process (`TeacherSolves.real_rows`)."""
+        if self.source.cfg.teacher.kind == "exact":
+            idx = self.randint(self.source.num_run_prompts(), n)
+            seed = torch.randint(1 << 62, (1,), generator=self.rng)
+            return {"exact_prompt": idx, "exact_seed": seed, "guidance": self.guidance(n), "index": idx}
         latents = self.source.latent_store()
         idx = self._real_indices(latents.num_samples, n)
         rows = idx.numpy()

@@ -18,8 +18,8 @@ from pipeline.sampling import euler, guided
 class TeacherSolves:
     """The frozen teacher's solves on `device`, on the fixed grid of `windows`."""
 
-    def __init__(self, teacher, store, device, windows: Windows):
-        self.teacher, self.store = teacher, store
+    def __init__(self, teacher, store, device, windows: Windows, cfg=None):
+        self.teacher, self.store, self.cfg = teacher, store, cfg
         self.device = torch.device(device)
         self.windows = windows
         self.edges = windows.edges.to(self.device)
@@ -31,6 +31,20 @@ class TeacherSolves:
         from pipeline.loader import to_device
 
         return to_device(rows, self.device)
+
+    def real_rows(self, real: dict) -> dict:
+        """StepRows.real's rows with x0 and its condition: as read, or for the exact teacher sampled from its data
+        law for the drawn prompts (a generator seeded by the row's draw) and encoded, here on the device."""
+        if "exact_prompt" not in real:
+            return real
+        from pipeline.datasets import generate_prompts
+
+        prompts = generate_prompts(self.cfg)
+        chosen = [prompts[int(i)] for i in real["exact_prompt"]]
+        generator = torch.Generator().manual_seed(int(real["exact_seed"][0]))
+        x0 = self.teacher.sample_data(chosen, generator).to(self.device, torch.float32)
+        cond = {k: v.to(self.device, torch.float32) for k, v in self.teacher.encode(chosen).items()}
+        return {**real, "x0": x0, "cond": cond}
 
     def null_cond(self, n: int) -> dict:
         """The unconditional ("" prompt) condition, n rows."""

@@ -149,7 +149,7 @@ class Trainer:
         step_rng = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
         self.rows = RowSource(self.cfg, store, teacher.sample_shape, seed, rank, world,
                               shared_seed=derive_seed(seed, "method", 0))
-        self.solves = TeacherSolves(teacher, store, self.device, self.rows.windows)
+        self.solves = TeacherSolves(teacher, store, self.device, self.rows.windows, self.cfg)
         ctx = MethodContext(cfg=self.cfg, teacher=teacher, rows=self.rows, solves=self.solves,
                             edges=self.solves.edges, device=self.device, step_rng=step_rng,
                             options=dict(self.run.options))

@@ -56,8 +56,8 @@ def student_checkpoints(cfg: RunConfig, methods=None) -> list[dict]:
     return out
 
 
-def _check_inputs(cfg: RunConfig) -> None:
-    """Problems a user can fix, found before any model is loaded (one line each)."""
+def check(cfg: RunConfig) -> None:
+    """Problems a user can fix, found at load before any model is loaded (one line each; pipeline/preflight.py)."""
     ev = cfg.evaluate
     for metric in metrics_for(cfg):
         metric.check(cfg)
@@ -67,7 +67,7 @@ def _check_inputs(cfg: RunConfig) -> None:
 
 def jobs(cfg: RunConfig, methods=None) -> list[Job]:
     """The teacher job (one unit per seed) and the students job (run x schedule x NFE x seed), in that order."""
-    _check_inputs(cfg)
+    check(cfg)
     ev, root = cfg.evaluate, cfg.stage_dir("evaluate")
     make = functools.partial(EvalWorker, cfg.model_dump(mode="json"))
     n, tfp = ev.n_samples, cfg.fingerprint("teacher")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.diffusers_scheduler import diffusers_sigmas
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodOptions, register
 from pipeline.methods.common import ChordMethod, rowwise
@@ -54,6 +53,8 @@ class PeRFlow(ChordMethod):
         super().__init__(ctx)
         # grid "diffusers": PeRFlow as users run it today, its windows on the default scheduler's grid (the
         # paper's first ablation row); the teacher then solves each window with M/K sub-steps of its own.
+        from pipeline.diffusers_scheduler import diffusers_sigmas   # diffusers loads only where it is used
+
         self.grid_edges = (diffusers_sigmas(self.num_windows, shift=ctx.cfg.schedule.shift).to(ctx.device)
                            if self.options["grid"] == "diffusers" else None)
 
@@ -77,21 +78,22 @@ class PeRFlow(ChordMethod):
     def x0_source(cls, cfg, options) -> str | None:
         if cls.parse_options(options)["x0"] == "teacher_samples":
             return "teacher_samples"
-        return "digits" if cfg.teacher.kind == "embedded" else "latents"
+        return {"embedded": "digits", "exact": "exact_data"}.get(cfg.teacher.kind, "latents")
 
     def draw(self, step: int, rows) -> dict:
         """x0 with its prompt (StepRows.real: digits or the run's latents; or StepRows.teacher_samples), the
         windows k and the noise eps."""
         real = (rows.teacher_samples if self.options["x0"] == "teacher_samples" else rows.real)(
             self.ctx.cfg.train.batch_size)
-        real["k"] = uniform_windows(len(real["x0"]), self.num_windows, rows.rng)
-        real["eps"] = torch.randn(real["x0"].shape, generator=rows.rng)
+        real["k"] = uniform_windows(len(real["index"]), self.num_windows, rows.rng)
+        real["eps"] = rows.noise(len(real["index"]))
         return real
 
     @torch.no_grad()
     def complete(self, real: dict) -> dict:
         """Off-trajectory windows: z_s = (1 - s_s) x0 + s_s eps from real data, z_e = teacher solve of the window."""
         ctx = self.ctx
+        real = ctx.solves.real_rows(real)
         x0, k, cond = real["x0"], real["k"], real["cond"]
         edges = (ctx.edges if self.grid_edges is None else self.grid_edges).to(x0.device)
         s_s, s_e = edges[k], edges[k + 1]

@@ -54,7 +54,8 @@ class FixedRows:
         return {k: (dict(v) if isinstance(v, dict) else v.clone()) for k, v in self._segments.items()}
 
     def real(self, n):
-        return {k: (dict(v) if isinstance(v, dict) else v[:n].clone()) for k, v in self._real.items()}
+        rows = {k: (dict(v) if isinstance(v, dict) else v[:n].clone()) for k, v in self._real.items()}
+        return {**rows, "index": torch.arange(n)}
 
     def noise(self, n):
         return torch.randn(n, 1, 8, 8, generator=self.rng)

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,31 @@ def test_gradient_checkpointing_trains_the_same_steps(toy_run):
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6, abs=1e-9)
     for key, value in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_teachers_real_rows_are_drawn_in_workers_and_sampled_in_the_step(tmp_path):
+    """The exact teacher's data has no files: a worker draws prompts and a seed, the training process samples x0
+    from the teacher's data law and encodes the prompts; the same batches with 0 and 2 workers."""
+    from pipeline.runner import run_job
+    from pipeline.teachers import load_teacher
+    from pipeline.trainer import Trainer
+    from schemas.config import RunConfig
+    from stages import teacher as teacher_stage
+
+    cfg = RunConfig.model_validate({"root": str(tmp_path), "teacher": {"kind": "exact", "exact": {
+        "train_steps": 10, "weak_checkpoint_step": 5, "num_layers": 1, "batch_size": 8}},
+        "schedule": {"teacher_steps": 8, "windows": 4}, "train": {"batch_size": 4, "steps": 4}})
+    for job in teacher_stage.jobs(cfg):
+        run_job(job, "local")
+    teacher = load_teacher(cfg)
+    batches = {}
+    for workers in (0, 2):
+        c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"loader_workers": workers})})
+        trainer = Trainer(c, "perflow", teacher, None, "cpu")
+        batches[workers] = [trainer.method.complete(trainer.loader.next(s)) for s in range(3)]
+        assert np.isfinite(trainer.train_step()["loss"]) if workers == 0 else True
+        trainer.close()
+    for a, b in zip(batches[0], batches[2]):
+        assert same(a, b)
+    x0 = batches[0][0]["z_start"]
+    assert x0.shape == (4, *teacher.sample_shape) and len({float(b["z_start"].sum()) for b in batches[0]}) == 3

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write_bytes, temp_name
-from pipeline.metrics.base import EvalContext, Metric, Samples, register
+from pipeline.metrics.base import EvalContext, Metric, Samples, register, to_uint8  # noqa: F401 (re-exported)
 from pipeline.metrics.frechet import frechet_from_features
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -43,12 +43,6 @@ class FeatureSpace:
     name: str
     extract: Extract
     resize: Callable[[np.ndarray], np.ndarray] | None = None
-
-
-def to_uint8(images01: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [0, 1] -> [N, H, W, C] uint8 (round to nearest, as torchvision.save_image does)."""
-    x = images01.detach().float().clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def write_png_folder(images: np.ndarray | torch.Tensor, directory: Path, start: int = 0) -> Path:
@@ -171,9 +165,14 @@ def digits_reference_dir(cfg) -> Path:
 class FID(Metric):
     name, title, better, order = "fid", "FID", "lower", 10
     description = ("Frechet distance between Gaussians fitted to features of the generated samples and of the "
-                   "reference images (Heusel et al. 2017); clean-fid features. Sample quality and diversity.")
+                   "reference images (Heusel et al. 2017), computed through clean-fid in the feature space named "
+                   "under Run. Sample quality and diversity.")
     needs = ("features", "reference")
     weights = "evaluate.inception_path"
+
+    @classmethod
+    def needs_text(cls) -> str:
+        return "the `evaluate.features` space (`evaluate.inception_path` for Inception), a reference"
 
     @classmethod
     def min_samples_for(cls, features: str | None) -> int:
@@ -191,6 +190,11 @@ class FID(Metric):
                             "use features: inception (with inception_path) or pixels for other teachers")
         if ev.reference and not Path(ev.reference).expanduser().is_dir():
             raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
+        if ev.features == "pixels" and cfg.teacher.kind != "embedded":
+            import sys
+
+            print("warning: FID on raw pixels (evaluate.features: pixels) is not comparable with published FID; "
+                  f"set evaluate.inception_path to clean-fid's {INCEPTION_FILE} for standard FID", file=sys.stderr)
 
     @classmethod
     def prepare(cls, cfg) -> None:

@@ -255,7 +255,7 @@ class EvalWorker:
 
     def run(self, unit: Unit) -> dict:
         p, ev = unit.params, self.cfg.evaluate
-        job_dir = self.root / ("teacher" if p["kind"] == "teacher" else "students")
+        job_dir = self.root / {"teacher": "teacher", "student": "students", "checkpoint": "follow"}[p["kind"]]
         t0 = time.time()
         x, images, prompt_index, seeds = self.generate(p)
         t_sample = time.time() - t0

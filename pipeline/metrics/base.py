@@ -64,16 +64,12 @@ def metrics_for(cfg) -> list[type["Metric"]]:
     return [m for n, m in known.items() if n in chosen]
 
 
-def to_uint8(images01: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [0, 1] -> [N, H, W, C] uint8 (round to nearest, as torchvision.save_image does)."""
-    x = images01.detach().float().clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def pil_images(images01: torch.Tensor) -> list:
     """The samples as 8-bit RGB PIL images: what the preference models' reference code reads from PNG files,
     so their PIL resizes see the same pixels (grey samples are converted to RGB as `Image.convert` does)."""
     from PIL import Image
+
+    from pipeline.metrics.fid import to_uint8
 
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in to_uint8(images01)]
 

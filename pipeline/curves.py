@@ -75,3 +75,23 @@ def plot_curves(rows: pd.DataFrame, metrics: list[str], titles: dict[str, str], 
     plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def curves_section(cfg, metrics: list[str], out: Path, title) -> str:
+    """The report's section: each metric vs training step (`title(metric)` heads a panel), "" without curves."""
+    from pipeline.metrics.tables import prompt_set_text
+
+    path = curves_path(cfg)
+    rows = pd.read_parquet(path) if path.is_file() else None
+    if rows is None or not len(rows):
+        return ""
+    nfes = sorted(set(rows.nfe))
+    nfe = cfg.schedule.windows if cfg.schedule.windows in nfes else max(nfes)
+    names = list(dict.fromkeys([*metrics, *rows.metric]))
+    plot = plot_curves(rows, names, {m: title(m) for m in names}, nfe, out / "plots" / "curves.png")
+    if plot is None:
+        return ""
+    return (f"Every checkpoint training committed, scored while it trained (`flowsteer evaluate --follow`), "
+            f"{nfe} NFE on the fixed grid, {prompt_set_text(rows)}; TensorBoard: "
+            f"`{cfg.stage_dir('evaluate') / 'follow' / 'tb'}`.\n\n"
+            f"![metrics vs training step]({plot.relative_to(out).as_posix()})")

@@ -67,7 +67,7 @@ def _embeds(x) -> torch.Tensor:
 class PickScore(Metric):
     name, title, better, order = "pickscore", "PickScore", "higher", 32
     description = ("exp(logit scale) x cosine of PickScore's CLIP-H image and prompt embeddings (Kirstain et al. "
-                   "2023): human preference, ~21-23 for SD-class models.")
+                   "2023): human preference.")
     weights = "evaluate.pickscore_path"
     when = "evaluate.pickscore_path is set"
     min_samples = 100

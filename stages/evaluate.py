@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _check_inputs(cfg: RunConfig) -> None:
         metric.check(cfg)
     if any(n < 1 for n in ev.nfes) or ev.teacher_nfe < 1 or ev.n_samples < 2:
         raise UserError("evaluate.nfes and teacher_nfe must be >= 1 and n_samples >= 2")
+    for line in (w for metric in metrics_for(cfg) for w in metric.warnings(cfg)):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def checkpoint_units(cfg: RunConfig, methods=None) -> list[dict]:

@@ -161,6 +161,11 @@ class Metric:
             raise UserError(f"{cls.weights} {path} does not exist (the {cls.title} weights are read locally)")
 
     @classmethod
+    def warnings(cls, cfg) -> list[str]:
+        """Lines the driver prints once every check has passed (e.g. a feature space not comparable with papers)."""
+        return []
+
+    @classmethod
     def prepare(cls, cfg) -> None:
         """Driver side, once per evaluate run, before any unit (e.g. write a reference folder)."""
 

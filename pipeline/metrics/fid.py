@@ -196,11 +196,13 @@ class FID(Metric):
                             "use features: inception (with inception_path) or pixels for other teachers")
         if ev.reference and not Path(ev.reference).expanduser().is_dir():
             raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
-        if ev.features == "pixels" and cfg.teacher.kind != "embedded":
-            import sys
 
-            print("warning: FID on raw pixels (evaluate.features: pixels) is not comparable with published FID; "
-                  f"set evaluate.inception_path to clean-fid's {INCEPTION_FILE} for standard FID", file=sys.stderr)
+    @classmethod
+    def warnings(cls, cfg) -> list[str]:
+        if cfg.evaluate.features == "pixels" and cfg.teacher.kind != "embedded":
+            return ["FID on raw pixels (evaluate.features: pixels) is not comparable with published FID; set "
+                    f"evaluate.inception_path to clean-fid's {INCEPTION_FILE} for standard FID"]
+        return []
 
     @classmethod
     def prepare(cls, cfg) -> None:

@@ -260,7 +260,14 @@ class EvalWorker:
         p, ev = unit.params, self.cfg.evaluate
         job_dir = self.root / {"teacher": "teacher", "student": "students", "checkpoint": "follow"}[p["kind"]]
         t0 = time.time()
-        x, images, prompt_index, seeds = self.generate(p)
+        try:
+            x, images, prompt_index, seeds = self.generate(p)
+        except FileNotFoundError:
+            if p["kind"] != "checkpoint" or Path(p["ckpt"]).exists():
+                raise
+            # training removed this checkpoint (it keeps its newest few) after the unit was planned
+            return {"skipped": "checkpoint removed by training before it was scored", "computed": [],
+                    "prompt_hash": p.get("prompt_hash")}
         t_sample = time.time() - t0
         if p["kind"] == "teacher":
             from pipeline.metrics.fidelity import save_outputs

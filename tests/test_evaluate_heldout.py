@@ -65,6 +65,12 @@ def test_sd3_evaluate_on_heldout_parquet_prompts_scores_every_metric_and_reports
     import hashlib
     assert scores.prompt_hash.iloc[0] == hashlib.sha256("\n".join(HELD_OUT).encode()).hexdigest()[:16]
 
+    card = (cfg.train_dir(cfg.train_runs(["ota"])[0]) / "export" / "README.md").read_text()   # the model card
+    assert "Prompts: `heldout` (held-out); 6 samples per value" in card
+    assert "| teacher (2 steps, CFG 4) | fixed | 2 |" in card and "| this student | fixed | 1 |" in card
+    for title in ("PickScore", "HPSv2", "ImageReward", "CLIP score"):
+        assert title in card.split("## Scores")[1]
+
     res = _cli("report", "-c", path)
     assert res.exit_code == 0, res.output
     text = (Path(cfg.root) / "report" / "report.md").read_text()
@@ -143,3 +149,43 @@ def test_follow_scores_each_checkpoint_as_training_commits_it(make_toy_config):
                "--follow", "--poll", "0.1")
     assert res.exit_code == 0 and "evaluate: 2 units done (2 skipped" in res.output, res.output
     assert set(pd.read_parquet(cfg.stage_dir("evaluate") / "curves.parquet").step) == {2, 4, 6}
+
+
+def test_follow_beside_a_concurrent_training_process(make_toy_config):
+    """`flowsteer evaluate --follow` in this process while `flowsteer train` runs in another: it returns only
+    after training's export record, having scored checkpoints as they appeared, the last one included."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.cli import run_stage
+    from pipeline.runner import is_done
+
+    path = make_toy_config(train={"methods": ["ota"], "steps": 20, "checkpoint_every": 4},
+                           evaluate={"nfes": [1], "features": "pixels", "n_samples": 8})
+    cfg = load_config(path)
+    run_stage("generate", cfg, "local")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    trainer = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", "train", "-c", str(path)],
+                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        res = _cli("evaluate", "-c", path, "--follow", "--poll", "0.3")
+        train_dir = cfg.train_dir(cfg.train_runs(["ota"])[0])
+        assert is_done(train_dir, "export")                    # it stopped because training said it finished
+    finally:
+        _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, err.decode()[-2000:]
+    assert res.exit_code == 0, res.output
+    steps = set(pd.read_parquet(cfg.stage_dir("evaluate") / "curves.parquet").step)
+    assert 20 in steps and len(steps) >= 2 and steps <= {4, 8, 12, 16, 20}
+
+
+def test_model_card_title_and_tags(make_toy_config):
+    from pipeline.model_card import card_title, front_matter
+
+    cfg = load_config(make_toy_config(train={"methods": ["flowsteer"]}))
+    tags = front_matter(cfg, "flowsteer")["tags"]
+    assert tags.count("flowsteer") == 1 and "few-step" in tags
+    title = card_title(cfg, "flowsteer", {"run": "flowsteer-adv"})
+    assert title == "Flow-matching teacher in 4 steps: flowsteer-adv, method flowsteer (flowsteer distillation)"

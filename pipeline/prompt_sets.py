@@ -2,8 +2,8 @@
 pipeline/datasets.py) or, by default, the generate prompts, which the report labels as such (scores on the
 prompts a student was distilled on say little about prompts it never saw).
 
-The driver copies a held-out column once per run into `<evaluate dir>/prompts.parquet` while checking and
-hashing it; workers read back only the rows they sample (TextColumn), and encode them themselves. The set's
+The driver checks and hashes a held-out column when planning, and copies it into `<evaluate dir>/prompts.parquet`
+before the jobs run; workers read back only the rows they sample (TextColumn), and encode them themselves. The set's
 name and hash travel in every unit's params, score row and record, so a unit scored on other prompts is redone.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ def copy_path(cfg) -> Path:
 
 
 def prompt_set(cfg) -> PromptSet:
-    """Driver side: check, copy and hash `evaluate.prompts`, or describe the generate prompts."""
+    """Driver side, when planning (also for `flowsteer status`: nothing is written): check and hash
+    `evaluate.prompts`, or describe the generate prompts."""
     ev = cfg.evaluate
     if ev.prompts is None:
         from pipeline.store import prompt_summary
@@ -35,11 +36,42 @@ def prompt_set(cfg) -> PromptSet:
         count, digest = prompt_summary(cfg)
         source = Path(cfg.generate.prompts).name if cfg.generate.prompts else "digit prompts"
         return PromptSet(f"generate prompts ({source})", digest, count, held_out=False)
+    from pipeline.errors import UserError
+
+    count, digest = _rows_hash(_batches(cfg))
+    if count == 0:
+        raise UserError(f"evaluate.prompts {ev.prompts} has no rows (empty file)")
+    return PromptSet(_stem(ev.prompts), digest, count, held_out=True)
+
+
+def write_copy(cfg) -> None:
+    """Driver side, before the evaluate jobs run: the checked column of evaluate.prompts for the workers."""
     from pipeline.datasets import copy_text_column
 
-    count, digest = copy_text_column(Path(ev.prompts).expanduser(), copy_path(cfg), ev.prompt_column,
-                                     "evaluate.prompts", "evaluate.prompt_column")
-    return PromptSet(_stem(ev.prompts), digest, count, held_out=True)
+    ev = cfg.evaluate
+    if ev.prompts is not None:
+        copy_text_column(Path(ev.prompts).expanduser(), copy_path(cfg), ev.prompt_column, "evaluate.prompts",
+                         "evaluate.prompt_column")
+
+
+def _batches(cfg):
+    from pipeline.datasets import text_batches
+
+    ev = cfg.evaluate
+    return text_batches(Path(ev.prompts).expanduser(), ev.prompt_column, "evaluate.prompts", "evaluate.prompt_column")
+
+
+def _rows_hash(batches) -> tuple[int, str]:
+    """(rows, sha256 of the rows joined by newlines, 16 hex digits): the hash copy_text_column returns."""
+    import hashlib
+
+    h, rows = hashlib.sha256(), 0
+    for values in batches:
+        for v in values:
+            h.update(b"\n" if rows else b"")
+            h.update(v.encode())
+            rows += 1
+    return rows, h.hexdigest()[:16]
 
 
 def _stem(path: str) -> str:
@@ -48,12 +80,13 @@ def _stem(path: str) -> str:
 
 
 def eval_prompts(cfg):
-    """Worker side: the rows to sample from (len, [i]): the driver's copy of evaluate.prompts, else the
-    generate prompts."""
+    """Worker side: the rows to sample from (len, [i]): the driver's copy of evaluate.prompts (read back by
+    row group), else the generate prompts."""
     if cfg.evaluate.prompts is None:
         from pipeline.store import generate_prompts
 
         return generate_prompts(cfg)
     from pipeline.datasets import TextColumn
 
-    return TextColumn(copy_path(cfg))
+    copy = copy_path(cfg)
+    return TextColumn(copy) if copy.is_file() else [p for batch in _batches(cfg) for p in batch]

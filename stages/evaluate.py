@@ -64,8 +64,7 @@ def _check_inputs(cfg: RunConfig) -> None:
         metric.check(cfg)
     if any(n < 1 for n in ev.nfes) or ev.teacher_nfe < 1 or ev.n_samples < 2:
         raise UserError("evaluate.nfes and teacher_nfe must be >= 1 and n_samples >= 2")
-    for line in (w for metric in metrics_for(cfg) for w in metric.warnings(cfg)):
-        print(f"warning: {line}", file=sys.stderr)
+
 
 
 def checkpoint_units(cfg: RunConfig, methods=None) -> list[dict]:
@@ -112,6 +111,11 @@ def _prepare(cfg: RunConfig | None, job: Job, names: list[str], prompt_hash: str
     record does not list exactly the metrics this run computes (a metric was added, removed or chosen) or
     was scored on another prompt set."""
     if cfg is not None:
+        from pipeline.prompt_sets import write_copy
+
+        for line in (w for metric in metrics_for(cfg) for w in metric.warnings(cfg)):
+            print(f"warning: {line}", file=sys.stderr)
+        write_copy(cfg)
         for metric in metrics_for(cfg):
             metric.prepare(cfg)
     for unit in job.units:

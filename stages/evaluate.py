@@ -66,7 +66,6 @@ def _check_inputs(cfg: RunConfig) -> None:
         raise UserError("evaluate.nfes and teacher_nfe must be >= 1 and n_samples >= 2")
 
 
-
 def checkpoint_units(cfg: RunConfig, methods=None) -> list[dict]:
     """Every training checkpoint vouched for by a segment record so far, per run (pipeline/follow.py)."""
     from pipeline.follow import vouched_checkpoints

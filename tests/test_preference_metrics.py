@@ -182,3 +182,79 @@ def test_missing_weights_path_is_a_user_error_naming_the_key(tmp_path, key):
     assert len(chosen) == 1
     with pytest.raises(UserError, match=f"evaluate.{key} .*nowhere"):
         chosen[0].check(cfg)
+
+
+def _reference_imagereward(blob: dict, med: dict, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    """THUDM/ImageReward's forward written out from its checkpoint's own tensors (BLIP vit.py: pre-norm blocks,
+    LayerNorm eps 1e-6; BLIP med.py BertLayer in 'multimodal' mode: post-norm self-attention, cross-attention
+    to every image token, feed-forward; additive mask -10000), independent of transformers' BLIP classes."""
+    F = torch.nn.functional
+
+    def w(name):
+        return blob[name].float()
+
+    def lin(x, name):
+        return x @ w(name + ".weight").T + w(name + ".bias")
+
+    def ln(x, name, eps):
+        return F.layer_norm(x, x.shape[-1:], w(name + ".weight"), w(name + ".bias"), eps)
+
+    v = "blip.visual_encoder."
+    patch = w(v + "patch_embed.proj.weight")
+    x = F.conv2d(pixels, patch, w(v + "patch_embed.proj.bias"), stride=patch.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([w(v + "cls_token").expand(len(x), -1, -1), x], 1) + w(v + "pos_embed")
+    width = x.shape[-1]
+    heads = width // 64
+    depth = 1 + max(int(k.split(".")[3]) for k in blob if k.startswith(v + "blocks."))
+    for i in range(depth):
+        b = f"{v}blocks.{i}."
+        h = ln(x, b + "norm1", 1e-6)
+        B, N, C = h.shape
+        qkv = lin(h, b + "attn.qkv").reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+        att = (qkv[0] @ qkv[1].transpose(-2, -1) * (C // heads) ** -0.5).softmax(-1)
+        x = x + lin((att @ qkv[2]).transpose(1, 2).reshape(B, N, C), b + "attn.proj")
+        x = x + lin(F.gelu(lin(ln(x, b + "norm2", 1e-6), b + "mlp.fc1")), b + "mlp.fc2")
+    image = ln(x, v + "norm", 1e-6)
+
+    t, eps, nh = "blip.text_encoder.", med["layer_norm_eps"], med["num_attention_heads"]
+    pos = torch.arange(ids.shape[1])
+    h = ln(w(t + "embeddings.word_embeddings.weight")[ids] + w(t + "embeddings.position_embeddings.weight")[pos],
+           t + "embeddings.LayerNorm", eps)
+
+    def attention(q_in, kv_in, prefix, add_mask):
+        q, k, vv = lin(q_in, prefix + "self.query"), lin(kv_in, prefix + "self.key"), lin(kv_in, prefix + "self.value")
+        split = lambda z: z.reshape(z.shape[0], z.shape[1], nh, -1).transpose(1, 2)   # noqa: E731
+        q, k, vv = split(q), split(k), split(vv)
+        s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + add_mask
+        ctx = (s.softmax(-1) @ vv).transpose(1, 2).reshape(q_in.shape)
+        return ln(lin(ctx, prefix + "output.dense") + q_in, prefix + "output.LayerNorm", eps)
+
+    self_mask = (1.0 - mask[:, None, None, :].float()) * -10000.0
+    for i in range(med["num_hidden_layers"]):
+        layer = f"{t}encoder.layer.{i}."
+        a = attention(h, h, layer + "attention.", self_mask)
+        a = attention(a, image, layer + "crossattention.", 0.0)
+        h = ln(lin(F.gelu(lin(a, layer + "intermediate.dense")), layer + "output.dense") + a,
+               layer + "output.LayerNorm", eps)
+    r = h[:, 0]
+    for i in (0, 2, 4, 6, 7):
+        r = lin(r, f"mlp.layers.{i}")
+    return ((r - 0.16717362830052426) / 1.0333394966054072).squeeze(-1)
+
+
+def test_imagereward_matches_the_reference_network_written_from_its_checkpoint(tmp_path):
+    """transformers' BLIP classes compute what BLIP's vit.py + med.py compute on the released checkpoint."""
+    import json
+
+    from pipeline.metrics.imagereward import ImageRewardScorer, load_tokenizer
+
+    d = build_imagereward_dir(tmp_path / "ir")
+    scorer = ImageRewardScorer(d)
+    images = _images(5)
+    got = scorer(images, PROMPTS)
+    pixels = torch.stack([_resize_crop_normalize(im, 224) for im in _pil(images)])
+    text = load_tokenizer(d)(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    want = _reference_imagereward(torch.load(d / "ImageReward.pt", weights_only=True),
+                                  json.loads((d / "med_config.json").read_text()), pixels, text["input_ids"],
+                                  text["attention_mask"])
+    assert torch.allclose(got, want, atol=1e-4), (got, want)

@@ -56,26 +56,25 @@ def metric_models(base: Path, shape: str) -> dict:
     if shape == "tiny":
         return {**tiny_metrics.metric_sections(base), "clip_path": str(tiny_metrics.build_pickscore_dir(base / "clip"))}
     import open_clip
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     keys = tiny_metrics.metric_sections(base)            # tokenizer/processor files; the models are replaced
-    for name, vision, text, proj in (("pickscore", (1280, 32, 16, 14), (1024, 24, 16), 1024),
-                                     ("clip", (1024, 24, 16, 14), (768, 12, 12), 768)):
-        d = base / name if name == "clip" else Path(keys["pickscore_path"])
-        if name == "clip":
-            tiny_metrics.build_pickscore_dir(d)
-        (w, layers, heads, patch), (tw, tl, th) = vision, text
-        tok_len = len(json.loads((Path(keys["pickscore_path"]) / "vocab.json").read_text())) + 2
-        cfg = CLIPConfig(text_config=dict(vocab_size=tok_len, hidden_size=tw, intermediate_size=4 * tw,
+    keys["clip_path"] = str(tiny_metrics.build_pickscore_dir(base / "clip"))
+    tok = AutoTokenizer.from_pretrained(keys["pickscore_path"])
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.eos_token_id)
+    # (vision width, layers, heads, patch), (text width, layers, heads), projection: CLIP-H/14 and CLIP-L/14
+    for key, (w, layers, heads, patch), (tw, tl, th), proj in (
+            ("pickscore_path", (1280, 32, 16, 14), (1024, 24, 16), 1024),
+            ("clip_path", (1024, 24, 16, 14), (768, 12, 12), 768)):
+        cfg = CLIPConfig(text_config=dict(**ids, hidden_size=tw, intermediate_size=4 * tw,
                                           num_hidden_layers=tl, num_attention_heads=th, max_position_embeddings=77),
                          vision_config=dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=layers,
                                             num_attention_heads=heads, image_size=224, patch_size=patch),
                          projection_dim=proj)
-        CLIPModel(cfg).save_pretrained(d)
-        if name == "clip":
-            keys["clip_path"] = str(d)
-        from transformers import CLIPImageProcessorPil
-        CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(d)
+        CLIPModel(cfg).save_pretrained(keys[key])
+        CLIPImageProcessorPil(size={"shortest_edge": 224},
+                              crop_size={"height": 224, "width": 224}).save_pretrained(keys[key])
     torch.save({"state_dict": open_clip.create_model("ViT-H-14", pretrained=None).state_dict()}, keys["hpsv2_path"])
     keys["hpsv2_model"] = "ViT-H-14"
     from pipeline.metrics.imagereward import ImageRewardModel

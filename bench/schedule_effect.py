@@ -28,7 +28,7 @@ NOISE_SEED_OFFSET = 1 << 41     # bench noise never coincides with training or e
 @torch.no_grad()
 def sample_images(teacher, sigmas, prompts, noise_seeds, guidance, batch_size):
     from pipeline.sampling import sample
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
 
     out = []
     for i in range(0, len(prompts), batch_size):

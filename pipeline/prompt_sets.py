@@ -31,14 +31,15 @@ def prompt_set(cfg) -> PromptSet:
     `evaluate.prompts`, or describe the generate prompts."""
     ev = cfg.evaluate
     if ev.prompts is None:
-        from pipeline.store import prompt_summary
+        from pipeline.datasets import prompt_summary
 
         count, digest = prompt_summary(cfg)
         source = Path(cfg.generate.prompts).name if cfg.generate.prompts else "digit prompts"
         return PromptSet(f"generate prompts ({source})", digest, count, held_out=False)
+    from pipeline.datasets import rows_hash
     from pipeline.errors import UserError
 
-    count, digest = _rows_hash(_batches(cfg))
+    count, digest = rows_hash(_batches(cfg))
     if count == 0:
         raise UserError(f"evaluate.prompts {ev.prompts} has no rows (empty file)")
     return PromptSet(_stem(ev.prompts), digest, count, held_out=True)
@@ -61,19 +62,6 @@ def _batches(cfg):
     return text_batches(Path(ev.prompts).expanduser(), ev.prompt_column, "evaluate.prompts", "evaluate.prompt_column")
 
 
-def _rows_hash(batches) -> tuple[int, str]:
-    """(rows, sha256 of the rows joined by newlines, 16 hex digits): the hash copy_text_column returns."""
-    import hashlib
-
-    h, rows = hashlib.sha256(), 0
-    for values in batches:
-        for v in values:
-            h.update(b"\n" if rows else b"")
-            h.update(v.encode())
-            rows += 1
-    return rows, h.hexdigest()[:16]
-
-
 def _stem(path: str) -> str:
     p = Path(path)
     return p.name if p.is_dir() else p.stem
@@ -83,7 +71,7 @@ def eval_prompts(cfg):
     """Worker side: the rows to sample from (len, [i]): the driver's copy of evaluate.prompts (read back by
     row group), else the generate prompts."""
     if cfg.evaluate.prompts is None:
-        from pipeline.store import generate_prompts
+        from pipeline.datasets import generate_prompts
 
         return generate_prompts(cfg)
     from pipeline.datasets import TextColumn

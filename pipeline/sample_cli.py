@@ -43,7 +43,7 @@ DEFAULT_ROWS = 10               # without --prompt: the first rows of the run's 
 
 def default_prompts(cfg) -> list[str]:
     """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
-    from pipeline.store import generate_prompts
+    from pipeline.datasets import generate_prompts
 
     if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
         raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
@@ -80,7 +80,7 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
         from pipeline.student import load_student
 
         student = load_student(export, teacher.device)
-    from pipeline.store import noise_for            # the noise evaluate and generate use too
+    from pipeline.seeds import noise_for            # the noise evaluate and generate use too
 
     shape = tuple(teacher.sample_shape)
     column_noise = torch.stack([noise_for(seed * SEED_STRIDE + c, shape) for c in range(per_prompt)])

@@ -61,7 +61,7 @@ class TensorBoardLogger:
 @torch.no_grad()
 def sample_grid(logger: TensorBoardLogger, trainer, step: int, nfes=GRID_NFES, n: int = GRID_SAMPLES) -> None:
     """The EMA student's samples at each NFE in `nfes` (same noise, same prompts) as images `samples/nfe<N>`."""
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
 
     data, method = trainer.data, trainer.method
     if data.store is None or not data.num_prompts:

@@ -130,6 +130,15 @@ class GenerateConfig(Section):
         return self
 
 
+class EncodeConfig(Section):
+    """How `flowsteer encode` stores the latents and runs its workers (the image set itself is `data`)."""
+    store_dtype: StoreDtype | None = None   # latents + conditions on disk; None = float32 (embedded), float16 (sd3)
+    compressor: Literal["none", "zstd", "blosc"] = "none"
+    cpus_per_worker: int = Field(1, ge=1, le=1024)     # torch threads and Ray CPUs per encode worker
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)   # Ray GPUs per encode worker (1 on a GPU cluster)
+    max_retries: int = Field(2, ge=0, le=100)          # retries after a worker or node dies
+
+
 class DataConfig(Section):
     """Real images with captions for `flowsteer encode` (latents via the teacher's encode_images)."""
     images: str | None = None           # image folder (+ .txt caption per image), .parquet, .jsonl or HF dataset dir;
@@ -267,6 +276,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
@@ -296,15 +306,17 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_store_dtype(cls, data: Any) -> Any:
-        """generate.store_dtype defaults by teacher: float32 for the tiny embedded one, float16 for sd3."""
+        """generate.store_dtype and encode.store_dtype default by teacher: float32 for the tiny embedded one,
+        float16 for sd3."""
         if isinstance(data, dict):
-            gen = data.get("generate")
-            gen = dict(gen.model_dump() if isinstance(gen, BaseModel) else gen or {})
-            if gen.get("store_dtype") is None:
-                teacher = data.get("teacher") or {}
-                kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
-                gen["store_dtype"] = "float16" if kind == "sd3" else "float32"
-                data = {**data, "generate": gen}
+            for name in ("generate", "encode"):
+                section = data.get(name)
+                section = dict(section.model_dump() if isinstance(section, BaseModel) else section or {})
+                if section.get("store_dtype") is None:
+                    teacher = data.get("teacher") or {}
+                    kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
+                    section["store_dtype"] = "float16" if kind == "sd3" else "float32"
+                    data = {**data, name: section}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
@@ -319,7 +331,7 @@ class RunConfig(Section):
             parts["device"] = self.device.split(":")[0]      # cpu and cuda numerics differ; the GPU index does not
         if stage == "encode":
             parts["data"] = self.data.model_dump(mode="json")
-            parts["store"] = {k: getattr(self.generate, k) for k in ("store_dtype", "compressor")}
+            parts["store"] = {k: getattr(self.encode, k) for k in ("store_dtype", "compressor")}
         if stage in ("generate", "train"):
             parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":

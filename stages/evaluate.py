@@ -40,7 +40,7 @@ GRID_IMAGES = 20                # images kept per (checkpoint, schedule, nfe) fo
 # ---------------------------------------------------------------- what is evaluated
 def noise_seeds(seed: int, n: int) -> np.ndarray:
     """Per-sample noise seeds of evaluation seed `seed`: disjoint sets for different seeds, and above 2^32,
-    so never one of the training trajectories' seeds (pipeline.store.sample_seeds are uint32)."""
+    so never one of the training trajectories' seeds (pipeline.seeds.sample_seeds are uint32)."""
     return NOISE_SEED_OFFSET + seed * (1 << 24) + np.arange(n, dtype=np.int64)
 
 
@@ -233,7 +233,7 @@ class EvalWorker:
     def generate(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         """(samples in ODE space, images in [0, 1], prompt index, noise seeds) for one unit."""
         from pipeline.sampling import sample
-        from pipeline.store import noise_for
+        from pipeline.seeds import noise_for
 
         ev, n = self.cfg.evaluate, self.cfg.evaluate.n_samples
         seeds = noise_seeds(p["seed"], n)

@@ -203,7 +203,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.store import generate_prompts
+    from pipeline.datasets import generate_prompts
 
     grids = cfg.stage_dir("evaluate") / "grids"
     seed, ev, prompts = cfg.evaluate.seeds[0], cfg.evaluate, generate_prompts(cfg)

@@ -40,7 +40,8 @@ MUST_MATCH = ("format", "teacher", "schedule")
 
 def open_store(cfg):
     """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
-    from pipeline.store import TrajectoryStore, meta_differences, mismatch_summary, store_meta
+    from pipeline.rowstore import meta_differences, mismatch_summary
+    from pipeline.store import TrajectoryStore, store_meta
 
     store = TrajectoryStore.open(training_store_path(cfg))
     expected = store_meta(cfg)

@@ -234,7 +234,7 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
 
 
 def test_noise_seeds_differ_between_seeds_and_from_training_seeds():
-    from pipeline.store import sample_seeds
+    from pipeline.seeds import sample_seeds
     from stages.evaluate import noise_seeds
 
     a, b = noise_seeds(0, 1000), noise_seeds(1, 1000)
@@ -284,7 +284,7 @@ def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
     from pipeline.metrics.fidelity import load_outputs, per_sample_mse
     from pipeline.sampling import euler
     from pipeline.schedule import fixed_sigmas
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.student import load_student
     from pipeline.teachers import load_teacher
     from stages.evaluate import noise_seeds

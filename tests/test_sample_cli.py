@@ -31,7 +31,7 @@ def run_cli(*args):
 
 
 def test_teacher_grid_matches_direct_sampling(toy_config, tmp_path):
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
 
     out = tmp_path / "grid" / "teacher.png"
@@ -76,7 +76,7 @@ def test_student_export_samples(toy_config, tmp_path):
     out = sample_grid(cfg, str(export), steps=4, prompts=TOY_PROMPTS[:1], per_prompt=2, out=tmp_path / "s.png")
     grid = tiles(out, 1, 2)
 
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
 
     teacher, student = load_teacher(cfg), load_student(export)

@@ -123,7 +123,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypa
 def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store):
     """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment."""
     from pipeline.data import DataSource
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
     from stages.train import open_store
 

@@ -79,7 +79,7 @@ def plot_curves(rows: pd.DataFrame, metrics: list[str], titles: dict[str, str], 
 
 def curves_section(cfg, metrics: list[str], out: Path, title) -> str:
     """The report's section: each metric vs training step (`title(metric)` heads a panel), "" without curves."""
-    from pipeline.metrics.tables import prompt_set_text
+    from pipeline.report_tables import prompt_set_text
 
     path = curves_path(cfg)
     rows = pd.read_parquet(path) if path.is_file() else None

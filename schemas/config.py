@@ -84,7 +84,7 @@ class TeacherConfig(Section):
         if self.kind == "byo" and (not self.factory or ":" not in self.factory):
             raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
         if "dtype" in self.kwargs:
-            raise ValueError("teacher.kwargs.dtype is now teacher.dtype (float32 | bfloat16 | float16)")
+            raise ValueError("teacher.kwargs.dtype: the teacher's precision is teacher.dtype (float32 | bfloat16 | float16)")
         if self.describe is not None and ":" not in self.describe:
             raise ValueError("teacher.describe must be 'module:function'")
         return self
@@ -174,7 +174,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str                         # a registered method: perflow | ota | flowsteer | scflow | ayf-emd
+    method: str                         # a registered method (pipeline/methods/)
     options: dict[str, Any] = Field(default_factory=dict)   # its method options (as in train.method_options)
 
 
@@ -198,7 +198,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 80                   # demo budget: 1.5-2 min per method on 2 cores (README, make demo)
+    steps: Count = 80                   # the demo's budget per student (its time: README, `make demo`)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)
@@ -342,7 +342,7 @@ class RunConfig(Section):
                 tr.pop(k)
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
-            from pipeline.methods.base import get_method
+            from pipeline.methods import get_method
             if not get_method(run.method).uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
             parts["train"] = tr
@@ -355,6 +355,11 @@ class RunConfig(Section):
             parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds",
                                                                                 "schedules", "metrics"})
         return fingerprint(parts)
+
+    @property
+    def has_real_images(self) -> bool:
+        """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+        return self.teacher.kind == "embedded" or self.data.images is not None
 
     def stage_dir(self, stage: str) -> Path:
         """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
@@ -402,10 +407,10 @@ def pointed_store_fingerprint(store: str) -> str:
 def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]],
                    where: str = "train.method_options") -> str | None:
     """Why `train.methods` / `train.method_options` (or a variant, `where`) name an unknown method or option."""
-    from pipeline.methods.base import METHODS
+    from pipeline.errors import UserError
+    from pipeline.methods import METHODS, method_names
 
-    import pipeline.methods  # noqa: F401  (registers every method)
-    known = ", ".join(sorted(METHODS))
+    known = ", ".join(method_names())
     for name in methods:
         if name not in METHODS:
             return (f"train.methods: unknown method '{name}' (known: {known}; or name a train.variants entry)"
@@ -413,12 +418,11 @@ def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]]
     for name, options in method_options.items():
         if name not in METHODS:
             return f"{where}.{name}: unknown method '{name}' (known: {known})"
-        declared = METHODS[name].option_defaults
-        unknown = sorted(set(options) - set(declared))
-        if unknown:
-            allowed = ", ".join(sorted(declared)) or "none"
-            key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
-            return f"{key}.{unknown[0]}: unknown option (known for {name}: {allowed})"
+        key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
+        try:
+            METHODS[name].parse_options(options, where=key)
+        except UserError as exc:
+            return str(exc)
     return None
 
 

@@ -79,7 +79,7 @@ def test_teacher_dtype_config_and_fingerprints(tmp_path):
     fp = lambda cfg: cfg.fingerprint("train", cfg.train_run("ota"))     # noqa: E731
     assert fp(a) != fp(c)          # precision enters the train key
     assert fp(a) == fp(d)          # prefetch changes no result
-    with pytest.raises(ConfigError, match="teacher.kwargs.dtype is now teacher.dtype"):
+    with pytest.raises(ConfigError, match="teacher.kwargs.dtype: the teacher.s precision is teacher.dtype"):
         load_config(write_config(tmp_path / "e.yaml", **deep_merge(sections, {"teacher": {"kwargs": {"dtype": "bfloat16"}}})))
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(write_config(tmp_path / "f.yaml", **deep_merge(sections, {"train": {"mixed_precision": "fp8"}})))

@@ -172,7 +172,7 @@ def test_imagereward_cross_attention_reads_the_image(tmp_path):
 @pytest.mark.parametrize("key", ["pickscore_path", "hpsv2_path", "imagereward_path"])
 def test_missing_weights_path_is_a_user_error_naming_the_key(tmp_path, key):
     from pipeline.errors import UserError
-    from pipeline.metrics.base import metrics_for
+    from pipeline.metrics import metrics_for
     from schemas.config import RunConfig
 
     cfg = RunConfig.model_validate({"root": str(tmp_path / "runs"),

@@ -102,7 +102,7 @@ def main() -> None:
     gpu = args.device.startswith("cuda")
 
     from pipeline.runner import Unit, write_record
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from schemas.config import RunConfig
     from stages.evaluate import EvalWorker
 

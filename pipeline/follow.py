@@ -45,7 +45,8 @@ def training_finished(cfg, methods=None) -> bool:
 
 def checkpoint_student(cfg, run, teacher, path: Path, device):
     """The EMA student of one training checkpoint (LoRA merged), as a pipeline.student.Student."""
-    from pipeline.methods.base import MethodContext, get_method
+    from pipeline.methods import get_method
+    from pipeline.methods.base import MethodContext
     from pipeline.schedule import fixed_sigmas
     from pipeline.student import Student
     from pipeline.trainer import add_lora

@@ -29,7 +29,7 @@ def sd3_eval(tmp_path_factory):
     """A config on a tiny SD3 dir with every preference metric set, evaluate.prompts a Parquet file, and an
     `ota` export of the teacher's transformer (so the student job has a checkpoint to score)."""
     import tiny_sd3
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from tiny_metrics import build_pickscore_dir, metric_sections
 
     base = tmp_path_factory.mktemp("sd3eval")

@@ -189,3 +189,23 @@ def test_model_card_title_and_tags(make_toy_config):
     assert tags.count("flowsteer") == 1 and "few-step" in tags
     title = card_title(cfg, "flowsteer", {"run": "flowsteer-adv"})
     assert title == "Flow-matching teacher in 4 steps: flowsteer-adv, method flowsteer (flowsteer distillation)"
+
+
+def test_checkpoint_student_is_the_export_with_lora_merged(make_toy_config):
+    """A checkpoint's EMA student (LoRA fused) has the exported student's weights, tensor for tensor."""
+    import torch
+
+    from pipeline.cli import run_stage
+    from pipeline.follow import checkpoint_student, vouched_checkpoints
+    from pipeline.student import load_student
+    from pipeline.teachers import load_teacher
+
+    cfg = load_config(make_toy_config(train={"methods": ["ota"], "steps": 4, "checkpoint_every": 2, "lora_rank": 2}))
+    run_stage("generate", cfg, "local")
+    run_stage("train", cfg, "local", methods=["ota"])
+    run = cfg.train_runs(["ota"])[0]
+    (step, path), = [c for c in vouched_checkpoints(cfg.train_dir(run)) if c[0] == 4]
+    mine = checkpoint_student(cfg, run, load_teacher(cfg), path, "cpu").module.state_dict()
+    exported = load_student(cfg.train_dir(run) / "export").module.state_dict()
+    assert mine.keys() == exported.keys() and not any("lora" in k for k in mine)
+    assert all(torch.equal(mine[k], exported[k]) for k in mine)

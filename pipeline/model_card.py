@@ -31,6 +31,11 @@ def teacher_description(cfg) -> str:
         return f"Stable Diffusion 3 pipeline at `{t.path}`" + (f" ({hub_id(t.path)})" if hub_id(t.path) else "")
     if t.kind == "byo":
         return f"a flow-matching teacher built by `{t.factory}`"
+    if t.kind == "exact":
+        x = t.exact
+        return (f"flowsteer's exact benchmark teacher: a Gaussian mixture ({x.classes} classes x {x.modes_per_class} "
+                f"modes, {x.channels}x{x.sample_size}x{x.sample_size} latents) with a closed-form velocity; the "
+                f"student started from an SD3Transformer2DModel ({x.num_layers} layers) pretrained on that field")
     e = t.embedded
     return (f"flowsteer's embedded teacher: an SD3Transformer2DModel ({e.num_layers} layers, "
             f"{e.num_attention_heads}x{e.attention_head_dim}) trained on MNIST digits, MiniLM prompt encoder")

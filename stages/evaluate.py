@@ -59,8 +59,8 @@ def student_checkpoints(cfg: RunConfig, methods=None) -> list[dict]:
     return out
 
 
-def _check_inputs(cfg: RunConfig) -> None:
-    """Problems a user can fix, found before any model is loaded (one line each)."""
+def check(cfg: RunConfig) -> None:
+    """Problems a user can fix, found at load before any model is loaded (one line each; pipeline/preflight.py)."""
     ev = cfg.evaluate
     for metric in metrics_for(cfg):
         metric.check(cfg)
@@ -84,7 +84,7 @@ def jobs(cfg: RunConfig, methods=None, follow: bool = False) -> list[Job]:
     `follow`, the checkpoints job (run x vouched step x schedule x NFE x seed)."""
     from pipeline.prompt_sets import prompt_set
 
-    _check_inputs(cfg)
+    check(cfg)
     ev, root = cfg.evaluate, cfg.stage_dir("evaluate")
     ps = prompt_set(cfg)
     make = functools.partial(EvalWorker, cfg.model_dump(mode="json"))

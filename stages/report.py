@@ -297,7 +297,10 @@ def timings_table(cfg: RunConfig, methods: list[str]) -> str:
 def config_summary(cfg: RunConfig, metrics: list[str], rows: pd.DataFrame | None = None) -> str:
     ev, sched = cfg.evaluate, cfg.schedule
     teacher = {"embedded": "embedded tiny SD3 transformer on MNIST", "sd3": f"SD3 from {cfg.teacher.path}",
-               "byo": f"bring-your-own `{cfg.teacher.factory}`"}[cfg.teacher.kind]
+               "byo": f"bring-your-own `{cfg.teacher.factory}`",
+               "exact": f"exact benchmark: Gaussian mixture ({cfg.teacher.exact.classes} classes x "
+                        f"{cfg.teacher.exact.modes_per_class} modes) with a closed-form velocity, ODE endpoints "
+                        f"by {cfg.teacher.exact.exact_steps}-step RK4"}[cfg.teacher.kind]
     items = [("teacher", teacher),
              ("schedule", f"fixed grid, shift {sched.shift:g}, teacher {sched.teacher_steps} steps, "
                           f"{sched.windows} windows"),
@@ -340,6 +343,10 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
     head = metrics[0] if metrics else None          # the first metric in the registry's order (FID)
     if head and shown:
         md += [f"## Ablation ladder: {title(head)}", "", ladder_table(cfg, rows, shown, head), ""]
+    if shown:
+        from pipeline.trajectory_tables import trajectory_section
+
+        md += trajectory_section(cfg, rows, shown)
     if metrics and shown:
         md += ["## Highlights", "", highlights(cfg, summary, shown, metrics), ""]
     md += ["## Run", "", config_summary(cfg, metrics, rows), "", "## Metrics", "",

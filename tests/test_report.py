@@ -143,7 +143,7 @@ def test_report_renders_tables_plots_and_grids(two_seed_cfg):
     assert msg.startswith("report: ") and f"{out}/report.md" in msg
     md = open(f"{out}/report.md").read()
     for title in ("### FID (lower is better)", "### Prompt accuracy (higher is better)",
-                  "### Trajectory fidelity (MSE) (lower is better)"):
+                  "### Trajectory fidelity, mean MSE (lower is better)"):
         assert title in md
     assert "| FID | lower | Frechet distance" in md
     assert "| the generate prompts | 1000 | the `evaluate.features` space" in md      # prompt set, samples, needs
@@ -199,7 +199,7 @@ def test_checkpoint_scores_table_for_the_model_card(two_seed_cfg):
     md = checkpoint_scores(cfg, run)
     lines = md.splitlines()
     assert lines[0] == ("| checkpoint | schedule | NFE | FID (lower is better) | Prompt accuracy (higher is better) | "
-                        "Trajectory fidelity (MSE) (lower is better) |")
+                        "Trajectory fidelity, mean MSE (lower is better) |")
     rows = table.to_pandas()
     mine = rows[(rows.run == "ota") & (rows.train_seed == 1) & (rows.schedule == "fixed") & (rows.nfe == 2)
                 & (rows.metric == "fid")]

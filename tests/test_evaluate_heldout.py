@@ -58,7 +58,7 @@ def test_sd3_evaluate_on_heldout_parquet_prompts_scores_every_metric_and_reports
     assert "FID on raw pixels" in res.output                  # the pixels fallback is said, not hidden
     scores = pd.read_parquet(cfg.stage_dir("evaluate") / "scores.parquet")
     want = {"fid", "clip_score", "pickscore", "hpsv2", "imagereward", "fidelity_mse"}
-    assert set(scores[scores.run == "ota"].metric) == want
+    assert want <= set(scores[scores.run == "ota"].metric)    # (besides the robust trajectory statistics)
     assert {"clip_score", "pickscore", "hpsv2", "imagereward"} <= set(scores[scores.run == "teacher"].metric)
     assert (scores.prompt_set == "heldout").all() and scores.prompt_hash.nunique() == 1
     assert (scores.n == 6).all()
@@ -126,7 +126,7 @@ def test_follow_scores_each_checkpoint_as_training_commits_it(make_toy_config):
     # each pass scored the checkpoints committed so far: none, 2, 2+4, 2+4+6, and after export nothing new
     assert seen == [[], [2], [2, 4], [2, 4, 6], [2, 4, 6]]
     curves = pd.read_parquet(cfg.stage_dir("evaluate") / "curves.parquet")
-    assert set(curves.checkpoint) == {"ota@2", "ota@4", "ota@6"} and set(curves.metric) == {"fid", "fidelity_mse"}
+    assert set(curves.checkpoint) == {"ota@2", "ota@4", "ota@6"} and {"fid", "fidelity_mse"} <= set(curves.metric)
     # the step-6 checkpoint's EMA student is the exported student: their scores agree
     res = _cli("evaluate", "-c", make_toy_config(train={"methods": ["ota"], "steps": 6, "checkpoint_every": 2},
                                                  evaluate={"nfes": [1], "features": "pixels", "n_samples": 8}))

@@ -234,9 +234,21 @@ def train(config: Optional[Path] = ConfigOpt,
 def evaluate(config: Optional[Path] = ConfigOpt,
              method: Optional[list[str]] = methods_option("Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
-             share: bool = ShareOpt):
-    """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
-    run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait, share=share)
+             share: bool = ShareOpt,
+             follow: bool = typer.Option(False, "--follow", help="Score each training checkpoint as training "
+                                         "commits it (alongside `flowsteer train`), until every run has exported; "
+                                         "curves go to TensorBoard and the report."),
+             poll: float = typer.Option(30.0, min=0.1, help="--follow: seconds between looks for new checkpoints.")):
+    """Score the teacher and every exported student: FID, prompt alignment (CLIP, PickScore, HPSv2,
+    ImageReward where their weights are set), trajectory fidelity."""
+    cfg, methods = get_config(config), method or None
+    if not follow:
+        run_stage("evaluate", cfg, executor, address, methods=methods, wait=wait, share=share)
+        return
+    from pipeline.follow import training_finished, watch
+
+    watch(lambda: run_stage("evaluate", cfg, executor, address, methods=methods, wait=wait, follow=True),
+          lambda: training_finished(cfg, methods), poll)
 
 
 @app.command()

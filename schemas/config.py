@@ -291,11 +291,19 @@ class EvaluateConfig(Section):
     n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
+    # held-out prompts (any format generate.prompts reads); None = the generate prompts (labelled so in the report)
+    prompts: str | None = None
+    prompt_column: str | None = None    # table column of evaluate.prompts; None = first of prompt, caption, text
     # None: classifier for the embedded teacher (the only one with a digit classifier), else inception when
     # inception_path is set, else pixels (RunConfig._teacher_defaults)
     features: Literal["classifier", "inception", "pixels"] | None = None
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
+    pickscore_path: str | None = None   # local PickScore_v1 dir (+ CLIP-H processor files): docs/metrics.md
+    hpsv2_path: str | None = None       # local HPS v2 / v2.1 checkpoint file (open_clip ViT-H-14)
+    hpsv2_model: str = "ViT-H-14"       # open_clip model name (or model-config JSON) the HPS checkpoint fits
+    imagereward_path: str | None = None  # local dir: ImageReward.pt, med_config.json, bert-base-uncased vocab.txt
+    metric_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # metric models' dtype (bfloat16 on GPUs)
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
     batch_size: Batch = 250
     # student grids: "fixed" = the method's own sampler on the fixed grid; "diffusers" = the sigmas of diffusers'

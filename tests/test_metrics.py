@@ -29,7 +29,7 @@ def brightness():
 
 def test_registry_lists_the_built_in_metrics_in_report_order():
     names = list(registered())
-    assert names[:4] == ["fid", "prompt_accuracy", "clip_score", "fidelity_mse"]
+    assert names[:7] == ["fid", "prompt_accuracy", "clip_score", "pickscore", "hpsv2", "imagereward", "fidelity_mse"]
     for cls in registered().values():
         assert cls.better in ("lower", "higher") and cls.title and cls.description
     assert get_metric("clip_score").weights == "evaluate.clip_path"

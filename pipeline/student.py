@@ -1,7 +1,8 @@
 """Exported students: a diffusers-style directory that plain diffusers can load, plus flowsteer's sampler.
 
-    <dir>/transformer/     the (EMA, LoRA-merged) student via Method.save_student (SD3: save_pretrained);
-                           `flow_map/` instead when the method's student is not a drop-in (Method.drop_in)
+    <dir>/transformer/     the (EMA) student via Method.save_student (SD3: save_pretrained); `flow_map/`
+                           instead when the method's student is not a drop-in (Method.drop_in); a LoRA
+                           student of a drop-in method saves its adapter instead (pipeline/lora_export.py)
     <dir>/scheduler/       FixedFlowMatchEulerScheduler config (the fixed grid; drop-in for SD3 pipelines)
     <dir>/flowsteer.json   {method, network, windows, teacher_steps, shift, fingerprint, sample_shape}
     <dir>/README.md        the model card (pipeline/model_card.py)
@@ -27,10 +28,11 @@ def network_dir(method_name: str) -> str:
     return "transformer" if get_method(method_name).drop_in else "flow_map"
 
 
-def export_student(directory, run, student_module: torch.nn.Module, cfg,
+def export_student(directory, run, student_module, cfg,
                    sample_shape: tuple[int, ...] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write the export into a temp dir and rename it into place, so `directory` is whole or absent.
-    `run`: a schemas.config.TrainRun or a run name (its first seed); `extra` joins the metadata."""
+    `run`: a schemas.config.TrainRun or a run name (its first seed); `student_module`: the network, or a
+    pipeline.lora_export.LoraAdapter; `extra` joins the metadata."""
     directory = Path(directory)
     run = cfg.train_run(run) if isinstance(run, str) else run
     with atomic_path(directory) as tmp:
@@ -44,8 +46,14 @@ def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_s
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
     from pipeline.model_card import write_model_card
 
-    network = network_dir(run.method)
-    get_method(run.method).save_student(student_module, tmp / network)
+    from pipeline.lora_export import LoraAdapter, write_lora
+
+    if isinstance(student_module, LoraAdapter):
+        extra = {**extra, **write_lora(tmp, student_module, cfg)}
+        network = extra.pop("network")
+    else:
+        network = network_dir(run.method)
+        get_method(run.method).save_student(student_module, tmp / network)
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / "scheduler"))
     meta = {"method": run.method, "run": run.name, "train_seed": run.seed, "options": run.options,
             "network": network, "windows": cfg.schedule.windows, "teacher_steps": cfg.schedule.teacher_steps,
@@ -80,7 +88,10 @@ class Student:
                                   callback=callback, sigmas=sigmas)
 
 
-def load_student(directory, device="cpu") -> Student:
+def load_student(directory, device="cpu", base: torch.nn.Module | None = None) -> Student:
+    """An export as a Student; a LoRA export is fused onto its base transformer (the teacher's directory it
+    recorded, else a copy of `base`, e.g. the loaded teacher's transformer)."""
+    from pipeline.lora_export import is_lora_export, load_lora_module
     from pipeline.quiet import quiet_libraries
 
     quiet_libraries()
@@ -89,4 +100,6 @@ def load_student(directory, device="cpu") -> Student:
         raise UserError(f"{directory} is not an exported student (no {META}); run `flowsteer train` first")
     meta = json.loads((directory / META).read_text())
     method = get_method(meta["method"])
+    if is_lora_export(meta):
+        return Student(load_lora_module(directory, meta, device, base), method, meta)
     return Student(method.load_student(directory / meta.get("network", "transformer"), device), method, meta)

@@ -32,7 +32,6 @@ from pipeline.methods.base import MethodContext, get_method
 from pipeline.prefetch import BatchPrefetcher
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 class NonFiniteLoss(UserError):
@@ -120,15 +119,6 @@ def frozen(params: Iterable[torch.nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def add_lora(student: torch.nn.Module, rank: int) -> torch.nn.Module:
-    """LoRA adapters (peft) on the attention projections; the base weights are frozen."""
-    from peft import LoraConfig
-
-    student.requires_grad_(False)
-    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    return student
-
-
 class Trainer:
     """One method's training state on one rank; `world > 1` averages gradients over the process group."""
 
@@ -147,6 +137,13 @@ class Trainer:
             update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
+        # LoRA (train.student, pipeline/lora.py): the student is the teacher's transformer plus adapters, so the
+        # teacher is called through a wrapper that turns them off
+        self.lora = tc.student.kind == "lora"
+        if self.lora:
+            from pipeline.lora import SharedBaseTeacher
+
+            teacher = SharedBaseTeacher(teacher)
         # Two streams: the batch stream (what a batch holds: DataSource and method.batch) and the method
         # generator (the step's own draws), so batches can be drawn ahead without changing either.
         generator = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
@@ -158,10 +155,11 @@ class Trainer:
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
         torch.manual_seed(derive_seed(seed, "init"))
         self.method = get_method(self.method_name)(ctx)
-        # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates)
-        self.student = self.method.make_student(teacher.transformer).float().to(self.device)
-        if tc.lora_rank > 0:
-            add_lora(self.student, tc.lora_rank)
+        # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates);
+        # with LoRA float32 adapters on the teacher's own (frozen) weights
+        from pipeline.lora import build_student
+
+        self.student = build_student(self.method, teacher, tc.student, self.device, owner=self)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.disc = self.method.discriminator()
@@ -194,8 +192,13 @@ class Trainer:
         self.data.load_state_dict(state["data"])
 
     def close(self) -> None:
-        """Stop the prefetch thread (batches drawn ahead are dropped)."""
+        """Stop the prefetch thread (batches drawn ahead are dropped); a LoRA student's adapters leave the
+        shared teacher, which is then exactly the teacher again."""
         self.batches.close()
+        if self.lora:
+            from pipeline.lora import detach_adapters
+
+            detach_adapters(self.data.teacher.transformer, self)
 
     def state_dict(self) -> dict[str, Any]:
         """Shared weights and optimisers, plus each rank's own streams (collective when world > 1)."""
@@ -207,14 +210,48 @@ class Trainer:
 
             ranks = [None] * self.world
             dist.all_gather_object(ranks, own)
-        return {"method_name": self.method_name, "world": self.world, "student": self.student.state_dict(),
+        return {"method_name": self.method_name, "world": self.world, "student": self.student_state(),
                 "ema": self.ema.shadow, "opt": self.opt.state_dict(),
                 "disc": self.disc.state_dict() if self.disc is not None else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks,
                 "scalers": [self.scaler.state_dict(), self.disc_scaler.state_dict()]}
 
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's weights a checkpoint keeps: all of them, or with LoRA the trainable ones only."""
+        from pipeline.lora import trainable_state
+
+        return trainable_state(self.student) if self.lora else self.student.state_dict()
+
+    def base_lock(self):
+        """Held for a whole step with LoRA: the prefetch thread's teacher calls turn the shared adapters off."""
+        from pipeline.lora import BASE_LOCK
+
+        if not self.lora:
+            return contextlib.nullcontext()
+        if not self.holds_student():
+            raise RuntimeError(f"{self.method_name}: another run's trainer replaced this LoRA student's adapters "
+                               f"on the shared teacher; rebuild the trainer from its checkpoint")
+        return BASE_LOCK
+
+    def holds_student(self) -> bool:
+        """False when another trainer on the same (shared) teacher replaced this LoRA student's adapters."""
+        from pipeline.lora import owns
+
+        return not self.lora or owns(self.data.teacher.transformer, self)
+
+    def footprint(self) -> dict[str, int]:
+        """Trainable/frozen parameter counts and the optimiser state's bytes (docs/students.md)."""
+        from pipeline.lora import footprint
+
+        return footprint(self.student, self.opt)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
+        if self.lora:
+            from pipeline.lora import load_trainable_state
+
+            load_trainable_state(self.student, state["student"])
+        else:
+            self.student.load_state_dict(state["student"])
         self.ema.shadow = {n: t.to(self.device) for n, t in state["ema"].items()}
         self.opt.load_state_dict(state["opt"])
         if self.disc is not None:
@@ -233,7 +270,7 @@ class Trainer:
         self.trim_log()
 
     def weights_finite(self) -> bool:
-        tensors = [*self.student.state_dict().values(), *self.ema.shadow.values()]
+        tensors = [*self.student_state().values(), *self.ema.shadow.values()]
         if self.disc is not None:
             tensors += list(self.disc.state_dict().values())
         return all_finite(tensors)
@@ -287,6 +324,10 @@ class Trainer:
         step, tc = self.step + 1, self.cfg.train
         torch.manual_seed(derive_seed(self.run.seed, self.rank, step))   # global RNG (dropout etc.) per step
         batch = self.batches.next(self.step)
+        with self.base_lock():
+            return self._step(step, tc, batch)
+
+    def _step(self, step: int, tc, batch) -> dict[str, float]:
         values: dict[str, float] = {}
         if self.disc is not None:
             with self.autocast():
@@ -375,9 +416,17 @@ class Trainer:
 
     def ema_student(self) -> torch.nn.Module:
         """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""
+        if self.lora:
+            from pipeline.lora import merged_copy
+
+            return merged_copy(self.student, self.ema.shadow)
         net = copy.deepcopy(self.student)
         self.ema.copy_to(net)
-        if self.cfg.train.lora_rank > 0:
-            net.fuse_lora(lora_scale=1.0)
-            net.unload_lora()
         return net.eval().requires_grad_(False)
+
+    def ema_adapter(self):
+        """The EMA's LoRA adapter as diffusers saves it (pipeline/student.py LoraAdapter)."""
+        from pipeline.lora import adapter_metadata, adapter_state_dict
+        from pipeline.student import LoraAdapter
+
+        return LoraAdapter(adapter_state_dict(self.student, self.ema.shadow), adapter_metadata(self.student))

@@ -184,6 +184,20 @@ class TrainRun:
         return self.name if self.n_seeds == 1 else f"{self.name}/s{self.seed}"
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class StudentConfig(Section):
+    """What `train` optimises (docs/students.md): the whole transformer (full) or peft LoRA adapters on the
+    teacher's own, frozen transformer (lora: one copy of the base weights for teacher, student, discriminator)."""
+    kind: Literal["full", "lora"] = "full"
+    rank: int = Field(16, ge=1, le=4096)            # lora: adapter rank r
+    alpha: float | None = Field(None, gt=0, le=1e6)  # lora: scale alpha / r; None = r (scale 1)
+    dropout: Rate = 0.0                              # lora: dropout on the adapter input
+    # lora: module names (suffixes) that get adapters; default every attention projection of an SD3 block
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
 class TrainConfig(Section):
     # run names: a plain method name (options from method_options) or a key of `variants`
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
@@ -202,7 +216,11 @@ class TrainConfig(Section):
     checkpoint_every: Count = 50
     log_every: Count = 10
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
-    lora_rank: int = Field(0, ge=0, le=4096)  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    sharding: Literal["ddp", "fsdp"] = "ddp"     # workers > 1: replicate (DDP) or shard per block (FSDP2)
+    # per-GPU memory budget: `train` refuses a run whose plan (`flowsteer plan`) exceeds it; None = on CUDA,
+    # the device's own memory, else no check
+    gpu_memory_gb: float | None = Field(None, gt=0, le=1e5)
     # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     prefetch: int = Field(1, ge=0, le=8)  # batches prepared ahead by a background thread (0 = in the step)
@@ -210,6 +228,13 @@ class TrainConfig(Section):
     tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lora_rank" in data:
+            raise ValueError("train.lora_rank is now train.student: {kind: lora, rank: N}")
+        return data
 
     @model_validator(mode="after")
     def _runs(self):
@@ -301,8 +326,10 @@ class RunConfig(Section):
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch", "tensorboard"):
+                      "store", "prefetch", "tensorboard", "sharding", "gpu_memory_gb"):
                 tr.pop(k)
+            if tr["student"]["kind"] == "full":
+                tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             from pipeline.methods.base import get_method

@@ -127,7 +127,8 @@ class TrainWorker:
         from pipeline.checkpoint import latest_step
 
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
-        if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
+        if (self.trainer is None or self.trainer.step != latest_step(self.out_dir)
+                or not self.trainer.holds_student()):      # a LoRA student whose adapters another run replaced
             self._drop_trainer()
             self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir, teacher=self.teacher)
             self.trainer.on_step = self._on_step if self.progress else None
@@ -171,6 +172,7 @@ class TrainWorker:
             raise
 
     def _export(self) -> dict[str, Any]:
+        from pipeline.lora_export import student_meta
         from pipeline.student import export_student
 
         trainer = self._trainer()
@@ -178,8 +180,11 @@ class TrainWorker:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
         # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
         extra = {"ema_rel_distance": round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
-                 **trainer.method.export_meta()}
-        path = export_student(self.out_dir / "export", self.train_run, trainer.ema_student(), self.cfg,
+                 **trainer.method.export_meta(), **trainer.footprint(),
+                 "student": student_meta(self.cfg, merged=trainer.lora)}
+        # a LoRA student of a drop-in method exports its adapter (a diffusers LoRA dir), else the full network
+        network = trainer.ema_adapter() if trainer.lora and trainer.method.drop_in else trainer.ema_student()
+        path = export_student(self.out_dir / "export", self.train_run, network, self.cfg,
                               trainer.data.teacher.sample_shape, extra)
         self._drop_trainer()              # the run is finished: free its student and close its event file
         return {"export": str(path), "step": trainer.step, "ema_rel_distance": extra["ema_rel_distance"]}

@@ -66,11 +66,16 @@ class Method:
 
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
-        """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights
-        even for a bf16 teacher, docs/precision.md)."""
+        """The trainable full student, initialised from the teacher (a float32 deep copy by default: master
+        weights even for a bf16 teacher, docs/precision.md)."""
         import copy
 
-        return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
+        return self.wrap_student(copy.deepcopy(teacher_transformer).float()).train().requires_grad_(True)
+
+    def wrap_student(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The student network around an SD3 transformer (default: the transformer itself). A LoRA student
+        wraps the teacher's own transformer (pipeline/lora.py); what the wrapper adds trains in full."""
+        return transformer
 
     # True when the saved student is a plain SD3Transformer2DModel that StableDiffusion3Pipeline runs as
     # trained (Euler on the fixed grid). False: the export puts it under `flow_map/`, not `transformer/`,

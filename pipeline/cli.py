@@ -280,6 +280,26 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
 
 
 @app.command()
+def export(target: str = typer.Argument(..., help="An export directory, or a run name of the config (its first "
+                                        "train seed's export)."),
+           config: Optional[Path] = ConfigOpt,
+           merge: bool = typer.Option(False, "--merge", help="LoRA export: write transformer/ with the adapter "
+                                      "fused into the teacher's weights (a full SD3Transformer2DModel), beside "
+                                      "the adapter file; the model card says so.")):
+    """Rewrite a finished export (`train` writes one per run): `--merge` fuses a LoRA student (docs/students.md)."""
+    from pipeline.lora_export import merge_cli
+
+    if not merge:
+        fail("export: nothing to do without --merge (train writes the export itself)")
+    cfg = get_config(config)
+    try:
+        path = merge_cli(cfg, target)
+    except (UserError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"export: merged transformer at {path}")
+
+
+@app.command()
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
          method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to train and score "
                                                     "(default: train.methods; add scflow / ayf-emd here).")):

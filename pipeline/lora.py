@@ -144,14 +144,21 @@ class SharedBaseTeacher:
             return self.inner.weak_velocity(x, sigma, cond)
 
 
-def trainable_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_names(student: torch.nn.Module) -> list[str]:
+    """The trainable parameters' names, read once when the student is built: peft's adapter toggle flips
+    requires_grad while the teacher runs (on the prefetch thread), so it is no record of what trains."""
+    return [n for n, p in student.named_parameters() if p.requires_grad]
+
+
+def trainable_state(student: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """What a LoRA checkpoint keeps of the student: its trainable parameters (adapters, method modules)."""
-    return {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(student: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(student.named_parameters())
-    wanted = {n for n, p in params.items() if p.requires_grad}
+    return {n: params[n].detach() for n in names}
+
+
+def load_trainable_state(student: torch.nn.Module, state: dict[str, torch.Tensor], names: list[str]) -> None:
+    params = dict(student.named_parameters())
+    wanted = set(names)
     if set(state) != wanted:
         diff = sorted(set(state) ^ wanted)
         raise UserError(f"checkpoint's LoRA parameters do not match train.student (first difference: {diff[0]}); "
@@ -212,10 +219,12 @@ def merged_copy(student: torch.nn.Module, weights: dict[str, torch.Tensor] | Non
     return net.float().eval().requires_grad_(False)
 
 
-def footprint(student: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+def footprint(student: torch.nn.Module, names: list[str], optimizer: torch.optim.Optimizer | None = None
+              ) -> dict[str, int]:
     """Trainable and frozen parameter counts of the student and its optimiser state's bytes (after a step)."""
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in student.parameters() if not p.requires_grad)
+    params = dict(student.named_parameters())
+    trainable = sum(params[n].numel() for n in names)
+    frozen = sum(p.numel() for p in params.values()) - trainable
     opt_bytes = 0
     if optimizer is not None:
         opt_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()

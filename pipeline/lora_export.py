@@ -113,6 +113,33 @@ def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
     return export_dir / "transformer"
 
 
+def resolve_export(cfg, target: str) -> Path:
+    """An export directory, or a run name of the config (its first seed's export)."""
+    path = Path(target)
+    if (path / "flowsteer.json").is_file() or path.is_dir():
+        return path
+    from schemas.config import ConfigError
+
+    try:
+        return cfg.train_dir(cfg.train_run(target)) / "export"
+    except (ConfigError, KeyError, ValueError):
+        raise UserError(f"'{target}' is neither an export directory nor a run of this config") from None
+
+
+def merge_cli(cfg, target: str) -> Path:
+    """`flowsteer export TARGET --merge`: the base comes from the recorded teacher dir, else the config's teacher."""
+    export_dir = resolve_export(cfg, target)
+    meta_file = export_dir / "flowsteer.json"
+    base = None
+    if meta_file.is_file():
+        base_dir = json.loads(meta_file.read_text()).get("base")
+        if not (base_dir and (Path(base_dir) / "config.json").is_file()):
+            from pipeline.teachers import load_teacher
+
+            base = load_teacher(cfg, "cpu").transformer
+    return merge_export(export_dir, cfg, base)
+
+
 def card_lines(cfg, meta: dict[str, Any], export_dir: str) -> str | None:
     """The model card's load lines for an unmerged LoRA export of a drop-in student (None otherwise)."""
     if not is_lora_export(meta):

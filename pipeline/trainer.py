@@ -157,9 +157,10 @@ class Trainer:
         self.method = get_method(self.method_name)(ctx)
         # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates);
         # with LoRA float32 adapters on the teacher's own (frozen) weights
-        from pipeline.lora import build_student
+        from pipeline.lora import build_student, trainable_names
 
         self.student = build_student(self.method, teacher, tc.student, self.device, owner=self)
+        self.param_names = trainable_names(self.student)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.disc = self.method.discriminator()
@@ -220,7 +221,7 @@ class Trainer:
         """The student's weights a checkpoint keeps: all of them, or with LoRA the trainable ones only."""
         from pipeline.lora import trainable_state
 
-        return trainable_state(self.student) if self.lora else self.student.state_dict()
+        return trainable_state(self.student, self.param_names) if self.lora else self.student.state_dict()
 
     def base_lock(self):
         """Held for a whole step with LoRA: the prefetch thread's teacher calls turn the shared adapters off."""
@@ -243,13 +244,13 @@ class Trainer:
         """Trainable/frozen parameter counts and the optimiser state's bytes (docs/students.md)."""
         from pipeline.lora import footprint
 
-        return footprint(self.student, self.opt)
+        return footprint(self.student, self.param_names, self.opt)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.lora:
             from pipeline.lora import load_trainable_state
 
-            load_trainable_state(self.student, state["student"])
+            load_trainable_state(self.student, state["student"], self.param_names)
         else:
             self.student.load_state_dict(state["student"])
         self.ema.shadow = {n: t.to(self.device) for n, t in state["ema"].items()}
@@ -425,8 +426,8 @@ class Trainer:
         return net.eval().requires_grad_(False)
 
     def ema_adapter(self):
-        """The EMA's LoRA adapter as diffusers saves it (pipeline/student.py LoraAdapter)."""
+        """The EMA's LoRA adapter as diffusers saves it (pipeline/lora_export.py)."""
         from pipeline.lora import adapter_metadata, adapter_state_dict
-        from pipeline.student import LoraAdapter
+        from pipeline.lora_export import LoraAdapter
 
         return LoraAdapter(adapter_state_dict(self.student, self.ema.shadow), adapter_metadata(self.student))

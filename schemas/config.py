@@ -293,6 +293,14 @@ class RunConfig(Section):
             raise ValueError(f"device '{value}' is not one of cpu, cuda, cuda:N, mps, auto")
         return value
 
+    @model_validator(mode="after")
+    def _lora_base_precision(self):
+        """A LoRA student runs on the teacher's own weights: a bf16/fp16 base needs the student under autocast."""
+        if self.train.student.kind == "lora" and self.teacher.dtype != "float32" and self.train.mixed_precision == "no":
+            raise ValueError(f"train.student.kind lora keeps the teacher's {self.teacher.dtype} weights as its base: "
+                             f"set train.mixed_precision (bf16 or fp16), or teacher.dtype: float32")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _default_store_dtype(cls, data: Any) -> Any:
@@ -424,7 +432,7 @@ def _one_line(err: ValidationError, path: str) -> str:
         return f"{path}: unknown key '{loc}'"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "value_error" and msg.split(" ")[0].rstrip(":").startswith(loc.split(".")[0]):
+    if e["type"] == "value_error" and (not e["loc"] or msg.split(" ")[0].rstrip(":").startswith(loc.split(".")[0])):
         return f"{path}: {msg}{more}"       # the validator's message names its keys itself
     return f"{path}: '{loc}': {msg}{more}"
 

@@ -59,6 +59,8 @@ CASES = [
     ("zero-workers", "train", {"train": {"workers": 0}}, "train.workers"),
     ("negative-lora-rank", "train", {"train": {"student": {"kind": "lora", "rank": -1}}}, "train.student.rank"),
     ("renamed-lora-rank", "train", {"train": {"lora_rank": 4}}, "train.lora_rank is now train.student"),
+    ("lora-on-bf16-base-without-autocast", "train", {"teacher": {"dtype": "bfloat16"},
+                                                     "train": {"student": {"kind": "lora"}}}, "train.mixed_precision"),
     ("negative-train-seed", "train", {"train": {"seed": -1}}, "train.seed"),
     ("zero-generate-batch", "generate", {"generate": {"batch_size": 0}}, "generate.batch_size"),
     ("zero-shard-size", "generate", {"generate": {"shard_size": 0}}, "generate.shard_size"),

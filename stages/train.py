@@ -278,9 +278,13 @@ def runs(cfg, methods=None):
 
 
 def jobs(cfg, methods=None) -> list[Job]:
+    from pipeline.plan import check_fits
+
     out = []
     teacher = SharedTeacher(cfg)          # one teacher load for every run of this invocation (per process)
-    for run in runs(cfg, methods):
+    planned = runs(cfg, methods)
+    check_fits(cfg, sorted({r.method for r in planned}))    # a run that cannot fit: one line, nothing loaded
+    for run in planned:
         out_dir = cfg.train_dir(run)
         bounds = segment_boundaries(cfg.train.steps, cfg.train.checkpoint_every)
         units = [Unit(f"steps-{b:06d}", {"kind": "segment", "until": b}, size=b - a)

@@ -10,11 +10,13 @@ The teacher's networks are built on the meta device (exact parameter counts, no 
     ema          the float32 EMA of what trains (4 bytes a trained parameter); SCFlow adds its target (4 more)
     disc         the discriminator's heads (weights, grads, AdamW); its frozen backbone is the teacher's own
                  blocks (pipeline/methods/discriminator.py), so it adds no weights
-    activations  what backward keeps: per block 34 s b h bytes at 16 bit (Korthikanti et al. 2022, eq. 2
-                 without the s^2 attention term: SDPA's fused kernels keep none), 68 in float32; s = image
-                 + text tokens, b = rows per GPU, h = width, times the student's graph calls per step
+    activations  what autograd saves for backward, counted exactly: one forward of the transformer on the
+                 meta device with a saved-tensor hook (unique tensors, weights left out) at one row, in the
+                 compute dtype (bf16/fp16 under mixed precision); the s x s attention probabilities are left
+                 out (SDPA's fused kernels keep none); times rows per GPU and the student's graph calls a step,
+                 times BACKWARD_WORKSPACE for the gradients backward holds beside them
 
-DDP keeps all of it on every GPU; FSDP (train.sharding: fsdp) divides masters, grads, optimizer and EMA by
+DDP keeps all of it on every GPU; FSDP (fully_shard per block: a projection, train does not shard yet) divides masters, grads, optimizer and EMA by
 the GPU count and adds the two largest blocks gathered at the compute dtype; LoRA keeps one base copy (the
 teacher's) and trains A = sum over targeted Linear layers of r (in + out).
 """
@@ -34,6 +36,9 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # student forward passes that keep a graph in one step (generator step, plus the D step's discriminator):
 # the method's distillation call, plus the GAN's fake sample and the discriminator blocks it runs through
+# Peak activation memory / saved-tensor bytes: measured by bench/memory_plan.py (CPU, 12 x 768 SD3-shaped
+# student, batch 2 and 8): the peak RSS grows 0.28-0.30 GB a row where the saved tensors are 0.195 GB a row.
+BACKWARD_WORKSPACE = 1.5
 GRAPH_CALLS = {"perflow": 1.0, "ota": 1.0, "flowsteer": 1.5, "scflow": 2.0, "ayf-emd": 1.0}
 
 # Public transformer configs (the models' transformer/config.json) for planning without any files.
@@ -200,6 +205,47 @@ def _dir_encoder_params(p: Path) -> int:
     return total
 
 
+def _meta_inputs(teacher: Teacher, dtype: torch.dtype) -> dict[str, Any]:
+    """One row of the transformer's inputs at the planned token counts, on meta."""
+    c = teacher.transformer.config
+    kw = {"dtype": dtype, "device": "meta"}
+    text = max(1, teacher.text_tokens)
+    args = {"encoder_hidden_states": torch.zeros(1, text, c.joint_attention_dim, **kw),
+            "pooled_projections": torch.zeros(1, c.pooled_projection_dim, **kw),
+            "timestep": torch.ones(1, device="meta"), "return_dict": False}
+    if type(teacher.transformer).__name__.startswith("Flux"):
+        n = teacher.image_tokens
+        args.update(hidden_states=torch.zeros(1, n, c.in_channels, **kw), img_ids=torch.zeros(n, 3, device="meta"),
+                    txt_ids=torch.zeros(text, 3, device="meta"))
+        if c.guidance_embeds:
+            args["guidance"] = torch.ones(1, device="meta")
+    else:
+        side = int(math.isqrt(teacher.image_tokens)) * c.patch_size
+        args["hidden_states"] = torch.zeros(1, c.in_channels, side, side, **kw)
+    return args
+
+
+def activation_bytes(teacher: Teacher, dtype_bytes: int) -> int:
+    """Bytes autograd saves in one forward of one row (see the module docstring), counted on meta."""
+    dtype = torch.float32 if dtype_bytes == 4 else torch.bfloat16
+    net = teacher.transformer.float() if dtype_bytes == 4 else teacher.transformer.bfloat16()
+    net.requires_grad_(True)              # a full student: every weight trains (a teacher's come frozen)
+    params = {id(p) for p in net.parameters()}
+    tokens = teacher.image_tokens + max(1, teacher.text_tokens)
+    saved: dict[int, torch.Tensor] = {}
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        square = t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] in (tokens, teacher.image_tokens)
+        if id(base) not in params and not square:
+            saved.setdefault(id(base), base)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(**_meta_inputs(teacher, dtype))
+    return sum(t.numel() * t.element_size() for t in saved.values())
+
+
 def lora_params(net: torch.nn.Module, rank: int, targets: list[str]) -> int:
     """Exactly what peft adds: r (in + out) per Linear whose name is a target or ends with '.' + target."""
     total = 0
@@ -226,9 +272,9 @@ def plan(cfg, teacher: Teacher, method: str = "flowsteer", gpus: int = 1, batch_
     adversarial = method in ("flowsteer", "scflow")
     heads = disc_head_params(teacher, tc.adversarial.disc_blocks) if adversarial else 0
     rows = max(1, math.ceil((batch_size or tc.batch_size) / gpus))
-    tokens = teacher.image_tokens + teacher.text_tokens
     blocks = teacher.blocks()
-    act = int(GRAPH_CALLS.get(method, 1.0) * len(blocks) * (34 if mp else 68) * tokens * rows * teacher.width)
+    per_row = activation_bytes(teacher, {"no": 4}.get(tc.mixed_precision, 2))
+    act = int(GRAPH_CALLS.get(method, 1.0) * BACKWARD_WORKSPACE * per_row * rows)
     biggest = sorted((count(b) for b in blocks), reverse=True)[:2]
     common = {"teacher": P * tdt, "encoders": teacher.encoder_params * tdt, "disc": heads * 16, "activations": act}
     # SCFlow's target EMA of what trains; on a CPU device the EMA's copy of the initial weights (trainer.EMA
@@ -275,7 +321,7 @@ def check_fits(cfg, methods: list[str]) -> None:
     if budget is None:
         return
     teacher = config_teacher(cfg)
-    mode = "lora" if cfg.train.student.kind == "lora" else ("full/fsdp" if cfg.train.sharding == "fsdp" else "full/ddp")
+    mode = "lora" if cfg.train.student.kind == "lora" else "full/ddp"
     for method in methods:
         line = next(ln for ln in plan(cfg, teacher, method, cfg.train.workers) if ln.mode.startswith(mode))
         if line.total > budget * 1e9:

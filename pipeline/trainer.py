@@ -30,6 +30,7 @@ from pipeline.data import DataSource
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodContext, get_method
 from pipeline.prefetch import BatchPrefetcher
+from pipeline.sharding import average_gradients, replicate_student
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,7 +121,7 @@ def frozen(params: Iterable[torch.nn.Parameter]):
 
 
 class Trainer:
-    """One method's training state on one rank; `world > 1` averages gradients over the process group."""
+    """One method's training state on one rank; `world > 1`: DDP over the process group (pipeline/sharding.py)."""
 
     def __init__(self, cfg, run, teacher, store, device, rank: int = 0, world: int = 1,
                  log_path: Path | None = None):
@@ -161,6 +162,7 @@ class Trainer:
 
         self.student = build_student(self.method, teacher, tc.student, self.device, owner=self)
         self.param_names = trainable_names(self.student)
+        replicate_student(self.student, world)    # DDP over the ranks (pipeline/sharding.py)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
         self.disc = self.method.discriminator()
@@ -285,26 +287,11 @@ class Trainer:
                                 f"stopped, the last good checkpoint is kept (lower train.lr or check the data)")
         return values
 
-    def _sync_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks (what DDP does), keeping the student a plain module for the method."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
     def _update(self, opt, scaler, params, loss: torch.Tensor, step: int, clip: float, name: str) -> float:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()            # a no-op scale unless fp16
-        self._sync_grads(params)
+        scaler.scale(loss).backward()            # a no-op scale unless fp16; DDP averages the student's
+        if params is self.disc_params:           # gradients inside backward (pipeline/sharding.py)
+            average_gradients(params, self.world)
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm) and not scaler.is_enabled():
@@ -421,7 +408,9 @@ class Trainer:
             from pipeline.lora import merged_copy
 
             return merged_copy(self.student, self.ema.shadow)
-        net = copy.deepcopy(self.student)
+        # a fresh copy of the student's structure (DDP's replicated module refuses deepcopy), its weights loaded
+        net = self.method.wrap_student(copy.deepcopy(self.data.teacher.transformer).float())
+        net.load_state_dict(self.student.state_dict())
         self.ema.copy_to(net)
         return net.eval().requires_grad_(False)
 

@@ -217,7 +217,6 @@ class TrainConfig(Section):
     log_every: Count = 10
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     student: StudentConfig = Field(default_factory=StudentConfig)
-    sharding: Literal["ddp", "fsdp"] = "ddp"     # workers > 1: replicate (DDP) or shard per block (FSDP2)
     # per-GPU memory budget: `train` refuses a run whose plan (`flowsteer plan`) exceeds it; None = on CUDA,
     # the device's own memory, else no check
     gpu_memory_gb: float | None = Field(None, gt=0, le=1e5)
@@ -296,6 +295,9 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _lora_base_precision(self):
         """A LoRA student runs on the teacher's own weights: a bf16/fp16 base needs the student under autocast."""
+        if self.train.student.kind == "lora" and self.train.workers > 1:
+            raise ValueError("train.student.kind lora trains on one rank for now: set train.workers: 1 "
+                             "(docs/students.md)")
         if self.train.student.kind == "lora" and self.teacher.dtype != "float32" and self.train.mixed_precision == "no":
             raise ValueError(f"train.student.kind lora keeps the teacher's {self.teacher.dtype} weights as its base: "
                              f"set train.mixed_precision (bf16 or fp16), or teacher.dtype: float32")
@@ -334,7 +336,7 @@ class RunConfig(Section):
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch", "tensorboard", "sharding", "gpu_memory_gb"):
+                      "store", "prefetch", "tensorboard", "gpu_memory_gb"):
                 tr.pop(k)
             if tr["student"]["kind"] == "full":
                 tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student

@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 
 from pipeline.runner import run_job, write_record
-from pipeline.student import export_student
+from pipeline.export import export_student
 from pipeline.teachers.toy import make_toy_transformer
 from schemas.config import load_config
 from stages import evaluate, report

@@ -17,7 +17,7 @@ from pipeline.teachers import load_teacher
 from pipeline.metrics.classifier import load_classifier
 from pipeline.metrics.frechet import frechet_from_features
 from pipeline.student import load_student
-from pipeline.store import noise_for
+from pipeline.seeds import noise_for
 from pipeline.digits import DIGIT_PROMPTS, load_digits
 cfg = load_config(Path(__file__).resolve().parent.parent / "schemas" / "example.yaml")
 teacher = load_teacher(cfg)

@@ -98,7 +98,9 @@ def main() -> None:
 
     from pipeline.runner import run_job
     from pipeline.sampling import sample
-    from pipeline.store import TrajectoryStore, generate_prompts, noise_for, generated_store_path
+    from pipeline.datasets import generate_prompts
+    from pipeline.seeds import noise_for
+    from pipeline.store import TrajectoryStore, generated_store_path
     from pipeline.teachers import load_teacher
     from pipeline.schedule import fixed_sigmas
     from stages.generate import jobs, plan_samples, torch_threads

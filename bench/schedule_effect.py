@@ -28,7 +28,7 @@ NOISE_SEED_OFFSET = 1 << 41     # bench noise never coincides with training or e
 @torch.no_grad()
 def sample_images(teacher, sigmas, prompts, noise_seeds, guidance, batch_size):
     from pipeline.sampling import sample
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
 
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     print(header + "\n" + "-" * len(header))
     rows = {}
     for n in steps:
-        for kind in ("default", "fixed"):
+        for kind in ("diffusers", "fixed"):
             sigmas = make_sigmas(n, shift, kind)
             t0 = time.time()
             images = sample_images(teacher, sigmas, prompts, seeds, w, bs)
@@ -90,11 +90,11 @@ def main(argv=None) -> None:
             print(f"{n:3d} {kind:8s} {acc:8.3f} {fd:8.2f} {d[-1]:9.4f} {before} {time.time() - t0:6.1f}", flush=True)
     print("\nfixed vs default (accuracy difference, FD ratio default/fixed):")
     for n in steps:
-        (a_d, f_d), (a_f, f_f) = rows[n, "default"], rows[n, "fixed"]
+        (a_d, f_d), (a_f, f_f) = rows[n, "diffusers"], rows[n, "fixed"]
         print(f"  N={n:<3d} accuracy {a_f - a_d:+.3f}   FD x{f_d / max(f_f, 1e-12):.2f}")
     for n in (n for n in steps if n <= 8):
-        grid = {k: [round(s, 4) for s in make_sigmas(n, shift, k).tolist()] for k in ("default", "fixed")}
-        print(f"  sigmas N={n}: default {grid['default']}  fixed {grid['fixed']}")
+        grid = {k: [round(s, 4) for s in make_sigmas(n, shift, k).tolist()] for k in ("diffusers", "fixed")}
+        print(f"  sigmas N={n}: default {grid['diffusers']}  fixed {grid['fixed']}")
 
 
 if __name__ == "__main__":

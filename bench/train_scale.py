@@ -82,7 +82,7 @@ def write_latent_store(cfg: RunConfig, rows: int) -> None:
     """A finished float16 latent store at the run's latent_store_dir: random latents, real-shaped conditions."""
     from pipeline.latents import LatentStore, latent_store_dir
     from pipeline.runner import write_record
-    from pipeline.typed_arrays import shard_key
+    from pipeline.rowstore import shard_key
 
     out = latent_store_dir(cfg)
     if (out / "latents.zarr").is_dir():

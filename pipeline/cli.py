@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 # Before pyarrow loads: Arrow's default jemalloc pool keeps the extents of every table the driver builds
 # (~450 bytes a planned prompt at 20k prompts, bench/generate_scale.py); the system allocator returns them.
@@ -36,6 +37,21 @@ def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help=
     set_verbose(verbose)
 
 
+class MethodsInHelp(TyperCommand):
+    """A command whose option help may say `{methods}`: filled with the registered methods (pipeline/methods/)
+    when --help is shown, so a new method file is listed without an edit here, and a plain command line does
+    not pay the seconds that importing the methods (torch) takes."""
+
+    def format_help(self, ctx, formatter):
+        from pipeline.methods import method_names
+
+        for param in self.params:
+            template = param.__dict__.setdefault("help_template", getattr(param, "help", None))
+            if template and "{methods}" in template:
+                param.help = template.replace("{methods}", " | ".join(method_names()))
+        return super().format_help(ctx, formatter)
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="Run config YAML (see `flowsteer init`); "
                          "omitted = the embedded default (tiny SD3 teacher on MNIST).")
 EXECUTORS = ("local", "ray")
@@ -55,6 +71,11 @@ WaitOpt = typer.Option(False, "--wait", help="If another run writes the same sta
 ShareOpt = typer.Option(False, "--share", help="Run beside other flowsteer processes on the same config (this "
                         "host, or other hosts on a shared filesystem): take the jobs (e.g. training runs) that no "
                         "other process holds, then wait for the rest to finish (docs/scaling.md).")
+def methods_option(help: str):
+    """`--method/-m`, repeatable: the run names a command works on."""
+    return typer.Option(None, "--method", "-m", help=help)
+
+
 AddressOpt = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto' on a `ray up` cluster.")
 WorkersOpt = typer.Option(None, "--workers", help="Number of Ray actors (default: as many as resources allow).")
 
@@ -165,12 +186,11 @@ def encode(config: Optional[Path] = ConfigOpt, executor: Optional[str] = Executo
     run_stage("encode", get_config(config), executor, address, workers)
 
 
-@app.command()
+@app.command(cls=MethodsInHelp)
 def train(config: Optional[Path] = ConfigOpt,
-          method: Optional[list[str]] = typer.Option(None, "--method", "-m",
-                                                     help="Run names: a method (perflow | ota | flowsteer | "
-                                                          "scflow | ayf-emd) or a train.variants key (repeatable; "
-                                                          "default: train.methods); each trains once per train.seeds"),
+          method: Optional[list[str]] = methods_option("Run names: a method ({methods}) or a train.variants key "
+                                                       "(repeatable; default: train.methods); each trains once "
+                                                       "per train.seeds"),
           executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
           share: bool = ShareOpt):
     """Distill students from cached trajectories (plus online rollouts); resumes from the last checkpoint."""
@@ -179,7 +199,7 @@ def train(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt,
-             method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to score (default: train.methods)."),
+             method: Optional[list[str]] = methods_option("Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
              share: bool = ShareOpt):
     """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
@@ -188,7 +208,7 @@ def evaluate(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def report(config: Optional[Path] = ConfigOpt,
-           method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Run names to include (default: train.methods)."),
+           method: Optional[list[str]] = methods_option("Run names to include (default: train.methods)."),
            wait: bool = WaitOpt):
     """Write report.md / report.html with the ablation table, plots and image grids."""
     run_stage("report", get_config(config), methods=method or None, wait=wait)
@@ -197,9 +217,8 @@ def report(config: Optional[Path] = ConfigOpt,
 @app.command()
 def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
            address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt):
-    """The ablation ladder from ONE store: teacher, generate once, train every ladder row x train.seeds
-    (perflow-diffusers, perflow, ota, flowsteer-adv, flowsteer, flowsteer-rollout, scflow, ayf-emd), evaluate
-    and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
+    """The ablation ladder from ONE store: teacher, generate once, train every ladder row (the rows each method
+    declares) x train.seeds, evaluate and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
     the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
     from pipeline.ladder import with_ladder
 
@@ -262,7 +281,8 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
                                             "train.variants key: its first train seed's student) or an export dir."),
            config: Optional[Path] = ConfigOpt,
            steps: int = typer.Option(4, "--steps", "-n", help="Number of sampler steps (NFE)."),
-           schedule: str = typer.Option("fixed", help="fixed (ends at 0) or default (diffusers' set_timesteps)."),
+           schedule: str = typer.Option("fixed", help="Teacher grid: fixed (ends at 0) or diffusers (diffusers' "
+                                       "default set_timesteps grid), the names evaluate.schedules uses."),
            guidance: Optional[float] = typer.Option(None, help="CFG scale (teacher only; default evaluate.guidance)."),
            prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="Prompts (default: the run's generate.prompts, first 10; the digits for the embedded teacher)."),
            per_prompt: int = typer.Option(8, help="Images per prompt."),
@@ -325,8 +345,7 @@ def plan(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Methods to train and score "
-                                                    "(default: train.methods; add scflow / ayf-emd here).")):
+         method: Optional[list[str]] = methods_option("Run names to train and score (default: train.methods).")):
     """Run every stage in order on the config (default: the embedded default)."""
     cfg = get_config(config)
     t0 = time.time()

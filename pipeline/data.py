@@ -28,7 +28,8 @@ from pipeline.schedule import fixed_sigmas
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+    """Whether the run has real images, read from its latent store (`flowsteer encode`): `data.images`, or the
+    embedded teacher's training MNIST digits when it has none."""
     return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
 
 
@@ -57,7 +58,6 @@ class DataSource:
         self.teacher_seconds = 0.0       # teacher solves done for data (online rollouts, window targets)
         self._real_pos = [0, 0]          # (epoch, offset) of the global cursor into the real-data permutation
         self._null = None
-        self._real = None
         self._latents = None             # the real-image LatentStore, opened on first use
         if store is not None:
             self._store_guidance = torch.as_tensor(np.asarray(store.guidance[:]), dtype=torch.float32)
@@ -145,23 +145,14 @@ class DataSource:
                 "guidance": guidance, "online_mask": online, "prompt_index": prompt.to(self.device)}
 
     def real(self, n: int) -> dict[str, Any]:
-        """Real clean samples x0 with their prompt: the MNIST digits (embedded teacher) or the run's latent store
-        (`data.images` encoded by `flowsteer encode`); docs/precision.md lists what each teacher kind uses."""
+        """Real clean samples x0 with their caption's condition, from the run's latent store (`flowsteer encode`:
+        `data.images`, or the embedded teacher's training digits); docs/precision.md."""
         t0 = time.perf_counter()
-        if self.cfg.teacher.kind == "embedded":
-            images, labels = self._real_data()
-            idx = self._next_real(len(images), n)
-            from pipeline.digits import prompt_for
-
-            x0 = images[idx]
-            enc = self.teacher.encode([prompt_for(int(label)) for label in labels[idx]])
-            cond = {k: v.to(self.device, torch.float32) for k, v in enc.items()}
-        else:
-            latents = self.latent_store()
-            idx = self._next_real(latents.num_samples, n)
-            rows = idx.numpy()
-            x0 = torch.as_tensor(latents.latents(rows))
-            cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
+        latents = self.latent_store()
+        idx = self._next_real(latents.num_samples, n)
+        rows = idx.numpy()
+        x0 = torch.as_tensor(latents.latents(rows))
+        cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
         out = {"x0": self._to_device(x0), "cond": cond, "guidance": self._guidance(n).to(self.device),
                "index": idx}
         self.wait_seconds += time.perf_counter() - t0
@@ -234,15 +225,6 @@ class DataSource:
         return z_start, z_end
 
     # ------------------------------------------------------------ real data and its position
-    def _real_data(self):
-        if self._real is None:
-            from pipeline.digits import load_digits
-
-            images, labels = load_digits()
-            held_out = 1000  # the classifier's held-out split stays unseen by training
-            self._real = (torch.as_tensor(images[:-held_out]), torch.as_tensor(labels[:-held_out]))
-        return self._real
-
     def _next_real(self, size: int, n: int) -> torch.Tensor:
         """This rank's n indices of the next global batch (n * world) on an epoch-seeded permutation.
 

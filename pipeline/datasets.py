@@ -9,10 +9,11 @@ workers read back only their shard's rows (`TextColumn.take`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,7 @@ import pyarrow as pa
 from pipeline.errors import UserError
 
 TEXT_COLUMNS = ("prompt", "caption", "text")
+PROMPTS_FILE = "prompts.parquet"    # generate's checked copy of the prompts, beside the trajectory store
 BATCH_ROWS = 1024           # rows per read batch and per row group of the copies we write
 FORMATS = ".txt, .jsonl, .csv, .parquet or a saved HF datasets directory"
 
@@ -183,18 +185,64 @@ def copy_text_column(src: str | Path, dest: Path, column: str | None = None, key
 
     from pipeline.files import atomic_path
 
-    h, rows = hashlib.sha256(), 0
     with atomic_path(dest) as tmp:
         with pq.ParquetWriter(str(tmp), pa.schema([("text", pa.string())])) as writer:
-            for values in text_batches(src, column, key, column_key):
-                for v in values:
-                    h.update(b"\n" if rows else b"")
-                    h.update(v.encode())
-                    rows += 1
-                writer.write_table(pa.table({"text": pa.array(values, pa.string())}), row_group_size=BATCH_ROWS)
+            rows, sha = rows_hash(text_batches(src, column, key, column_key), on_batch=lambda values: writer.write_table(
+                pa.table({"text": pa.array(values, pa.string())}), row_group_size=BATCH_ROWS))
         if rows == 0:
             raise UserError(f"{key} {src} has no rows (empty file)")
+    return rows, sha
+
+
+def rows_hash(batches: Iterable[Sequence[str]], on_batch: Callable[[Sequence[str]], Any] | None = None
+              ) -> tuple[int, str]:
+    """(rows, their hash) in one pass over batches of text rows: the hash is sha256 of the rows joined by
+    newlines (16 hex digits), the prompts' hash in a store's meta. `on_batch` sees each batch (e.g. to copy it)."""
+    h, rows = hashlib.sha256(), 0
+    for values in batches:
+        for v in values:
+            h.update(b"\n" if rows else b"")
+            h.update(v.encode())
+            rows += 1
+        if on_batch is not None:
+            on_batch(values)
     return rows, h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- generate's prompts
+def generate_prompts(cfg):
+    """The prompt rows of generate.prompts (any format here) or the embedded digit prompts: a list for the
+    digits, else generate's own copy (a TextColumn: len, [i], take, iteration) once generate has prepared
+    it, else the rows read in batches into a list (small sets only)."""
+    if cfg.generate.prompts is None:
+        from pipeline.digits import DIGIT_PROMPTS
+
+        return list(DIGIT_PROMPTS)
+    copy = cfg.stage_dir("generate") / PROMPTS_FILE
+    if copy.is_file():
+        return TextColumn(copy)
+    return [p for batch in text_batches(cfg.generate.prompts, cfg.generate.prompt_column) for p in batch]
+
+
+def prompt_summary(cfg) -> tuple[int, str]:
+    """(number of prompts, rows_hash of them): one streamed pass, cached per file state."""
+    if cfg.generate.prompts is None:
+        from pipeline.digits import DIGIT_PROMPTS
+
+        return rows_hash([DIGIT_PROMPTS])
+    path = Path(cfg.generate.prompts)
+    if not path.exists():
+        raise UserError(f"generate.prompts not found: {path}")
+    st = path.stat()
+    return _scan_prompts(str(path.absolute()), cfg.generate.prompt_column, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_prompts(path: str, column: str | None, mtime_ns: int, size: int) -> tuple[int, str]:
+    rows, sha = rows_hash(text_batches(path, column))
+    if rows == 0:
+        raise UserError(f"generate.prompts {path} has no prompts (empty file)")
+    return rows, sha
 
 
 # ---------------------------------------------------------------- reading a written text column back

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 from typing import Any
 
-LADDER_VARIANTS: dict[str, dict[str, Any]] = {
-    "perflow-diffusers": {"method": "perflow", "options": {"grid": "diffusers"}},
-    "flowsteer-adv": {"method": "flowsteer", "options": {"lambda_fm": 0.0}},
-    "flowsteer-rollout": {"method": "flowsteer", "options": {"fake_source": "rollout"}},
-}
-LADDER = ["perflow-diffusers", "perflow", "ota", "flowsteer-adv", "flowsteer", "flowsteer-rollout", "scflow", "ayf-emd"]
+from pipeline.methods import ladder_methods
+
+# The rows come from the methods' declared ladder facts (Method.ladder_rank, Method.ladder_rows): a row that
+# is not the plain method is a train.variants entry of that method.
+LADDER: list[str] = [name for m in ladder_methods() for name, _ in m.runs_on_ladder()]
+LADDER_VARIANTS: dict[str, dict[str, Any]] = {name: {"method": m.name, "options": options}
+                                              for m in ladder_methods() for name, options in m.runs_on_ladder()
+                                              if name != m.name}
 
 # `flowsteer init --preset study`: 3 training seeds x the whole ladder, each student long enough to leave the
-# teacher (400 steps, 5x the demo's), on both sampling grids; sized to finish in under 2 h on 2 CPU cores
-# with two `ablate --share` processes (measured: docs/ablation.md, "The study preset").
+# teacher (400 steps, 5x the demo's), on both sampling grids (docs/ablation.md, "The study preset").
 PRESETS: dict[str, dict[str, Any]] = {
     "study": {
         "root": "runs/study",
-        # the measured study's teacher and store, pinned: the demo's defaults are trimmed to fit its 15 minutes
+        # the study's teacher and store, pinned: the defaults are sized for the demo, not for the study
         "teacher": {"embedded": {"train_steps": 1000}},
         "generate": {"samples_per_prompt": 64},
         "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 400,

@@ -1,6 +1,6 @@
 """The latent store: real images through the teacher's `encode_images`, with their captions' conditions.
 
-Layout (`latent_store_dir(cfg) / "latents.zarr"`; N images, store dtype T = data.store_dtype):
+Layout (`latent_store_dir(cfg) / "latents.zarr"`; N images, store dtype T = encode.store_dtype):
     latents        [N, C, H, W] T    teacher.encode_images(image): SD3 (VAE mean - shift) * scale;
                                      embedded: the [-1, 1] pixels themselves
     prompt_embeds  [N, L, D] T       the caption's teacher condition, one row per image
@@ -15,15 +15,14 @@ Reader API (what training uses; values always float32): `LatentStore.open`, `num
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.typed_arrays import RowStore, create_rows, digest, encode
+from pipeline.rowstore import RowStore, create_rows
 
-FORMAT = 1
+FORMAT = 1                        # meta["format"] of a latent store (bumped when its layout changes)
 LATENT_STORE = "latents.zarr"
 CAPTIONS = "captions.parquet"
 
@@ -39,6 +38,10 @@ class LatentStore(RowStore):
     """Reader (and per-shard writer) of one latent store."""
 
     kind = "latent store"
+    file_name = LATENT_STORE
+    command = "flowsteer encode"
+    mismatch_fix = "run `flowsteer encode`"
+    row_arrays = ("latents",)
 
     def __init__(self, group, path: Path):
         super().__init__(group, path)
@@ -62,42 +65,11 @@ class LatentStore(RowStore):
             g.attrs["meta"] = meta
         return cls.open(path, mode="r+", check_complete=False)
 
-    @classmethod
-    def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
-             check_complete: bool = True) -> "LatentStore":
-        """Open a latents.zarr (or the encode dir holding one); refuse one made by another config."""
-        from pipeline.store import meta_mismatch
-
-        path = Path(path)
-        if (path / LATENT_STORE).is_dir():
-            path = path / LATENT_STORE
-        if not cls.created(path):
-            raise UserError(f"no latent store at {path}; run `flowsteer encode` first")
-        store = cls.open_group(path, mode)
-        if expected_meta is not None:
-            meta_mismatch(store.meta, expected_meta, f"latent store {path}", "run `flowsteer encode`")
-        if check_complete:
-            store.check_complete("run `flowsteer encode` to finish it")
-        return store
-
     # ------------------------------------------------------------ writing (one unit = one shard)
     def write_shard(self, shard: int, latents, cond: dict[str, torch.Tensor],
                     null: dict[str, torch.Tensor] | None = None) -> str:
         """Write a shard's latents and conditions (shard 0 also the "" condition); returns its checksum."""
-        arrays = {"latents": encode(latents, self.store_dtype), **self.cond_shard(cond, null)}
-        self.write_rows(shard, {k: v for k, v in arrays.items() if not k.startswith("null_")})
-        if null is not None:
-            self.write_null(null)
-        return digest(*arrays.values())
-
-    def shard_checksum(self, shard: int) -> str:
-        """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
-        lo, hi = self.shard_range(shard)
-        names = ["latents", *self.cond_arrays.values()]
-        if shard == 0:
-            names += ["null_" + n for n in self.cond_arrays.values()]
-        return digest(*(np.asarray(self.group[n][lo:hi] if not n.startswith("null_") else self.group[n][:1])
-                        for n in names))
+        return self.write_shard_data(shard, {"latents": latents}, cond, null)
 
     # ------------------------------------------------------------ reader API
     def latents(self, indices) -> np.ndarray:
@@ -114,6 +86,3 @@ class LatentStore(RowStore):
         if self._captions is None:
             self._captions = TextColumn(self.path.parent / CAPTIONS)
         return self._captions.take(indices)
-
-    def info(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "sample_shape": self.sample_shape, "store_dtype": self.store_dtype}

@@ -90,9 +90,8 @@ def load_lora_module(directory: Path, meta: dict[str, Any], device, base: torch.
 def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
     """`flowsteer export --merge`: write `<export>/transformer/` with the adapter fused, then flowsteer.json
     (network: transformer, student.merged) and the model card; the adapter file stays."""
+    from pipeline.export import META, write_card
     from pipeline.files import atomic_path, atomic_write_bytes
-    from pipeline.model_card import write_model_card
-    from pipeline.student import META
 
     export_dir = Path(export_dir)
     meta_file = export_dir / META
@@ -109,7 +108,7 @@ def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
     meta = {**meta, "network": "transformer",
             "student": {**meta["student"], "merged": True, "merged_by": "flowsteer export --merge"}}
     atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
-    write_model_card(export_dir, cfg, meta["method"], meta)
+    write_card(export_dir, cfg, meta)
     return export_dir / "transformer"
 
 
@@ -129,7 +128,9 @@ def resolve_export(cfg, target: str) -> Path:
 def merge_cli(cfg, target: str) -> Path:
     """`flowsteer export TARGET --merge`: the base comes from the recorded teacher dir, else the config's teacher."""
     export_dir = resolve_export(cfg, target)
-    meta_file = export_dir / "flowsteer.json"
+    from pipeline.export import META
+
+    meta_file = export_dir / META
     base = None
     if meta_file.is_file():
         base_dir = json.loads(meta_file.read_text()).get("base")

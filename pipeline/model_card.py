@@ -1,8 +1,8 @@
 """The exported student's model card: `export/README.md` with Hugging Face front matter.
 
-Written with the export (method, teacher, schedule, NFE, training config, how to load it) and written again
-by whoever has scores for the checkpoint (`write_model_card(..., scores_markdown=...)`), so a shared
-export says what it is and how well it does. The load lines are plain diffusers where the student is a
+Only the text: pipeline/export.py writes it, with the export (method, teacher, schedule, NFE, training
+config, how to load it) and again with the student's scores (`export.write_card_scores`, called by the
+evaluate stage), so a shared export says what it is and how well it does. The load lines are plain diffusers where the student is a
 drop-in (`Method.drop_in`); otherwise the card says so and gives flowsteer's loader.
 """
 from __future__ import annotations
@@ -13,24 +13,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.files import atomic_write_bytes
+from pipeline.methods import get_method
 from pipeline.schedule import fixed_sigmas
-
-CARD = "README.md"
-
-ABOUT = {
-    "perflow": "PeRFlow (piecewise rectified flow): per window, the chord velocity between a noised real image "
-               "and the teacher's CFG solve from it.",
-    "ota": "Online Trajectory Alignment (FlowSteer, Alg. 2): PeRFlow's chord loss on windows that start and "
-           "end on the teacher's own ODE trajectory (cached plus fresh online rollouts).",
-    "flowsteer": "FlowSteer: OTA plus a hinge GAN on the teacher's trajectory states (a discriminator built from "
-                 "the teacher's first blocks) and the fixed FlowMatchEuler schedule.",
-    "scflow": "SCFlow (self-corrected flow): consistency against a target EMA with short teacher skips, "
-              "truncated below tau, plus a bidirectional term, reflow of its own one-step output and a hinge GAN.",
-    "ayf-emd": "Align Your Flow (Eulerian map distillation): a flow map f(x, t, s) = x + (s - t) F(x, t, s) "
-               "trained with the teacher's autoguided velocity and a normalised tangent.",
-}
-
 
 def hub_id(path: str | None) -> str | None:
     """A Hugging Face repo id when a local teacher dir is a hub cache snapshot (models--org--name/...)."""
@@ -129,7 +113,7 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 
 # {meta.get("run", method)} student distilled by flowsteer{f" (method {method})" if meta.get("run", method) != method else ""}
 
-{ABOUT.get(method, f"Method `{method}`.")}
+{get_method(method).description}
 
 - **Teacher**: {teacher_description(cfg)}.
 - **Student**: {student_line(meta)}.
@@ -151,26 +135,3 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 {training}
 ```
 """
-
-
-def write_model_card(export_dir, cfg, method: str, meta: dict[str, Any], scores_markdown: str | None = None,
-                     shown_path: str | None = None) -> Path:
-    """Write (or rewrite, e.g. with scores) `<export_dir>/README.md` atomically; returns its path."""
-    from pipeline.methods.base import get_method
-
-    export_dir = Path(export_dir)
-    text = render(cfg, method, meta, shown_path or str(export_dir), get_method(method).drop_in, scores_markdown)
-    path = export_dir / CARD
-    atomic_write_bytes(path, text.encode())
-    return path
-
-
-def refresh_model_card(export_dir, cfg, scores_markdown: str | None) -> Path:
-    """Rewrite an existing export's card with its scores (called after evaluate, e.g. by the report stage)."""
-    import json
-
-    from pipeline.student import META
-
-    export_dir = Path(export_dir)
-    meta = json.loads((export_dir / META).read_text())
-    return write_model_card(export_dir, cfg, meta["method"], meta, scores_markdown)

@@ -13,7 +13,7 @@ The teacher's networks are built on the meta device (exact parameter counts, no 
     activations  what autograd saves for backward, counted exactly: one forward of the transformer on the
                  meta device with a saved-tensor hook (unique tensors, weights left out) at one row, in the
                  compute dtype (bf16/fp16 under mixed precision); the s x s attention probabilities are left
-                 out (SDPA's fused kernels keep none); times rows per GPU and the student's graph calls a step,
+                 out (SDPA's fused kernels keep none); times rows per GPU and the method's `graph_calls`,
                  times BACKWARD_WORKSPACE for the gradients backward holds beside them
 
 DDP keeps all of it on every GPU; FSDP (fully_shard per block: a projection, train does not shard yet) divides masters, grads, optimizer and EMA by
@@ -34,12 +34,9 @@ from pipeline.errors import UserError
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# student forward passes that keep a graph in one step (generator step, plus the D step's discriminator):
-# the method's distillation call, plus the GAN's fake sample and the discriminator blocks it runs through
 # Peak activation memory / saved-tensor bytes: measured by bench/memory_plan.py (CPU, 12 x 768 SD3-shaped
 # student, batch 2 and 8): the peak RSS grows 0.28-0.30 GB a row where the saved tensors are 0.195 GB a row.
 BACKWARD_WORKSPACE = 1.5
-GRAPH_CALLS = {"perflow": 1.0, "ota": 1.0, "flowsteer": 1.5, "scflow": 2.0, "ayf-emd": 1.0}
 
 # Public transformer configs (the models' transformer/config.json) for planning without any files.
 SHAPES = {
@@ -269,12 +266,15 @@ def plan(cfg, teacher: Teacher, method: str = "flowsteer", gpus: int = 1, batch_
     mp = tc.mixed_precision != "no"
     P = teacher.params
     A = lora_params(teacher.transformer, tc.student.rank, list(tc.student.target_modules))
-    adversarial = method in ("flowsteer", "scflow")
+    from pipeline.methods import get_method
+
+    m = get_method(method)
+    adversarial = m.uses_adversarial
     heads = disc_head_params(teacher, tc.adversarial.disc_blocks) if adversarial else 0
     rows = max(1, math.ceil((batch_size or tc.batch_size) / gpus))
     blocks = teacher.blocks()
     per_row = activation_bytes(teacher, {"no": 4}.get(tc.mixed_precision, 2))
-    act = int(GRAPH_CALLS.get(method, 1.0) * BACKWARD_WORKSPACE * per_row * rows)
+    act = int(m.graph_calls * BACKWARD_WORKSPACE * per_row * rows)
     biggest = sorted((count(b) for b in blocks), reverse=True)[:2]
     common = {"teacher": P * tdt, "encoders": teacher.encoder_params * tdt, "disc": heads * 16, "activations": act}
     # SCFlow's target EMA of what trains; on a CPU device the EMA's copy of the initial weights (trainer.EMA
@@ -291,7 +291,7 @@ def plan(cfg, teacher: Teacher, method: str = "flowsteer", gpus: int = 1, batch_
 def generate_cost(cfg, teacher_rows_per_s: float | None = None) -> dict[str, Any]:
     """What `flowsteer generate` writes and costs: the store's states (window edges, and every teacher step with
     generate.record_every_step) and per-row conditions, uncompressed; teacher forward rows (CFG: 2 per step)."""
-    from pipeline.store import generate_prompts
+    from pipeline.datasets import generate_prompts
     from pipeline.teachers import describe_teacher
 
     layout = describe_teacher(cfg)

@@ -42,20 +42,15 @@ def quiet_libraries() -> None:
         return
     _applied = True
     warnings.filterwarnings("ignore", module=NOISY_MODULES)
-    try:
-        import diffusers.utils.logging as dlog
+    import importlib
 
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - a dependency
-        pass
-    try:
-        import transformers.utils.logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:  # pragma: no cover - a dependency
-        pass
+    for library in ("diffusers", "transformers"):
+        try:
+            log = importlib.import_module(f"{library}.utils.logging")
+        except ImportError:  # pragma: no cover - a dependency
+            continue
+        log.set_verbosity_error()
+        log.disable_progress_bar()
     try:
         from huggingface_hub.utils import disable_progress_bars
 

@@ -50,7 +50,6 @@ class Job:
     item_name: str = "items"
     sequential: bool = False                  # units depend on each other (training segments): one at a time
     own_progress: bool = False                # its worker draws a finer bar (per training step) when run locally
-    ray_runner: Callable[..., None] | None = None  # replaces the actor pool under --executor ray (encode: Ray Data)
 
 
 class JobFailed(RuntimeError):
@@ -146,8 +145,6 @@ def _run_locked(job: Job, executor: str, address: str | None, workers: int | Non
     if pending:
         if executor == "local":
             _run_local(job, pending, bar, failed_here)
-        elif job.ray_runner is not None:
-            job.ray_runner(job, pending, bar, address, workers)
         else:
             _run_ray(job, pending, bar, address, workers, failed_here)
     bar.close()

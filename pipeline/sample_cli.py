@@ -1,6 +1,6 @@
 """`flowsteer sample`: a PNG grid (one row per prompt) from the teacher or an exported student.
 
-The teacher runs Euler with CFG on the fixed or the diffusers-default grid (to see the schedule's effect);
+The teacher runs Euler with CFG on the fixed or the diffusers-default grid (`--schedule fixed | diffusers`) (to see the schedule's effect);
 a student runs its own method's guidance-free sampler. Column c of every row starts from the same noise,
 `noise_for((seed << 20) + c)`, so rows differ only by prompt and a teacher grid and a student grid made
 with the same seed start from the same noise.
@@ -22,17 +22,14 @@ def resolve_export(cfg, checkpoint: str) -> Path:
     path = Path(checkpoint)
     if path.is_dir():
         return path
-    from pipeline.methods.base import METHODS
+    from pipeline.methods import METHODS, method_names
 
     if checkpoint not in cfg.train.variants and checkpoint not in METHODS:
-        from pipeline.methods.base import get_method
+        raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(method_names())}), "
+                        "a train.variants name or an export directory")
+    from pipeline.export import export_dir
 
-        try:
-            get_method(checkpoint)
-        except KeyError:
-            raise UserError(f"checkpoint '{checkpoint}' is not 'teacher', a method name ({', '.join(sorted(METHODS))}), "
-                            "a train.variants name or an export directory") from None
-    export = cfg.train_dir(cfg.train_run(checkpoint)) / "export"
+    export = export_dir(cfg, checkpoint)
     if not export.is_dir():
         raise UserError(f"no exported student for '{checkpoint}' at {export}: run `flowsteer train -m {checkpoint}` first")
     return export
@@ -43,7 +40,7 @@ DEFAULT_ROWS = 10               # without --prompt: the first rows of the run's 
 
 def default_prompts(cfg) -> list[str]:
     """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
-    from pipeline.store import generate_prompts
+    from pipeline.datasets import generate_prompts
 
     if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
         raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
@@ -56,9 +53,7 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
                 guidance: float | None = None, prompts: list[str] | None = None, per_prompt: int = 8,
                 seed: int = 0, out: str | Path = "samples.png") -> Path:
     """Sample `per_prompt` images for each prompt and save them as a grid (rows = prompts); returns the path."""
-    from torchvision.utils import save_image
-
-    from pipeline.sampling import sample
+    from pipeline.images import sample_images, student_sampler, teacher_sampler, write_grid
     from pipeline.schedule import make_sigmas
     from pipeline.teachers import load_teacher
 
@@ -79,32 +74,18 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
     if export is not None:
         from pipeline.student import load_student
 
-        student = load_student(export, teacher.device)
-    from pipeline.store import noise_for            # the noise evaluate and generate use too
+        student = load_student(export, teacher.device, base=getattr(teacher, "transformer", None))
+    from pipeline.seeds import noise_for            # the noise evaluate and generate use too
 
     shape = tuple(teacher.sample_shape)
     column_noise = torch.stack([noise_for(seed * SEED_STRIDE + c, shape) for c in range(per_prompt)])
 
     rows = [p for p in prompts for _ in range(per_prompt)]
-    images = []
-    for i in range(0, len(rows), cfg.evaluate.batch_size):
-        batch = rows[i:i + cfg.evaluate.batch_size]
-        noise = column_noise[[j % per_prompt for j in range(i, i + len(batch))]].to(teacher.device)
-        cond = teacher.encode(batch)
-        if student is not None:
-            x = student.sample(noise, cond, steps)
-        elif guidance == 1.0:                        # w = 1 is the conditional model: skip the null pass
-            x = sample(teacher.velocity, noise, sigmas, cond)
-        else:
-            x = sample(teacher.velocity, noise, sigmas, cond, teacher.encode([""] * len(batch)), guidance)
-        images.append(teacher.decode(x).float().clamp(0, 1).cpu())
-
-    from PIL import Image
-
-    from pipeline.files import atomic_write_stream
-
-    out = Path(out)
-    fmt = Image.registered_extensions().get(out.suffix.lower(), "PNG")
-    atomic_write_stream(out, lambda f: save_image(torch.cat(images), f, nrow=per_prompt, padding=2, pad_value=1.0,
-                                                  format=fmt))
-    return out
+    if student is not None:
+        sampler = student_sampler(student.method, student.module, steps, student.meta["windows"],
+                                  student.meta["shift"])
+    else:                                            # w = 1 is the conditional model: no null pass
+        sampler = teacher_sampler(teacher, sigmas, None if guidance == 1.0 else guidance)
+    _, images = sample_images(teacher, sampler, column_noise[[j % per_prompt for j in range(len(rows))]], len(rows),
+                              teacher.device, cfg.evaluate.batch_size, prompts=rows)
+    return write_grid(images, out, nrow=per_prompt)

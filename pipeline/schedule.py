@@ -53,12 +53,18 @@ def default_sigmas(n: int, shift: float = 3.0, mu: float | None = None) -> torch
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
 
 
+SCHEDULES = ("fixed", "diffusers")      # the names of the two grids everywhere (evaluate.schedules, --schedule)
+
+
 def make_sigmas(n: int, shift: float = 3.0, kind: str = "fixed", mu: float | None = None) -> torch.Tensor:
+    """The grid named `kind`: "fixed" (ends at 0) or "diffusers" (diffusers' default set_timesteps grid)."""
     if kind == "fixed":
         return fixed_sigmas(n, shift, mu)
-    if kind == "default":
+    if kind == "diffusers":
         return default_sigmas(n, shift, mu)
-    raise ValueError(f"unknown schedule '{kind}' (use fixed or default)")
+    if kind == "default":
+        raise ValueError("schedule 'default' is spelled 'diffusers' (the name evaluate.schedules uses)")
+    raise ValueError(f"unknown schedule '{kind}' (use {' or '.join(SCHEDULES)})")
 
 
 def piecewise_sigmas(n: int, num_windows: int, shift: float) -> torch.Tensor:

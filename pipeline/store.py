@@ -6,7 +6,7 @@ generate.store_dtype; docs/store.md):
     steps         [S, M+1, C, H, W] T     every teacher step (only with generate.record_every_step)
     guidance      [S] float32             CFG scale w of the sample's trajectory
     prompt_index  [S] int64               row of prompts.parquet (beside the store)
-    seed          [S] int64               noise_for(seed, shape) is the sample's initial noise
+    seed          [S] int64               seeds.noise_for(seed, shape) is the sample's initial noise
     prompt_embeds [S, L, D] T, pooled_embeds [S, D'] T   the sample's prompt condition, per sample row,
                                           encoded and written by the unit of its shard
     null_*        [1, ...] T              the "" condition (written by shard 0's unit)
@@ -16,96 +16,19 @@ sample; everything is allocated when the store is created and never resized. Rea
 """
 from __future__ import annotations
 
-import functools
-import json
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.typed_arrays import (COND_ARRAYS, RowStore, create_rows, decode, digest, encode, read_rows,  # noqa: F401
-                                   shard_key)
+from pipeline.datasets import PROMPTS_FILE, prompt_summary
+from pipeline.rowstore import RowStore, create_rows, decode, read_rows
 from schemas.config import GENERATE_RUN_ONLY_KEYS
 
 FORMAT = 2
 STORE_NAME = "store.zarr"
-PROMPTS_FILE = "prompts.parquet"
-
-
-# ---------------------------------------------------------------- deterministic per-sample draws
-def noise_for(seed: int | Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """The initial noise of a sample (float32, CPU) from its seed alone; a list of seeds gives [n, *shape]."""
-    if not isinstance(seed, (int, np.integer)):
-        return torch.stack([noise_for(int(s), shape) for s in seed]) if len(seed) else torch.empty(0, *shape)
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(int(seed)))
-
-
-def sample_seeds(base_seed: int, n: int) -> np.ndarray:
-    """Per-sample seeds hashed from (generate.seed, index): large, so they never meet small evaluation seeds."""
-    return np.fromiter((np.random.SeedSequence([base_seed, i]).generate_state(1, np.uint32)[0] for i in range(n)),
-                       dtype=np.int64, count=n)
-
-
-def guidance_for(seeds: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """w ~ U[lo, hi] per sample, drawn from the sample's seed (a stream apart from its noise)."""
-    return np.fromiter((lo + (hi - lo) * np.random.default_rng([int(s), 1]).random() for s in seeds),
-                       dtype=np.float64, count=len(seeds)).astype(np.float32)
-
-
-# ---------------------------------------------------------------- what a config's store must be
-def generate_prompts(cfg):
-    """The prompt rows of generate.prompts (any format of pipeline.datasets) or the embedded digit prompts:
-    a list for the digits, else the store's own copy (a TextColumn: len, [i], take, iteration) once
-    generate has prepared it, else the rows read in batches into a list (small sets only)."""
-    if cfg.generate.prompts is None:
-        from pipeline.digits import DIGIT_PROMPTS
-
-        return list(DIGIT_PROMPTS)
-    from pipeline.datasets import TextColumn, text_batches
-
-    copy = cfg.stage_dir("generate") / PROMPTS_FILE
-    if copy.is_file():
-        return TextColumn(copy)
-    return [p for batch in text_batches(cfg.generate.prompts, cfg.generate.prompt_column) for p in batch]
-
-
-def prompt_summary(cfg) -> tuple[int, str]:
-    """(number of prompts, sha256 of them joined by newlines): one streamed pass, cached per file state."""
-    if cfg.generate.prompts is None:
-        from pipeline.digits import DIGIT_PROMPTS
-
-        return len(DIGIT_PROMPTS), _sha("\n".join(DIGIT_PROMPTS))
-    path = Path(cfg.generate.prompts)
-    if not path.exists():
-        raise UserError(f"generate.prompts not found: {path}")
-    st = path.stat()
-    return _scan(str(path.absolute()), cfg.generate.prompt_column, st.st_mtime_ns, st.st_size)
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=8)
-def _scan(path: str, column: str | None, mtime_ns: int, size: int) -> tuple[int, str]:
-    import hashlib
-
-    from pipeline.datasets import text_batches
-
-    h, rows = hashlib.sha256(), 0
-    for values in text_batches(path, column):
-        for v in values:
-            h.update(b"\n" if rows else b"")
-            h.update(v.encode())
-            rows += 1
-    if rows == 0:
-        raise UserError(f"generate.prompts {path} has no prompts (empty file)")
-    return rows, h.hexdigest()[:16]
 
 
 def store_meta(cfg) -> dict[str, Any]:
@@ -122,44 +45,18 @@ def generated_store_path(cfg) -> Path:
     return cfg.stage_dir("generate") / STORE_NAME
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def meta_differences(stored: dict, expected: dict) -> list[str]:
-    """'key: store X, config Y' for every leaf that differs (both sides JSON-normalised)."""
-    a, b = _flat(json.loads(json.dumps(stored))), _flat(json.loads(json.dumps(expected)))
-    return [f"{k}: store {a.get(k, '<missing>')!r}, config {b.get(k, '<missing>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "fingerprint"]
-
-
-def mismatch_summary(differences: list[str], shown: int = 3) -> str:
-    """The first `shown` differences joined by '; ', then '(+N more)' when there are more."""
-    more = f" (+{len(differences) - shown} more)" if len(differences) > shown else ""
-    return "; ".join(differences[:shown]) + more
-
-
-def meta_mismatch(stored: dict, expected: dict, what: str, fix: str) -> None:
-    """Refuse a store made by another config: one line naming the first differing keys."""
-    diff = meta_differences(stored, expected)
-    if diff:
-        raise UserError(f"{what} was built from another config ({mismatch_summary(diff)}); {fix}")
-
-
 # ---------------------------------------------------------------- the store
 class TrajectoryStore(RowStore):
     """Reader (and per-shard writer) of one trajectory store; holds no sample data beyond a small shard cache."""
 
     kind = "trajectory store"
+    file_name = STORE_NAME
+    command = "flowsteer generate"
+    mismatch_fix = "point train.store at a matching store or run `flowsteer generate`"
     rebuild_hint = ("nothing was deleted; `flowsteer generate --rebuild` (or `flowsteer status --verify --repair`) "
                     "deletes the store and generates it anew")
 
-    def __init__(self, group, path: Path, cache_bytes: int):
+    def __init__(self, group, path: Path, cache_bytes: int = 256 << 20):
         super().__init__(group, path)
         attrs = group.attrs.asdict()
         self.num_prompts: int = int(attrs["num_prompts"])
@@ -234,23 +131,6 @@ class TrajectoryStore(RowStore):
                         "num_prompts": num_prompts, "cond_in_shards": cond is None, "run": dict(run_attrs)})
         g.attrs["meta"] = meta
 
-    @classmethod
-    def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r",
-             check_complete: bool = True, cache_bytes: int = 256 << 20) -> "TrajectoryStore":
-        """Open a store (a store.zarr or the generate dir holding one); refuse one made by another config."""
-        path = Path(path)
-        if (path / STORE_NAME).is_dir():
-            path = path / STORE_NAME
-        if not cls.created(path):
-            raise UserError(f"no trajectory store at {path}; run `flowsteer generate` first")
-        store = cls.open_group(path, mode, cache_bytes)
-        if expected_meta is not None:
-            meta_mismatch(store.meta, expected_meta, f"trajectory store {path}",
-                          "point train.store at a matching store or run `flowsteer generate`")
-        if check_complete:
-            store.check_complete("run `flowsteer generate` to finish it")
-        return store
-
     @property
     def prompts(self):
         """The prompt rows (TextColumn over prompts.parquet beside the store: len, [i], take, iteration)."""
@@ -260,33 +140,19 @@ class TrajectoryStore(RowStore):
             self._prompts = TextColumn(self.path.parent / PROMPTS_FILE)
         return self._prompts
 
+    @property
+    def row_arrays(self) -> tuple[str, ...]:
+        return ("states", "steps") if self.steps is not None else ("states",)
+
     # ------------------------------------------------------------ shards
     def write_shard(self, shard: int, states, steps=None, cond: dict[str, torch.Tensor] | None = None,
                     null: dict[str, torch.Tensor] | None = None) -> str:
-        """Write one whole shard (one write per array, never a partial shard): states (+ steps), and, in a
-        store whose units encode, the rows' conditions (+ the "" condition from shard 0). Returns the
-        checksum of what was written, as stored."""
-        arrays = {"states": encode(states, self.store_dtype)}
-        if self.steps is not None:
-            arrays["steps"] = encode(steps, self.store_dtype)
-        if cond is not None:
-            arrays.update(self.cond_shard(cond, null))
-        self.write_rows(shard, {k: v for k, v in arrays.items() if not k.startswith("null_")})
-        if cond is not None and null is not None:
-            self.write_null(null)
+        """Write one whole shard: states (+ steps) and, in a store whose units encode, the rows' conditions
+        (+ the "" condition from shard 0); returns its checksum (RowStore.write_shard_data)."""
+        rows = {"states": states, **({"steps": steps} if self.steps is not None else {})}
+        checksum = self.write_shard_data(shard, rows, cond, null)
         self._cache.pop(shard, None)
-        return digest(*arrays.values())
-
-    def shard_checksum(self, shard: int) -> str:
-        """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
-        lo, hi = self.shard_range(shard)
-        names = ["states"] + (["steps"] if self.steps is not None else [])
-        if self.cond_in_shards:
-            names += list(self.cond_arrays.values())
-        arrays = [np.asarray(self.group[n][lo:hi]) for n in names]
-        if self.cond_in_shards and shard == 0:
-            arrays += [np.asarray(self.group["null_" + n][:1]) for n in self.cond_arrays.values()]
-        return digest(*arrays)
+        return checksum
 
     def _shard_states(self, shard: int) -> np.ndarray:
         if shard in self._cache:
@@ -332,28 +198,12 @@ class TrajectoryStore(RowStore):
             out[:] = data[inv[:, None], ks[:, None] + np.arange(2)]
         return out[:, 0], out[:, 1]
 
-    def iter_shards(self) -> Iterator[dict[str, Any]]:
-        """Shard by shard, in order: dict(start, stop, states, guidance, prompt_index, seed[, steps]), float32."""
-        for j in range(self.num_shards):
-            lo, hi = self.shard_range(j)
-            item = {"shard": j, "start": lo, "stop": hi, "states": decode(np.asarray(self.states[lo:hi]),
-                                                                          self.store_dtype),
-                    "guidance": self.guidance[lo:hi], "prompt_index": self.prompt_index[lo:hi],
-                    "seed": self.seed[lo:hi]}
-            if self.steps is not None:
-                item["steps"] = decode(np.asarray(self.steps[lo:hi]), self.store_dtype)
-            yield item
-
     def cond(self, prompt_indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) for the given prompt indices; each distinct prompt is read once."""
         p = np.asarray(prompt_indices, dtype=np.int64).reshape(-1)
         if len(p) and (p.min() < 0 or p.max() >= self.num_prompts):
             raise IndexError(f"prompt index out of range (prompts < {self.num_prompts})")
         return self.row_cond(self._prompt_row[p])
-
-    def sample_cond(self, indices) -> dict[str, torch.Tensor]:
-        """Teacher conditions (float32, CPU) of sample rows (their own prompts)."""
-        return self.row_cond(indices)
 
     def cond_nbytes(self) -> int:
         """float32 bytes of one condition per prompt (what a reader caching all prompts would hold)."""

@@ -49,9 +49,9 @@ class TensorBoardLogger:
 
     def images(self, tag: str, images: torch.Tensor, step: int) -> None:
         """`images` [N, C, H, W] in [0, 1], written as one grid row."""
-        from torchvision.utils import make_grid
+        from pipeline.images import image_grid
 
-        self.writer.add_image(tag, make_grid(images.float().clamp(0, 1).cpu(), nrow=len(images), pad_value=1.0), step)
+        self.writer.add_image(tag, image_grid(images, nrow=len(images)), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -61,7 +61,8 @@ class TensorBoardLogger:
 @torch.no_grad()
 def sample_grid(logger: TensorBoardLogger, trainer, step: int, nfes=GRID_NFES, n: int = GRID_SAMPLES) -> None:
     """The EMA student's samples at each NFE in `nfes` (same noise, same prompts) as images `samples/nfe<N>`."""
-    from pipeline.store import noise_for
+    from pipeline.images import sample_images, student_sampler
+    from pipeline.seeds import noise_for
 
     data, method = trainer.data, trainer.method
     if data.store is None or not data.num_prompts:
@@ -69,9 +70,10 @@ def sample_grid(logger: TensorBoardLogger, trainer, step: int, nfes=GRID_NFES, n
     teacher, device = data.teacher, trainer.device
     rows = torch.arange(n) % data.num_prompts
     cond = {k: v.to(device) for k, v in data.store.cond(rows.numpy()).items()}
-    noise = noise_for([GRID_SEED + i for i in range(n)], tuple(teacher.sample_shape)).to(device)
+    noise = noise_for([GRID_SEED + i for i in range(n)], tuple(teacher.sample_shape))
     student = trainer.ema_student()
     sched = trainer.cfg.schedule
     for nfe in nfes:
-        x = type(method).sample(student, noise, cond, nfe, sched.windows, sched.shift)
-        logger.images(f"samples/nfe{nfe}", teacher.decode(x), step)
+        sampler = student_sampler(type(method), student, nfe, sched.windows, sched.shift)
+        _, images = sample_images(teacher, sampler, noise, n, device, n, cond=cond)
+        logger.images(f"samples/nfe{nfe}", images, step)

@@ -28,7 +28,8 @@ import torch
 from pipeline.checkpoint import all_finite, rng_state, set_rng_state
 from pipeline.data import DataSource
 from pipeline.errors import UserError
-from pipeline.methods.base import MethodContext, get_method
+from pipeline.methods import get_method
+from pipeline.methods.base import MethodContext
 from pipeline.prefetch import BatchPrefetcher
 from pipeline.sharding import average_gradients, replicate_student
 

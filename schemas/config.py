@@ -84,7 +84,7 @@ class TeacherConfig(Section):
         if self.kind == "byo" and (not self.factory or ":" not in self.factory):
             raise ValueError("teacher.factory must be 'module:function' when teacher.kind is 'byo'")
         if "dtype" in self.kwargs:
-            raise ValueError("teacher.kwargs.dtype is now teacher.dtype (float32 | bfloat16 | float16)")
+            raise ValueError("teacher.kwargs.dtype: the teacher's precision is teacher.dtype (float32 | bfloat16 | float16)")
         if self.describe is not None and ":" not in self.describe:
             raise ValueError("teacher.describe must be 'module:function'")
         return self
@@ -130,6 +130,15 @@ class GenerateConfig(Section):
         return self
 
 
+class EncodeConfig(Section):
+    """How `flowsteer encode` stores the latents and runs its workers (the image set itself is `data`)."""
+    store_dtype: StoreDtype | None = None   # latents + conditions on disk; None = float32 (embedded), float16 (sd3)
+    compressor: Literal["none", "zstd", "blosc"] = "none"
+    cpus_per_worker: int = Field(1, ge=1, le=1024)     # torch threads and Ray CPUs per encode worker
+    gpus_per_worker: float = Field(0.0, ge=0, le=64)   # Ray GPUs per encode worker (1 on a GPU cluster)
+    max_retries: int = Field(2, ge=0, le=100)          # retries after a worker or node dies
+
+
 class DataConfig(Section):
     """Real images with captions for `flowsteer encode` (latents via the teacher's encode_images)."""
     images: str | None = None           # image folder (+ .txt caption per image), .parquet, .jsonl or HF dataset dir;
@@ -165,7 +174,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 class TrainVariant(Section):
     """A named training run of one method with its own options (e.g. perflow on diffusers' default grid)."""
-    method: str                         # a registered method: perflow | ota | flowsteer | scflow | ayf-emd
+    method: str                         # a registered method (pipeline/methods/)
     options: dict[str, Any] = Field(default_factory=dict)   # its method options (as in train.method_options)
 
 
@@ -203,7 +212,7 @@ class TrainConfig(Section):
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
     variants: dict[str, TrainVariant] = Field(default_factory=dict)
     seeds: list[Seed] = Field(default_factory=lambda: [0])   # one student per (run, seed), all from one store
-    steps: Count = 80                   # demo budget: 1.5-2 min per method on 2 cores (README, make demo)
+    steps: Count = 80                   # the demo's budget per student (its time: README, `make demo`)
     batch_size: Batch = 32
     lr: float = Field(2e-4, gt=0, le=10)
     weight_decay: float = Field(1e-2, ge=0)
@@ -282,6 +291,7 @@ class RunConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
@@ -306,15 +316,17 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_store_dtype(cls, data: Any) -> Any:
-        """generate.store_dtype defaults by teacher: float32 for the tiny embedded one, float16 for sd3."""
+        """generate.store_dtype and encode.store_dtype default by teacher: float32 for the tiny embedded one,
+        float16 for sd3."""
         if isinstance(data, dict):
-            gen = data.get("generate")
-            gen = dict(gen.model_dump() if isinstance(gen, BaseModel) else gen or {})
-            if gen.get("store_dtype") is None:
-                teacher = data.get("teacher") or {}
-                kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
-                gen["store_dtype"] = "float16" if kind == "sd3" else "float32"
-                data = {**data, "generate": gen}
+            for name in ("generate", "encode"):
+                section = data.get(name)
+                section = dict(section.model_dump() if isinstance(section, BaseModel) else section or {})
+                if section.get("store_dtype") is None:
+                    teacher = data.get("teacher") or {}
+                    kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
+                    section["store_dtype"] = "float16" if kind == "sd3" else "float32"
+                    data = {**data, name: section}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
@@ -329,7 +341,7 @@ class RunConfig(Section):
             parts["device"] = self.device.split(":")[0]      # cpu and cuda numerics differ; the GPU index does not
         if stage == "encode":
             parts["data"] = self.data.model_dump(mode="json")
-            parts["store"] = {k: getattr(self.generate, k) for k in ("store_dtype", "compressor")}
+            parts["store"] = {k: getattr(self.encode, k) for k in ("store_dtype", "compressor")}
         if stage in ("generate", "train"):
             parts["generate"] = self.generate.model_dump(mode="json", exclude=set(GENERATE_RUN_ONLY_KEYS))
         if stage == "train":
@@ -342,7 +354,7 @@ class RunConfig(Section):
                 tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
-            from pipeline.methods.base import get_method
+            from pipeline.methods import get_method
             if not get_method(run.method).uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
             parts["train"] = tr
@@ -355,6 +367,11 @@ class RunConfig(Section):
             parts["evaluate"] = self.evaluate.model_dump(mode="json", exclude={"batch_size", "nfes", "seeds",
                                                                                 "schedules", "metrics"})
         return fingerprint(parts)
+
+    @property
+    def has_real_images(self) -> bool:
+        """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
+        return self.teacher.kind == "embedded" or self.data.images is not None
 
     def stage_dir(self, stage: str) -> Path:
         """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
@@ -402,10 +419,10 @@ def pointed_store_fingerprint(store: str) -> str:
 def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]],
                    where: str = "train.method_options") -> str | None:
     """Why `train.methods` / `train.method_options` (or a variant, `where`) name an unknown method or option."""
-    from pipeline.methods.base import METHODS
+    from pipeline.errors import UserError
+    from pipeline.methods import METHODS, method_names
 
-    import pipeline.methods  # noqa: F401  (registers every method)
-    known = ", ".join(sorted(METHODS))
+    known = ", ".join(method_names())
     for name in methods:
         if name not in METHODS:
             return (f"train.methods: unknown method '{name}' (known: {known}; or name a train.variants entry)"
@@ -413,12 +430,11 @@ def method_problem(methods: list[str], method_options: dict[str, dict[str, Any]]
     for name, options in method_options.items():
         if name not in METHODS:
             return f"{where}.{name}: unknown method '{name}' (known: {known})"
-        declared = METHODS[name].option_defaults
-        unknown = sorted(set(options) - set(declared))
-        if unknown:
-            allowed = ", ".join(sorted(declared)) or "none"
-            key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
-            return f"{key}.{unknown[0]}: unknown option (known for {name}: {allowed})"
+        key = f"{where}.{name}" if where == "train.method_options" else f"{where}.options"
+        try:
+            METHODS[name].parse_options(options, where=key)
+        except UserError as exc:
+            return str(exc)
     return None
 
 

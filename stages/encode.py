@@ -3,15 +3,14 @@ into the latent store (pipeline/latents.py; docs/store.md).
 
 Sources: `data.images` (an image folder with a .txt caption per image, or Parquet / JSONL / HF datasets
 rows with an image path or bytes and a caption) or, for the embedded teacher without one, the 4000
-training MNIST digits (pixels; the held-out 1000 stay unseen). Units are shards of `data.shard_size` rows
-written whole by one worker, with the runner's completion records, resume and `status --verify`; a shard's
-bytes depend only on the config and the shard, so local, Ray and resumed runs give identical stores.
-Resources per worker come from generate (cpus_per_worker, gpus_per_worker, max_retries).
+training MNIST digits (pixels; the held-out 1000 stay unseen): the one real-data source training reads.
+Units are shards of `data.shard_size` rows written whole by one worker, with the runner's completion
+records, resume and `status --verify`; a shard's bytes depend only on the config and the shard, so local,
+Ray and resumed runs give identical stores. Store dtype, compressor and worker resources: `encode.*`.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -20,19 +19,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.datasets import rows_hash
 from pipeline.errors import UserError
-from pipeline.latents import CAPTIONS, LATENT_STORE, LatentStore, latent_store_dir
-from pipeline.runner import Job, Unit, drop_record, read_record
-from pipeline.typed_arrays import shard_key
+from pipeline.latents import CAPTIONS, FORMAT, LATENT_STORE, LatentStore, latent_store_dir
+from pipeline.runner import Job, Unit, drop_record, torch_threads
+from pipeline.shard_stage import ShardWorker, absolute_root, shard_job, shard_units, verify_shard
 
 IMAGE_PATHS = "images.parquet"
 
 
 def encode_meta(cfg, rows: int) -> dict[str, Any]:
     """What decides a latent store's contents (checked when it is reopened)."""
-    return {"format": 1, "teacher": cfg.teacher.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
-            "device": cfg.device.split(":")[0], "store_dtype": cfg.generate.store_dtype,
-            "compressor": cfg.generate.compressor, "rows": rows, "fingerprint": cfg.fingerprint("encode")}
+    return {"format": FORMAT, "teacher": cfg.teacher.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+            "device": cfg.device.split(":")[0], "store_dtype": cfg.encode.store_dtype,
+            "compressor": cfg.encode.compressor, "rows": rows, "fingerprint": cfg.fingerprint("encode")}
 
 
 def count_rows(cfg) -> int:
@@ -66,20 +66,16 @@ def jobs(cfg, **_) -> list[Job]:
     out_dir = latent_store_dir(cfg)
     if out_dir is None:
         return []
-    cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
+    cfg = absolute_root(cfg)
     out_dir = latent_store_dir(cfg)
     rows = count_rows(cfg)
     if rows == 0:
         raise UserError("data.images has no rows")
-    shard = min(cfg.data.shard_size, rows)
-    units = [Unit(shard_key(j), {"shard": j, "start": lo, "stop": min(lo + shard, rows)}, min(lo + shard, rows) - lo)
-             for j, lo in enumerate(range(0, rows, shard))]
+    units = shard_units(rows, cfg.data.shard_size)
     meta = encode_meta(cfg, rows)
-    g = cfg.generate
-    return [Job("encode", out_dir, units, functools.partial(EncodeWorker, cfg, meta),
-                prepare=functools.partial(prepare_latents, cfg, meta, out_dir, [u.key for u in units], rows),
-                num_cpus=g.cpus_per_worker, num_gpus=g.gpus_per_worker, max_retries=g.max_retries,
-                item_name="images", ray_runner=run_with_ray_data)]
+    return [shard_job("encode", out_dir, units, functools.partial(EncodeWorker, cfg, meta),
+                      functools.partial(prepare_latents, cfg, meta, out_dir, [u.key for u in units], rows),
+                      cfg.encode, "images")]
 
 
 def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) -> None:
@@ -104,7 +100,7 @@ def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) 
         out_dir.mkdir(parents=True, exist_ok=True)
         copy_image_set(cfg.data, out_dir / CAPTIONS, out_dir / IMAGE_PATHS)
     LatentStore.create(path, meta, rows, layout.sample_shape, layout.cond_shapes, cfg.data.shard_size,
-                       cfg.generate.store_dtype, cfg.generate.compressor)
+                       cfg.encode.store_dtype, cfg.encode.compressor)
 
 
 def _plan_digits(out_dir: Path, rows: int) -> None:
@@ -117,20 +113,17 @@ def _plan_digits(out_dir: Path, rows: int) -> None:
     atomic_write_parquet(out_dir / CAPTIONS, pa.table({"text": [prompt_for(int(y)) for y in labels[:rows]]}))
 
 
-class EncodeWorker:
-    """Loads the teacher once (per process / Ray actor) and encodes whole shards."""
+class EncodeWorker(ShardWorker):
+    """Encodes whole shards of the image set into the latent store."""
+
+    store_cls = LatentStore
 
     def __init__(self, cfg, meta: dict):
-        from pipeline.runner import torch_threads
-        from pipeline.teachers import describe_teacher, load_teacher
+        from pipeline.teachers import describe_teacher
 
-        self.cfg, self.threads = cfg, cfg.generate.cpus_per_worker
-        with torch_threads(self.threads):
-            self.teacher = load_teacher(cfg)
+        self.out_dir = latent_store_dir(cfg)
+        super().__init__(cfg, meta, self.out_dir, cfg.encode)
         self.image_shape = describe_teacher(cfg).image_shape
-        out_dir = latent_store_dir(cfg)
-        self.store = LatentStore.open(out_dir / LATENT_STORE, meta, mode="r+", check_complete=False)
-        self.out_dir = out_dir
 
     def images(self, lo: int, hi: int) -> torch.Tensor:
         """Pixels [n, C, H, W] in [-1, 1] of rows [lo, hi)."""
@@ -153,8 +146,6 @@ class EncodeWorker:
         return torch.stack([load_image(s, self.image_shape) for s in sources])
 
     def run(self, unit: Unit) -> dict[str, Any]:
-        from pipeline.runner import torch_threads
-
         lo, hi = unit.params["start"], unit.params["stop"]
         t0 = time.perf_counter()
         with torch_threads(self.threads), torch.no_grad():
@@ -174,58 +165,9 @@ class EncodeWorker:
         digest = self.store.write_shard(shard, latents, cond, null if shard == 0 else None)
         return {"checksum": digest, "images": hi - lo, "worker_pid": os.getpid(),
                 "caption_seconds": round(t1 - t0, 4), "read_seconds": round(t2 - t1, 4),
-                "vae_seconds": round(t3 - t2, 4),
-                "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]}
-
-
-class _ShardEncoder:
-    """A Ray Data actor (one per GPU, or per `cpus_per_worker` CPUs): builds the worker once, then encodes
-    whole shards, each committed with its completion record exactly as under the local executor."""
-
-    def __init__(self, make_worker, out_dir: str):
-        self.worker, self.out_dir = make_worker(), Path(out_dir)
-
-    def __call__(self, batch: dict) -> dict:
-        import json
-
-        from pipeline.runner import execute_unit
-
-        states = [execute_unit(self.worker, self.out_dir, Unit(k, json.loads(p), int(n)))[0]
-                  for k, p, n in zip(batch["key"], batch["params"], batch["size"])]
-        return {"key": batch["key"], "state": np.asarray(states), "size": batch["size"]}
-
-
-def run_with_ray_data(job: Job, pending: list[Unit], bar, address: str | None, workers: int | None) -> None:
-    """`--executor ray`: the pending shards stream through a Ray Data `map_batches` actor pool (one actor per
-    GPU with generate.gpus_per_worker: 1). Ray Data retries a task whose actor died; a shard whose record
-    says done is never redone (the runner checks the records afterwards)."""
-    import json
-
-    import ray
-
-    from pipeline.runner import _ray_init
-
-    _ray_init(address)
-    per = job.num_gpus or job.num_cpus
-    avail = ray.cluster_resources().get("GPU" if job.num_gpus else "CPU", 1)
-    n = max(1, min(len(pending), workers or int(avail // max(per, 1e-9)) or 1))
-    ds = ray.data.from_items([{"key": u.key, "params": json.dumps(u.params), "size": u.size} for u in pending])
-    ds = ds.map_batches(_ShardEncoder, fn_constructor_args=(job.make_worker, str(job.out_dir)), batch_size=1,
-                        concurrency=n, num_cpus=job.num_cpus, num_gpus=job.num_gpus or None,
-                        max_task_retries=job.max_retries)
-    for row in ds.iter_rows():
-        bar.update(int(row["size"]))
+                "vae_seconds": round(t3 - t2, 4), "captions_sha256": rows_hash([captions])[1]}
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:
     """`status --verify`: a done shard must read back with the checksum its writer recorded."""
-    rec = read_record(job.out_dir, unit.key)
-    if not rec or rec.get("status") != "done":
-        return None
-    try:
-        got = LatentStore.open(job.out_dir / LATENT_STORE, check_complete=False).shard_checksum(unit.params["shard"])
-    except Exception as exc:  # unreadable metadata or a shard zarr cannot decode (e.g. truncated)
-        return f"shard unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    if got != rec.get("checksum"):
-        return "shard checksum differs from its completion record (corrupt or overwritten)"
-    return None
+    return verify_shard(job, unit, LatentStore)

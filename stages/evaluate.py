@@ -7,7 +7,7 @@ Units are (checkpoint, schedule, NFE, evaluation seed). Two jobs run in order un
              evaluate.nfes on every grid in evaluate.schedules ("fixed": the method's own sampler; "diffusers":
              the sigmas of diffusers' default FlowMatchEulerDiscreteScheduler), guidance-free, one unit per seed
 The metrics are the registry's (pipeline/metrics/base.py): every one that applies to the run, or those named
-in evaluate.metrics. Each unit writes its rows (pipeline/metrics/scores.py) to <job>/scores/<unit>.parquet,
+in evaluate.metrics. Each unit writes its rows (pipeline/scores.py) to <job>/scores/<unit>.parquet,
 then its record, which names the metrics computed (a unit missing a metric added since is redone); `after`
 gathers every row into scores.parquet. Sample i of seed s starts from `noise_for(noise_seeds(s, n)[i])` and
 asks for prompt i mod P, for every checkpoint alike, so students, teacher and the image grids share noise
@@ -16,7 +16,6 @@ and prompts.
 from __future__ import annotations
 
 import functools
-import io
 import time
 from pathlib import Path
 
@@ -24,10 +23,13 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_bytes, atomic_write_parquet
-from pipeline.metrics import scores
-from pipeline.metrics.base import EvalContext, Samples, metrics_for
+from pipeline.export import export_dir, is_export, write_card_scores
+from pipeline.files import atomic_write_parquet
+from pipeline import scores
+from pipeline.metrics import metrics_for
+from pipeline.metrics.base import EvalContext, Samples
 from pipeline.runner import Job, Unit, drop_record, is_done, read_record
+from pipeline.teacher_outputs import load_outputs, outputs_path, save_outputs
 from schemas.config import RunConfig
 
 NOISE_SEED_OFFSET = 1 << 40     # evaluation noise never coincides with the training trajectories' seeds
@@ -37,7 +39,7 @@ GRID_IMAGES = 20                # images kept per (checkpoint, schedule, nfe) fo
 # ---------------------------------------------------------------- what is evaluated
 def noise_seeds(seed: int, n: int) -> np.ndarray:
     """Per-sample noise seeds of evaluation seed `seed`: disjoint sets for different seeds, and above 2^32,
-    so never one of the training trajectories' seeds (pipeline.store.sample_seeds are uint32)."""
+    so never one of the training trajectories' seeds (pipeline.seeds.sample_seeds are uint32)."""
     return NOISE_SEED_OFFSET + seed * (1 << 24) + np.arange(n, dtype=np.int64)
 
 
@@ -50,7 +52,7 @@ def student_checkpoints(cfg: RunConfig, methods=None) -> list[dict]:
             raise UserError(f"no exported student for run '{run.label}' in {train_dir}: "
                             f"run `flowsteer train -m {run.name}` first")
         out.append({"checkpoint": run.label, "run": run.name, "train_seed": run.seed, "dir": train_dir.name,
-                    "fingerprint": cfg.fingerprint("train", run), "export": str(train_dir / "export")})
+                    "fingerprint": cfg.fingerprint("train", run), "export": str(export_dir(cfg, run))})
     return out
 
 
@@ -100,17 +102,17 @@ def _prepare(cfg: RunConfig | None, job: Job, names: list[str]) -> None:
 
 def after(cfg: RunConfig, methods=None) -> str:
     """Gather every unit's rows (all checkpoints ever scored in this directory) into scores.parquet, then
-    put each evaluated student's scores into its export's model card (export/README.md)."""
-    from pipeline.metrics.tables import checkpoint_scores
-    from pipeline.model_card import refresh_model_card
+    put each evaluated student's scores into its export's model card (the export owner's one write after
+    training: pipeline/export.write_card_scores; docs/architecture.md)."""
+    from pipeline.report_tables import checkpoint_scores
 
     root = cfg.stage_dir("evaluate")
     table = scores.gather(root)
     atomic_write_parquet(root / "scores.parquet", table)
     for run in cfg.train_runs(list(methods) if methods else None):
-        export = cfg.train_dir(run) / "export"
-        if (export / "flowsteer.json").is_file():
-            refresh_model_card(export, cfg, checkpoint_scores(cfg, run))
+        export = export_dir(cfg, run)
+        if is_export(export):
+            write_card_scores(export, cfg, checkpoint_scores(cfg, run))
     return f"evaluate: {table.num_rows} score rows -> {root / 'scores.parquet'}"
 
 
@@ -121,27 +123,10 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     try:
         pq.read_table(Path(job.out_dir) / "scores" / f"{unit.key}.parquet")
         if unit.params["kind"] == "teacher":
-            with np.load(Path(job.out_dir) / "outputs" / f"seed{unit.params['seed']}.npz") as f:
-                f["x"]
+            load_outputs(outputs_path(Path(job.out_dir).parent, unit.params["seed"]))
     except Exception as exc:  # any unreadable output means the unit must be redone
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def save_grid(images01: torch.Tensor, path: Path, nrow: int) -> None:
-    """The first images as a PNG grid plus their uint8 pixels (npz) for the report's comparison figures."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from pipeline.metrics.fid import to_uint8
-
-    grid = make_grid(images01.float().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    png, npz = io.BytesIO(), io.BytesIO()
-    arr = to_uint8(grid[None])[0]
-    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(png, format="PNG")
-    np.savez(npz, images=to_uint8(images01), nrow=nrow)
-    atomic_write_bytes(path.with_suffix(".npz"), npz.getvalue())
-    atomic_write_bytes(path.with_suffix(".png"), png.getvalue())
 
 
 # ---------------------------------------------------------------- the worker
@@ -149,7 +134,7 @@ class EvalWorker:
     """Loads the teacher (prompt encoder, decoder), the metrics and each student once per process."""
 
     def __init__(self, cfg_json: dict):
-        from pipeline.store import generate_prompts
+        from pipeline.datasets import generate_prompts
         from pipeline.teachers import load_teacher, resolve_device
 
         self.cfg = RunConfig.model_validate(cfg_json)
@@ -166,7 +151,8 @@ class EvalWorker:
             from pipeline.student import load_student
 
             self.students.clear()          # units are checkpoint-major: keep one student in memory
-            self.students[export] = load_student(Path(export), self.device)
+            self.students[export] = load_student(Path(export), self.device,
+                                                  base=getattr(self.teacher, "transformer", None))   # LoRA: a byo base
         return self.students[export]
 
     def sigmas(self, p: dict) -> torch.Tensor | None:
@@ -189,28 +175,23 @@ class EvalWorker:
     @torch.no_grad()
     def generate(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
         """(samples in ODE space, images in [0, 1], prompt index, noise seeds) for one unit."""
-        from pipeline.sampling import sample
-        from pipeline.store import noise_for
+        from pipeline.images import sample_images, student_sampler, teacher_sampler
+        from pipeline.seeds import noise_for
 
         ev, n = self.cfg.evaluate, self.cfg.evaluate.n_samples
         seeds = noise_seeds(p["seed"], n)
         prompt_index = torch.arange(n) % len(self.prompts)
         shape = tuple(self.teacher.sample_shape)
-        student = self._student(p["export"]) if p["kind"] == "student" else None
         sigmas = self.sigmas(p)
-        xs, images = [], []
-        for i in range(0, n, ev.batch_size):
-            idx = range(i, min(i + ev.batch_size, n))
-            noise = noise_for(seeds[idx.start:idx.stop].tolist(), shape).to(self.device)
-            cond = self.teacher.encode([self.prompts[int(prompt_index[j])] for j in idx])
-            if student is None:
-                null = self.teacher.encode([""] * len(idx))
-                x = sample(self.teacher.velocity, noise, sigmas, cond, null, ev.guidance)
-            else:
-                x = student.sample(noise, cond, p["nfe"], sigmas=sigmas)
-            xs.append(x.float().cpu())
-            images.append(self.teacher.decode(x).float().cpu())
-        return torch.cat(xs), torch.cat(images), prompt_index, seeds
+        if p["kind"] == "student":
+            student = self._student(p["export"])
+            sampler = student_sampler(student.method, student.module, p["nfe"], student.meta["windows"],
+                                      student.meta["shift"], sigmas)
+        else:
+            sampler = teacher_sampler(self.teacher, sigmas, ev.guidance)
+        x, images = sample_images(self.teacher, sampler, lambda i, j: noise_for(seeds[i:j].tolist(), shape), n,
+                                  self.device, ev.batch_size, prompts=[self.prompts[int(k)] for k in prompt_index])
+        return x, images, prompt_index, seeds
 
     def run(self, unit: Unit) -> dict:
         p, ev = unit.params, self.cfg.evaluate
@@ -219,9 +200,7 @@ class EvalWorker:
         x, images, prompt_index, seeds = self.generate(p)
         t_sample = time.time() - t0
         if p["kind"] == "teacher":
-            from pipeline.metrics.fidelity import save_outputs
-
-            save_outputs(self.ctx.teacher_outputs_path(p["seed"]), x, prompt_index, seeds)
+            save_outputs(outputs_path(self.root, p["seed"]), x, prompt_index, seeds)
         t1 = time.time()
         samples = Samples(p["kind"], p["seed"], x, images, [self.prompts[int(i)] for i in prompt_index], seeds,
                           unit.key)
@@ -232,7 +211,10 @@ class EvalWorker:
                 values[metric.name] = float(v)
         t_score = time.time() - t1
         if p["seed"] == ev.seeds[0]:
-            save_grid(images[:GRID_IMAGES], self.root / "grids" / unit.key, nrow=min(len(self.prompts), 10))
+            from pipeline.images import write_grid
+
+            write_grid(images[:GRID_IMAGES], self.root / "grids" / f"{unit.key}.png", nrow=min(len(self.prompts), 10),
+                       keep_pixels=True)
         rows = scores.unit_rows(self.cfg, p, values, n=len(images), sampling_seconds=t_sample,
                                 scoring_seconds=t_score, unit=unit.key)
         scores.write_rows(job_dir / "scores" / f"{unit.key}.parquet", rows)

@@ -23,12 +23,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.datasets import PROMPTS_FILE, prompt_summary
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet, atomic_write_stream
-from pipeline.runner import Job, Unit, drop_record, is_done, read_record, torch_threads
-from pipeline.store import (PROMPTS_FILE, STORE_NAME, TrajectoryStore, guidance_for, noise_for, prompt_summary,
-                            sample_seeds, shard_key, store_meta)
-from pipeline.typed_arrays import round_trip
+from pipeline.rowstore import round_trip
+from pipeline.runner import Job, Unit, drop_record, is_done, torch_threads
+from pipeline.seeds import guidance_for, noise_for, sample_seeds
+from pipeline.shard_stage import ShardWorker, absolute_root, shard_job, shard_units, verify_shard
+from pipeline.store import STORE_NAME, TrajectoryStore, store_meta
 
 
 def plan_samples(cfg) -> dict[str, np.ndarray]:
@@ -49,19 +51,13 @@ def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
     if n_prompts * cfg.generate.samples_per_prompt > MAX_COUNT:    # checked before anything is allocated
         raise UserError(f"generate.samples_per_prompt: {n_prompts} prompts x {cfg.generate.samples_per_prompt} "
                         f"= {n_prompts * cfg.generate.samples_per_prompt} samples is above the ceiling {MAX_COUNT}")
-    # Absolute paths: Ray actors (maybe on other nodes, other working dirs) resolve the same files.
-    cfg = cfg.model_copy(update={"root": str(Path(cfg.root).absolute())})
+    cfg = absolute_root(cfg)
     out_dir = cfg.stage_dir("generate")
-    S = prompt_summary(cfg)[0] * cfg.generate.samples_per_prompt
-    shard = min(cfg.generate.shard_size, S)
-    units = [Unit(shard_key(j), {"shard": j, "start": lo, "stop": min(lo + shard, S)}, min(lo + shard, S) - lo)
-             for j, lo in enumerate(range(0, S, shard))]
+    units = shard_units(n_prompts * cfg.generate.samples_per_prompt, cfg.generate.shard_size)
     meta = store_meta(cfg)
-    g = cfg.generate
-    return [Job("generate", out_dir, units, functools.partial(GenerateWorker, cfg, meta),
-                prepare=functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units], rebuild),
-                num_cpus=g.cpus_per_worker, num_gpus=g.gpus_per_worker, max_retries=g.max_retries,
-                item_name="samples")]
+    return [shard_job("generate", out_dir, units, functools.partial(GenerateWorker, cfg, meta),
+                      functools.partial(prepare_store, cfg, meta, out_dir, [u.key for u in units], rebuild),
+                      cfg.generate, "samples")]
 
 
 def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool = False) -> None:
@@ -133,19 +129,15 @@ def _write_sample_table(out_dir: Path, plan: dict[str, np.ndarray]) -> None:
     atomic_write_stream(out_dir / "samples.parquet", lambda f: pq.write_table(pa.table(plan), f, use_dictionary=False))
 
 
-class GenerateWorker:
-    """Loads the teacher once (per process / Ray actor) and fills whole shards."""
+class GenerateWorker(ShardWorker):
+    """Solves the teacher ODE for whole shards of the trajectory store."""
+
+    store_cls = TrajectoryStore
 
     def __init__(self, cfg, meta: dict):
         from pipeline.schedule import fixed_sigmas
-        from pipeline.teachers import load_teacher
 
-        self.cfg = cfg
-        self.threads = cfg.generate.cpus_per_worker
-        with torch_threads(self.threads):
-            self.teacher = load_teacher(cfg)
-        self.store = TrajectoryStore.open(cfg.stage_dir("generate") / STORE_NAME, meta, mode="r+",
-                                          check_complete=False)
+        super().__init__(cfg, meta, cfg.stage_dir("generate"), cfg.generate)
         self.teacher_seconds = 0.0
         self.grid = fixed_sigmas(cfg.schedule.teacher_steps, cfg.schedule.shift)
         self.per_window = cfg.schedule.teacher_steps // cfg.schedule.windows
@@ -224,14 +216,4 @@ def repair_job(job: Job) -> str:
 
 def verify_unit(job: Job, unit: Unit) -> str | None:
     """`status --verify`: a done shard must read back with the checksum its writer recorded."""
-    rec = read_record(job.out_dir, unit.key)
-    if not rec or rec.get("status") != "done":
-        return None
-    try:
-        store = TrajectoryStore.open(job.out_dir / STORE_NAME, check_complete=False)
-        got = store.shard_checksum(unit.params["shard"])
-    except Exception as exc:  # unreadable metadata or a shard zarr cannot decode (e.g. truncated)
-        return f"shard unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    if got != rec.get("checksum"):
-        return "shard checksum differs from its completion record (corrupt or overwritten)"
-    return None
+    return verify_shard(job, unit, TrajectoryStore)

@@ -2,9 +2,9 @@
 plots, image grids and timings.
 
 Reads only files on disk: the evaluate stage's scores.parquet, grids and records (timings), each training
-run's losses.jsonl (the discriminator's accuracy) and export metadata (flowsteer.json). Metric titles,
+run's losses.jsonl (the discriminator's accuracy) and export metadata (pipeline/export.py). Metric titles,
 directions, descriptions, formats and sample-size warnings come from the metric registry
-(pipeline/metrics/base.py); tables from pipeline/metrics/tables.py. One unit (so `flowsteer status` shows
+(pipeline/metrics/base.py); tables from pipeline/report_tables.py. One unit (so `flowsteer status` shows
 it), redone on every run: it takes seconds.
 """
 from __future__ import annotations
@@ -20,16 +20,15 @@ import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.export import EMA_DISTANCE, export_dir, meta_if_any
 from pipeline.files import atomic_write_bytes
-from pipeline.metrics import scores as sc
-from pipeline.metrics.base import registered
-from pipeline.metrics.tables import RunInfo, ladder_table, metric_table, spread_note, title
+from pipeline import scores as sc
+from pipeline.metrics import registered
+from pipeline.report_tables import RunInfo, ladder_table, metric_table, spread_note, title
 from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
 
 LOSSES = "losses.jsonl"                 # the train stage's loss log (one JSON object per logged step)
-EXPORT_META = "flowsteer.json"          # an export's metadata (pipeline/student.py)
-EMA_DISTANCE_KEY = "ema_rel_distance"   # flowsteer.json: the EMA's distance from the teacher / the raw weights'
 
 
 def report_dir(cfg: RunConfig) -> Path:
@@ -63,7 +62,7 @@ class ReportWorker:
     def run(self, unit: Unit) -> dict:
         scores = pd.read_parquet(scores_path(self.cfg))
         if "run" not in scores.columns:
-            raise UserError(f"{scores_path(self.cfg)} predates training runs and schedules: rerun `flowsteer evaluate`")
+            raise UserError(f"{scores_path(self.cfg)} has no run and schedule columns: rerun `flowsteer evaluate`")
         path = write_report(self.cfg, select(self.cfg, scores, self.methods), report_dir(self.cfg), self.methods)
         return {"report": str(path)}
 
@@ -90,15 +89,12 @@ def run_infos(cfg: RunConfig, methods: list[str]) -> list[RunInfo]:
     d_stats: dict[str, list[dict[str, float]]] = {}
     for run in cfg.train_runs(methods):
         info = out.setdefault(run.name, RunInfo(run.name, run.method, dict(run.options)))
-        d, meta = cfg.train_dir(run), {}
-        try:
-            meta = json.loads((d / "export" / EXPORT_META).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
+        d = cfg.train_dir(run)
+        meta = meta_if_any(export_dir(cfg, run))
         if meta.get("x0_source") == "teacher_samples" and "reflow on teacher samples" not in info.tags:
             info.tags.append("reflow on teacher samples")
-        if isinstance(meta.get(EMA_DISTANCE_KEY), (int, float)):
-            ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE_KEY]))
+        if isinstance(meta.get(EMA_DISTANCE), (int, float)):
+            ema.setdefault(run.name, []).append(float(meta[EMA_DISTANCE]))
         stats = final_d_stats(d / LOSSES)
         if stats is not None:
             d_stats.setdefault(run.name, []).append(stats)
@@ -188,11 +184,7 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], met
         ax.set_xlabel("NFE (student sampling steps)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, columns: int = 10) -> Path | None:
@@ -202,7 +194,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.store import generate_prompts
+    from pipeline.datasets import generate_prompts
 
     grids = cfg.stage_dir("evaluate") / "grids"
     seed, ev, prompts = cfg.evaluate.seeds[0], cfg.evaluate, generate_prompts(cfg)
@@ -234,11 +226,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     for i in range(shown):                      # sample i asks for prompt i mod P (the evaluate stage's rule)
         axes[0, 0].text((i + 0.45) * width, -2, prompt_label(prompts[i % len(prompts)]), ha="center",
                         va="bottom", fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_figure(fig, out)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out)
 
 
 def prompt_label(prompt: str, width: int = 12) -> str:
@@ -394,10 +382,15 @@ def to_html(markdown: str, title: str) -> str:
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
 
 
-def _save_figure(fig, out: Path) -> None:
-    """A matplotlib figure as a PNG, written atomically (pipeline/files.py)."""
+def _save_figure(fig, out: Path) -> Path:
+    """A matplotlib figure laid out and written as a PNG, atomically (pipeline/files.py), then closed."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
+    plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())
+    return out

@@ -40,7 +40,8 @@ MUST_MATCH = ("format", "teacher", "schedule")
 
 def open_store(cfg):
     """Open the store and check it against this config's teacher and grid (a mismatch is a UserError)."""
-    from pipeline.store import TrajectoryStore, meta_differences, mismatch_summary, store_meta
+    from pipeline.rowstore import meta_differences, mismatch_summary
+    from pipeline.store import TrajectoryStore, store_meta
 
     store = TrajectoryStore.open(training_store_path(cfg))
     expected = store_meta(cfg)
@@ -172,22 +173,22 @@ class TrainWorker:
             raise
 
     def _export(self) -> dict[str, Any]:
+        from pipeline.export import EMA_DISTANCE, EXPORT_DIR, export_student
         from pipeline.lora_export import student_meta
-        from pipeline.student import export_student
 
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
         # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
-        extra = {"ema_rel_distance": round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
+        extra = {EMA_DISTANCE: round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
                  **trainer.method.export_meta(), **trainer.footprint(),
                  "student": student_meta(self.cfg, merged=trainer.lora)}
         # a LoRA student of a drop-in method exports its adapter (a diffusers LoRA dir), else the full network
         network = trainer.ema_adapter() if trainer.lora and trainer.method.drop_in else trainer.ema_student()
-        path = export_student(self.out_dir / "export", self.train_run, network, self.cfg,
+        path = export_student(self.out_dir / EXPORT_DIR, self.train_run, network, self.cfg,
                               trainer.data.teacher.sample_shape, extra)
         self._drop_trainer()              # the run is finished: free its student and close its event file
-        return {"export": str(path), "step": trainer.step, "ema_rel_distance": extra["ema_rel_distance"]}
+        return {"export": str(path), "step": trainer.step, EMA_DISTANCE: extra[EMA_DISTANCE]}
 
 
 # ---------------------------------------------------------------- Ray Train (train.workers > 1)
@@ -254,7 +255,7 @@ def prepare(cfg, out_dir: Path, units: list[Unit]) -> None:
 
 def runs(cfg, methods=None):
     """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
-    from pipeline.methods.base import METHODS, get_method
+    from pipeline.methods import get_method, method_names
 
     from pipeline.teachers import teacher_depth
 
@@ -265,7 +266,7 @@ def runs(cfg, methods=None):
             get_method(method)
         except KeyError:
             where = f"train.variants.{name}.method" if name in cfg.train.variants else "run name"
-            raise UserError(f"{where} '{method}' is neither a method ({', '.join(sorted(METHODS))}) nor a "
+            raise UserError(f"{where} '{method}' is neither a method ({', '.join(method_names())}) nor a "
                             f"train.variants entry ({', '.join(sorted(cfg.train.variants)) or 'none defined'})") from None
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
@@ -309,12 +310,9 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
     if not is_done(job.out_dir, unit.key):
         return None
     if unit.params["kind"] == "export":
-        import json
+        from pipeline.export import EXPORT_DIR, missing_parts
 
-        export = job.out_dir / "export"
-        meta = json.loads((export / "flowsteer.json").read_text()) if (export / "flowsteer.json").is_file() else {}
-        needed = ("flowsteer.json", meta.get("network", "transformer"), "scheduler", "README.md")
-        missing = [p for p in needed if not (export / p).exists()]
+        missing = missing_parts(job.out_dir / EXPORT_DIR)
         return f"export is missing {', '.join(missing)}" if missing else None
     step = latest_step(job.out_dir)
     if step < unit.params["until"]:

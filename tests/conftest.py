@@ -53,6 +53,30 @@ def toy_sections(tmp_path) -> dict:
     }
 
 
+def fake_export(cfg, name: str, seed: int) -> None:
+    """An exported student per training seed of run `name` that is a toy transformer (weights seed 0 = the
+    toy teacher's own weights), with its record: what evaluate needs, without training."""
+    from pipeline.export import export_dir, export_student
+    from pipeline.runner import write_record
+    from pipeline.teachers.toy import make_toy_transformer
+
+    for run in cfg.train_runs([name]):
+        export_student(export_dir(cfg, run), run, make_toy_transformer(seed=seed), cfg, sample_shape=(1, 8, 8))
+        write_record(cfg.train_dir(run), "export", "done")
+
+
+def run_evaluate(cfg, methods):
+    """The evaluate stage's jobs run locally, then its `after`: (job statuses, scores.parquet as a frame)."""
+    import pandas as pd
+
+    from pipeline.runner import run_job
+    from stages import evaluate
+
+    statuses = [run_job(job, "local", progress=False) for job in evaluate.jobs(cfg, methods=methods)]
+    evaluate.after(cfg, methods=methods)
+    return statuses, pd.read_parquet(cfg.stage_dir("evaluate") / "scores.parquet")
+
+
 @pytest.fixture
 def toy_config(tmp_path) -> Path:
     """Path of a YAML config for the toy byo teacher with tiny settings (root under tmp_path)."""
@@ -112,7 +136,7 @@ def one_thread():
 def _metric_registry():
     """Each test sees the built-in metrics only: a metric a test (or a docs snippet it runs) registers is
     dropped afterwards, so evaluate runs elsewhere keep their metric set."""
-    from pipeline.metrics.base import METRICS, registered
+    from pipeline.metrics import METRICS, registered
 
     before = dict(registered())
     yield

@@ -66,3 +66,107 @@ def test_method_infrastructure_imports_no_method_module(infra):
 def test_stages_import_no_other_stage():
     bad = {m: sorted(imp) for m, imp in sibling_imports(ROOT / "stages", "stages", {"__init__"}).items() if imp}
     assert not bad, f"stages importing other stages: {bad}"
+
+
+# ---------------------------------------------------------------- the whole import graph (docs/architecture.md)
+PACKAGES = ("pipeline", "stages", "schemas")
+
+
+def module_files() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file (late imports count: they run too). A
+    package that imports its modules by discovery (pkgutil.iter_modules) imports each of them."""
+    files = module_files()
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = {m for m in imported_modules(path, package) if m in files and m != name}
+        if path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text():
+            found |= {m for m in files if m.rpartition(".")[0] == name}
+        graph[name] = found
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def documented_layers() -> list[tuple[int, str]]:
+    """(layer, pattern) from the ```layers block of docs/architecture.md."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0]
+    out = []
+    for line in block.strip().splitlines():
+        number, _name, *patterns = line.split()
+        out += [(int(number), p) for p in patterns]
+    return out
+
+
+def layer_of(module: str, layers: list[tuple[int, str]]) -> int | None:
+    """The layer of the most specific pattern that matches (`pkg.*`: the package's modules)."""
+    best = None
+    for number, pattern in layers:
+        hit = module == pattern or (pattern.endswith(".*") and module.startswith(pattern[:-1]))
+        if hit and (best is None or len(pattern.rstrip("*")) > len(best[1].rstrip("*"))):
+            best = (number, pattern)
+    return best[0] if best else None
+
+
+def test_the_graph_sees_late_imports_and_discovery():
+    graph = import_graph()
+    assert "pipeline.model_card" in graph["pipeline.export"]            # a late (function-level) import
+    assert "pipeline.methods.perflow" in graph["pipeline.methods"]        # registry discovery
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert layer_of("pipeline.metrics.frechet", documented_layers()) == 0
+    assert layer_of("pipeline.metrics.fid", documented_layers()) == 4
+
+
+def test_no_import_circles():
+    found = cycles(import_graph())
+    assert not found, f"import circles (break each by moving the shared piece down a layer): {found}"
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    layers = documented_layers()
+    graph = import_graph()
+    unplaced = sorted(m for m in graph if layer_of(m, layers) is None)
+    assert not unplaced, f"modules missing from docs/architecture.md's layers: {unplaced}"
+    upward = sorted(f"{m} (layer {layer_of(m, layers)}) imports {i} (layer {layer_of(i, layers)})"
+                    for m, imps in graph.items() for i in imps if layer_of(i, layers) > layer_of(m, layers))
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)

@@ -10,7 +10,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.methods import ayf
 from pipeline.methods.ayf import FlowMapTransformer, flow_map, jvp_fd, jvp_torch, normalised_tangent
-from pipeline.methods.base import get_method
+from pipeline.methods import get_method
 from tests.test_scflow import PROMPTS, make_method, toy, toy_cfg  # noqa: F401 (toy: shared fixture)
 
 
@@ -170,7 +170,8 @@ def test_flow_map_identity_at_s_equal_t_and_its_limit_is_the_velocity(toy):
 
 # ---------------------------------------------------------------- export and sampling
 def test_save_load_round_trip_and_chained_sampler(toy, tmp_path):
-    from pipeline.student import export_student, load_student
+    from pipeline.export import export_student
+    from pipeline.student import load_student
 
     cfg, teacher, _ = toy
     student = trained_looking(teacher)
@@ -191,7 +192,8 @@ def test_save_load_round_trip_and_chained_sampler(toy, tmp_path):
 
 
 def test_lora_trains_adapters_and_the_gap_embedding_and_exports_merged(toy, tmp_path):
-    from pipeline.student import export_student, load_student
+    from pipeline.export import export_student
+    from pipeline.student import load_student
     from pipeline.trainer import Trainer
 
     _, teacher, store = toy

@@ -68,6 +68,8 @@ CASES = [
     ("negative-max-retries", "generate", {"generate": {"max_retries": -1}}, "generate.max_retries"),
     ("zero-cpus-per-worker", "generate", {"generate": {"cpus_per_worker": 0}}, "generate.cpus_per_worker"),
     ("negative-gpus-per-worker", "generate", {"generate": {"gpus_per_worker": -1}}, "generate.gpus_per_worker"),
+    ("zero-encode-cpus-per-worker", "encode", {"encode": {"cpus_per_worker": 0}}, "encode.cpus_per_worker"),
+    ("unknown-encode-store-dtype", "encode", {"encode": {"store_dtype": "float8"}}, "encode.store_dtype"),
     ("zero-embedded-batch", "teacher", {"teacher": {"kind": "embedded", "embedded": {"batch_size": 0}}},
      "teacher.embedded.batch_size"),
     ("zero-embedded-checkpoint-every", "teacher",

@@ -155,7 +155,7 @@ def test_generate_from_a_parquet_caption_table(make_toy_config, tmp_path):
     store = TrajectoryStore.open(generated_store_path(cfg))
     assert list(store.prompts) == ROWS[:5] and store.num_prompts == 5 and str(store.states.dtype) == "float16"
     enc = load_teacher(cfg).encode(ROWS[:5])
-    got = store.sample_cond([4, 0])
+    got = store.row_cond([4, 0])               # sample rows 4 and 0: prompts 4 and 0
     assert torch_close(got["encoder_hidden_states"], enc["encoder_hidden_states"][[4, 0]])
     assert got["encoder_hidden_states"].dtype.is_floating_point and str(got["pooled_projections"].dtype) == "torch.float32"
 

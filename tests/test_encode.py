@@ -94,7 +94,7 @@ def test_table_sources_with_bytes_or_paths(make_toy_config, tmp_path, fmt):
                                for c, p in zip(caps, images)))
     extra = {} if fmt == "parquet-bytes" else {"image_column": "file"}
     cfg = load_config(make_toy_config(teacher=TOY, data={"images": str(src), "shard_size": 2, "limit": 4, **extra},
-                                      generate={"store_dtype": "bfloat16"}))
+                                      encode={"store_dtype": "bfloat16"}))
     job, st = encode(cfg)
     store = LatentStore.open(job.out_dir)
     assert st["done"] == 2 and store.num_samples == 4 and store.captions([3, 0]) == ["row 3", "row 0"]
@@ -115,6 +115,32 @@ def test_embedded_teacher_encodes_the_training_digits(embedded_tiny):
     assert st["done"] == 3 and store.num_samples == 40 and store.sample_shape == (1, 32, 32)
     assert np.array_equal(store.latents(np.arange(40)), images[:40].numpy())          # identity "VAE"
     assert store.captions([5]) == [prompt_for(int(labels[5]))]
+
+
+def test_embedded_real_data_is_read_from_the_latent_store(embedded_tiny):
+    """One real-data path: the embedded teacher's x0 rows are the encoded digits, drawn from the latent store
+    (data.limit: 40 keeps every draw among the first 40 digits), with their captions' stored conditions."""
+    from pipeline.data import DataSource
+    from pipeline.digits import load_digits, prompt_for
+    from pipeline.errors import UserError
+    from pipeline.teachers import load_teacher
+
+    _, base = embedded_tiny
+    cfg = base.model_copy(update={"data": base.data.model_copy(update={"limit": 40, "shard_size": 16})})
+    encode(cfg)
+    teacher = load_teacher(cfg)
+    images, labels = load_digits()
+    data = DataSource(cfg, teacher, None, "cpu", torch.Generator().manual_seed(0))
+    drawn = [data.real(16) for _ in range(3)]                  # 48 rows: one whole 40-row epoch, then the next
+    rows = torch.cat([d["index"] for d in drawn])
+    assert sorted(rows[:40].tolist()) == list(range(40))
+    for d in drawn:
+        assert torch.equal(d["x0"], images[d["index"]])
+        enc = teacher.encode([prompt_for(int(y)) for y in labels[d["index"]]])
+        assert all(torch.allclose(d["cond"][k], enc[k].float(), atol=1e-5) for k in enc)
+    other = base.model_copy(update={"data": base.data.model_copy(update={"limit": 41})})      # never encoded
+    with pytest.raises(UserError, match="no latent store .*run `flowsteer encode` first"):
+        DataSource(other, teacher, None, "cpu", torch.Generator().manual_seed(0)).real(4)
 
 
 def test_bad_image_sets_are_one_line(make_toy_config, tmp_path):
@@ -149,7 +175,7 @@ def test_sd3_layout_from_config_files_and_vae_latents(tmp_path):
     from schemas.config import RunConfig
 
     cfg = RunConfig.model_validate({"teacher": {"kind": "sd3", "path": str(build_tiny_sd3_pipeline(tmp_path / "sd3"))}})
-    assert cfg.generate.store_dtype == "float16"                  # the sd3 default
+    assert cfg.generate.store_dtype == cfg.encode.store_dtype == "float16"      # the sd3 default
     layout = describe_teacher(cfg)
     teacher = load_teacher(cfg)
     enc = teacher.encode(["a cat", ""])
@@ -166,20 +192,25 @@ def test_sd3_layout_from_config_files_and_vae_latents(tmp_path):
 def test_store_dtype_defaults_and_fingerprints(make_toy_config):
     from schemas.config import RunConfig
 
-    assert RunConfig().generate.store_dtype == "float32"          # embedded
+    assert RunConfig().generate.store_dtype == RunConfig().encode.store_dtype == "float32"          # embedded
     base = load_config(make_toy_config())
     fp = {k: base.fingerprint(k) for k in ("generate", "encode")}
-    for name, over in {"dev": {"device": "cuda:1"}, "f16": {"generate": {"store_dtype": "float16"}},
-                       "zstd": {"generate": {"compressor": "zstd"}}, "tdtype": {"teacher": {"dtype": "bfloat16"}}}.items():
+    for name, over in {"dev": {"device": "cuda:1"}, "tdtype": {"teacher": {"dtype": "bfloat16"}}}.items():
         other = load_config(make_toy_config(f"{name}.yaml", **over))
         assert other.fingerprint("generate") != fp["generate"] and other.fingerprint("encode") != fp["encode"], name
+    for stage, other in (("generate", "encode"), ("encode", "generate")):   # each stage's store settings are its own
+        for name, over in {"f16": {"store_dtype": "float16"}, "zstd": {"compressor": "zstd"}}.items():
+            changed = load_config(make_toy_config(f"{stage}-{name}.yaml", **{stage: over}))
+            assert changed.fingerprint(stage) != fp[stage] and changed.fingerprint(other) == fp[other], (stage, name)
     same = load_config(make_toy_config("b.yaml", generate={"batch_size": 3}, data={"shard_size": 256}))
     assert same.fingerprint("generate") == fp["generate"]
+    workers = load_config(make_toy_config("w.yaml", encode={"cpus_per_worker": 2, "gpus_per_worker": 1, "max_retries": 0}))
+    assert workers.fingerprint("encode") == fp["encode"]       # how encode runs is not what it writes
 
 
 @pytest.mark.timeout(600)
-def test_ray_data_encode_equals_local(make_toy_config, tmp_path, monkeypatch):
-    """--executor ray runs the shards through a Ray Data actor pool: same bytes, same records as local."""
+def test_ray_encode_equals_local(make_toy_config, tmp_path):
+    """--executor ray runs the shards on the runner's actors, as generate does: same bytes, same records as local."""
     import ray
 
     folder = png_folder(tmp_path)

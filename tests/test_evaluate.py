@@ -7,10 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import fake_export, run_evaluate
 from pipeline.errors import UserError
+from pipeline.images import to_uint8
 from pipeline.metrics import fid as fidlib
 from pipeline.metrics.frechet import frechet_distance, frechet_from_features
-from pipeline.runner import run_job, write_record
+from pipeline.runner import write_record
 from schemas.config import load_config
 
 
@@ -98,7 +100,7 @@ def test_classifier_features_through_cleanfid_equal_direct_features(tmp_path):
     images = _blobs(40, 2).clamp(0, 1)
     feats = fidlib.folder_features(fidlib.write_png_folder(images, tmp_path / "x"), fidlib.classifier_space(clf),
                                    batch_size=16)
-    quantized = torch.from_numpy(fidlib.to_uint8(images)).permute(0, 3, 1, 2).float() / 255
+    quantized = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255
     np.testing.assert_allclose(feats, clf.features(quantized).numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -155,7 +157,8 @@ def test_cli_missing_inception_exits_2_with_one_line(make_toy_config, tmp_path):
 
 # ---------------------------------------------------------------- fidelity
 def test_teacher_outputs_round_trip_and_noise_check(tmp_path):
-    from pipeline.metrics.fidelity import load_outputs, per_sample_mse, save_outputs
+    from pipeline.metrics.fidelity import per_sample_mse
+    from pipeline.teacher_outputs import load_outputs, save_outputs
 
     x = torch.randn(5, 1, 4, 4)
     seeds = np.arange(5) + 100
@@ -168,34 +171,14 @@ def test_teacher_outputs_round_trip_and_noise_check(tmp_path):
 
 
 # ---------------------------------------------------------------- the stage, end to end on the toy teacher
-def _fake_export(cfg, name: str, seed: int) -> None:
-    """An exported student per training seed of run `name` that is a toy transformer (weights seed 0 = the
-    teacher's own weights), with its record."""
-    from pipeline.student import export_student
-    from pipeline.teachers.toy import make_toy_transformer
-
-    for run in cfg.train_runs([name]):
-        train_dir = cfg.train_dir(run)
-        export_student(train_dir / "export", run, make_toy_transformer(seed=seed), cfg, sample_shape=(1, 8, 8))
-        write_record(train_dir, "export", "done")
-
-
-def _run(cfg, methods):
-    from stages import evaluate
-
-    statuses = [run_job(job, "local", progress=False) for job in evaluate.jobs(cfg, methods=methods)]
-    evaluate.after(cfg, methods=methods)
-    return statuses, pd.read_parquet(cfg.stage_dir("evaluate") / "scores.parquet")
-
-
 def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     # guidance 1: CFG is then the conditional velocity alone, which the guidance-free student copies exactly
     path = make_toy_config(evaluate={"n_samples": 96, "nfes": [1, 8], "teacher_nfe": 8, "guidance": 1.0,
                                      "features": "pixels", "batch_size": 48, "seeds": [0]})
     cfg = load_config(path)
-    _fake_export(cfg, "perflow", seed=0)      # the teacher itself
-    _fake_export(cfg, "ota", seed=5)          # another network
-    statuses, scores = _run(cfg, ["perflow", "ota"])
+    fake_export(cfg, "perflow", seed=0)      # the teacher itself
+    fake_export(cfg, "ota", seed=5)          # another network
+    statuses, scores = run_evaluate(cfg, ["perflow", "ota"])
     assert [s["done"] for s in statuses] == [1, 4] and all(s["skipped"] == 0 for s in statuses)
 
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
@@ -219,7 +202,7 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     # rerun: every unit is skipped and the rows are unchanged
     unit_file = next((root / "students" / "scores").glob("ota-s0-*_fixed_nfe8_seed0.parquet"))
     mtime = unit_file.stat().st_mtime_ns
-    statuses, again = _run(cfg, ["perflow", "ota"])
+    statuses, again = run_evaluate(cfg, ["perflow", "ota"])
     assert [s["skipped"] for s in statuses] == [1, 4] and unit_file.stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(again, scores)
 
@@ -228,13 +211,13 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
         "n_samples": 96, "nfes": [1, 2, 8], "teacher_nfe": 8, "guidance": 1.0, "features": "pixels",
         "batch_size": 48, "seeds": [0]}))
     assert cfg2.stage_dir("evaluate") == root
-    statuses, scores2 = _run(cfg2, ["ota"])
+    statuses, scores2 = run_evaluate(cfg2, ["ota"])
     assert [(s["done"], s["skipped"]) for s in statuses] == [(1, 1), (3, 2)]
     assert len(scores2) == len(scores) + 2 and set(scores2[scores2.nfe == 2].checkpoint) == {"ota"}
 
 
 def test_noise_seeds_differ_between_seeds_and_from_training_seeds():
-    from pipeline.store import sample_seeds
+    from pipeline.seeds import sample_seeds
     from stages.evaluate import noise_seeds
 
     a, b = noise_seeds(0, 1000), noise_seeds(1, 1000)
@@ -255,7 +238,7 @@ def test_evaluate_needs_exports_and_valid_inputs(make_toy_config):
 
 def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     """The embedded default: classifier-feature FID against the real digits and prompt accuracy."""
-    from pipeline.student import export_student
+    from pipeline.export import export_student
     from pipeline.teachers import load_teacher
 
     _, base = embedded_tiny
@@ -266,7 +249,7 @@ def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     train_dir = cfg.train_dir(run)
     export_student(train_dir / "export", run, teacher.transformer, cfg, sample_shape=teacher.sample_shape)
     write_record(train_dir, "export", "done")
-    _, scores = _run(cfg, ["perflow"])
+    _, scores = run_evaluate(cfg, ["perflow"])
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
     assert set(scores.metric) == {"fid", "prompt_accuracy", "fidelity_mse"}
     assert (scores.reference == "digits").all() and (scores.features == "classifier").all()
@@ -281,10 +264,11 @@ def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
     FlowMatchEulerDiscreteScheduler.set_timesteps(nfe), checked against a sampler run by hand on them."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from pipeline.metrics.fidelity import load_outputs, per_sample_mse
+    from pipeline.metrics.fidelity import per_sample_mse
+    from pipeline.teacher_outputs import load_outputs
     from pipeline.sampling import euler
     from pipeline.schedule import fixed_sigmas
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.student import load_student
     from pipeline.teachers import load_teacher
     from stages.evaluate import noise_seeds
@@ -292,8 +276,8 @@ def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
     cfg = load_config(make_toy_config(evaluate={"n_samples": 12, "nfes": [8], "teacher_nfe": 8, "guidance": 1.0,
                                                 "features": "pixels", "batch_size": 12, "seeds": [0],
                                                 "schedules": ["fixed", "diffusers"]}))
-    _fake_export(cfg, "perflow", seed=0)
-    statuses, scores = _run(cfg, ["perflow"])
+    fake_export(cfg, "perflow", seed=0)
+    statuses, scores = run_evaluate(cfg, ["perflow"])
     assert [s["done"] for s in statuses] == [1, 2]
     assert set(zip(scores.schedule, scores.nfe)) == {("fixed", 8), ("diffusers", 8)}
     fidelity = scores[scores.metric == "fidelity_mse"].set_index("schedule")["value"]
@@ -317,8 +301,8 @@ def test_evaluate_diffusers_grid_goes_through_the_scheduler(make_toy_config):
 def test_evaluate_scores_every_training_seed(make_toy_config):
     cfg = load_config(make_toy_config(train={"seeds": [0, 1]}, evaluate={
         "n_samples": 8, "nfes": [2], "teacher_nfe": 4, "features": "pixels", "seeds": [0, 1]}))
-    _fake_export(cfg, "ota", seed=3)
-    statuses, scores = _run(cfg, ["ota"])
+    fake_export(cfg, "ota", seed=3)
+    statuses, scores = run_evaluate(cfg, ["ota"])
     assert [s["done"] for s in statuses] == [2, 4]            # 2 training seeds x 2 evaluation seeds
     students = scores[scores.run == "ota"]
     assert set(zip(students.checkpoint, students.train_seed)) == {("ota/s0", 0), ("ota/s1", 1)}

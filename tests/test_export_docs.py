@@ -35,7 +35,7 @@ def card_parts(card: str) -> tuple[dict, str]:
 def sd3_run(tmp_path_factory):
     """A tiny SD3 dir (no T5), a config whose teacher is that dir, an `ota` and an `ayf-emd` export of it."""
     import tiny_sd3
-    from pipeline.student import export_student
+    from pipeline.export import export_student
 
     base = tmp_path_factory.mktemp("sd3docs")
     pipe_dir = tiny_sd3.build_tiny_sd3_pipeline(base / "sd3")
@@ -99,7 +99,7 @@ def test_card_plain_diffusers_latents_match_flowsteers_own_sampler(sd3_run):
 def test_ayf_export_refuses_plain_diffusers_and_says_so(sd3_run):
     from diffusers import SD3Transformer2DModel
 
-    from pipeline.methods.base import get_method
+    from pipeline.methods import get_method
     from pipeline.student import load_student
     from pipeline.teachers import load_teacher
 
@@ -118,13 +118,13 @@ def test_ayf_export_refuses_plain_diffusers_and_says_so(sd3_run):
 def test_card_rewritten_with_scores(sd3_run, tmp_path):
     import shutil
 
-    from pipeline.model_card import refresh_model_card
+    from pipeline.export import write_card_scores
 
     cfg, _, ota, _, _ = sd3_run
     copy = shutil.copytree(ota, tmp_path / "export")
     table = "| NFE | FID |\n| ---: | ---: |\n| 4 | 12.5 |"
     before = card_parts((copy / "README.md").read_text())
-    card = refresh_model_card(copy, cfg, scores_markdown=table)
+    card = write_card_scores(copy, cfg, scores_markdown=table)
     front, body = card_parts(card.read_text())
     assert "| 4 | 12.5 |" in body and "No scores yet" not in body
     assert front == before[0] and "## How to load" in body

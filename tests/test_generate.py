@@ -16,7 +16,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runner import JobFailed, job_status, read_record, run_job
-from pipeline.store import TrajectoryStore, noise_for, store_meta, generated_store_path
+from pipeline.seeds import noise_for
+from pipeline.store import TrajectoryStore, generated_store_path, store_meta
 from schemas.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

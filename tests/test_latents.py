@@ -10,7 +10,7 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet
 from pipeline.latents import CAPTIONS, LatentStore
 from pipeline.runner import write_record
-from pipeline.typed_arrays import shard_key
+from pipeline.rowstore import shard_key
 
 N, SHAPE, SHARD = 7, (2, 4, 4), 3
 COND = {"encoder_hidden_states": (3, 5), "pooled_projections": (5,)}

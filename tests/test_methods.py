@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.methods.base import MethodContext, get_method
+from pipeline.methods import get_method
+from pipeline.methods.base import MethodContext
 from pipeline.methods.discriminator import (TransformerDiscriminator, feature_matching_loss, hinge_d_loss,
                                             hinge_g_loss)
 from pipeline.methods.flowsteer import resample_windows

@@ -1,12 +1,12 @@
 """The metric registry: a metric added in one place shows up in evaluate's rows and in the report."""
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
+from conftest import fake_export, run_evaluate
 from pipeline.errors import UserError
-from pipeline.metrics import base
-from pipeline.runner import run_job, write_record
+from pipeline.metrics import base, get_metric, metrics_for, registered
+from pipeline.runner import run_job
 from schemas.config import load_config
 
 
@@ -27,55 +27,38 @@ def brightness():
     base.METRICS.pop(Brightness.name)
 
 
-def _export(cfg, name: str) -> None:
-    from pipeline.student import export_student
-    from pipeline.teachers.toy import make_toy_transformer
-
-    for run in cfg.train_runs([name]):
-        export_student(cfg.train_dir(run) / "export", run, make_toy_transformer(seed=1), cfg, sample_shape=(1, 8, 8))
-        write_record(cfg.train_dir(run), "export", "done")
-
-
-def _evaluate(cfg, methods):
-    from stages import evaluate
-
-    statuses = [run_job(job, "local", progress=False) for job in evaluate.jobs(cfg, methods=methods)]
-    evaluate.after(cfg, methods=methods)
-    return statuses, pd.read_parquet(cfg.stage_dir("evaluate") / "scores.parquet")
-
-
 def test_registry_lists_the_built_in_metrics_in_report_order():
-    names = list(base.registered())
+    names = list(registered())
     assert names[:4] == ["fid", "prompt_accuracy", "clip_score", "fidelity_mse"]
-    for cls in base.registered().values():
+    for cls in registered().values():
         assert cls.better in ("lower", "higher") and cls.title and cls.description
-    assert base.get_metric("clip_score").weights == "evaluate.clip_path"
+    assert get_metric("clip_score").weights == "evaluate.clip_path"
     with pytest.raises(KeyError, match="unknown metric 'nope'"):
-        base.get_metric("nope")
+        get_metric("nope")
 
 
 def test_metrics_for_follows_the_run_and_evaluate_metrics(make_toy_config):
     cfg = load_config(make_toy_config(evaluate={"features": "pixels"}))
-    assert [m.name for m in base.metrics_for(cfg)] == ["fid", "fidelity_mse"]     # toy teacher: no classifier, no CLIP
+    assert [m.name for m in metrics_for(cfg)] == ["fid", "fidelity_mse"]     # toy teacher: no classifier, no CLIP
     cfg = load_config(make_toy_config(evaluate={"features": "pixels", "metrics": ["fidelity_mse"]}))
-    assert [m.name for m in base.metrics_for(cfg)] == ["fidelity_mse"]
+    assert [m.name for m in metrics_for(cfg)] == ["fidelity_mse"]
     with pytest.raises(UserError, match="unknown metric 'fdi'"):
-        base.metrics_for(load_config(make_toy_config(evaluate={"metrics": ["fdi"]})))
+        metrics_for(load_config(make_toy_config(evaluate={"metrics": ["fdi"]})))
     with pytest.raises(UserError, match="'prompt_accuracy' does not apply"):
-        base.metrics_for(load_config(make_toy_config(evaluate={"metrics": ["prompt_accuracy"]})))
+        metrics_for(load_config(make_toy_config(evaluate={"metrics": ["prompt_accuracy"]})))
     with pytest.raises(UserError, match="evaluate.clip_path .* is not a directory"):
-        base.get_metric("clip_score").check(load_config(make_toy_config(evaluate={"clip_path": "/nowhere"})))
+        get_metric("clip_score").check(load_config(make_toy_config(evaluate={"clip_path": "/nowhere"})))
 
 
 def test_a_registered_metric_reaches_evaluate_rows_and_the_report(make_toy_config, brightness):
-    from pipeline.metrics.fidelity import load_outputs
+    from pipeline.teacher_outputs import load_outputs
     from pipeline.teachers import load_teacher
     from stages import report
 
     cfg = load_config(make_toy_config(evaluate={"n_samples": 12, "nfes": [1, 2], "teacher_nfe": 4,
                                                 "features": "pixels", "batch_size": 12, "seeds": [0]}))
-    _export(cfg, "ota")
-    _, scores = _evaluate(cfg, ["ota"])
+    fake_export(cfg, "ota", seed=1)
+    _, scores = run_evaluate(cfg, ["ota"])
     value = scores[scores.metric == "brightness"].set_index(["checkpoint", "nfe"])["value"]
     assert set(value.index) == {("teacher", 4), ("ota", 1), ("ota", 2)}
     root = cfg.stage_dir("evaluate")
@@ -107,13 +90,13 @@ def test_a_registered_metric_reaches_evaluate_rows_and_the_report(make_toy_confi
 def test_units_scored_before_a_metric_existed_are_redone(make_toy_config):
     cfg = load_config(make_toy_config(evaluate={"n_samples": 8, "nfes": [2], "teacher_nfe": 4,
                                                 "features": "pixels", "seeds": [0]}))
-    _export(cfg, "ota")
-    _evaluate(cfg, ["ota"])
-    statuses, _ = _evaluate(cfg, ["ota"])
+    fake_export(cfg, "ota", seed=1)
+    run_evaluate(cfg, ["ota"])
+    statuses, _ = run_evaluate(cfg, ["ota"])
     assert [s["skipped"] for s in statuses] == [1, 1]
     base.register(Brightness)
     try:
-        statuses, scores = _evaluate(cfg, ["ota"])
+        statuses, scores = run_evaluate(cfg, ["ota"])
     finally:
         base.METRICS.pop(Brightness.name)
     assert [s["skipped"] for s in statuses] == [0, 0]

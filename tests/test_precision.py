@@ -79,7 +79,7 @@ def test_teacher_dtype_config_and_fingerprints(tmp_path):
     fp = lambda cfg: cfg.fingerprint("train", cfg.train_run("ota"))     # noqa: E731
     assert fp(a) != fp(c)          # precision enters the train key
     assert fp(a) == fp(d)          # prefetch changes no result
-    with pytest.raises(ConfigError, match="teacher.kwargs.dtype is now teacher.dtype"):
+    with pytest.raises(ConfigError, match="teacher.kwargs.dtype: the teacher.s precision is teacher.dtype"):
         load_config(write_config(tmp_path / "e.yaml", **deep_merge(sections, {"teacher": {"kwargs": {"dtype": "bfloat16"}}})))
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(write_config(tmp_path / "f.yaml", **deep_merge(sections, {"train": {"mixed_precision": "fp8"}})))
@@ -164,7 +164,7 @@ def test_prefetch_draws_exactly_the_batches_of_inline_drawing(bf16_run):
 def _write_latents(cfg, n: int = 6):
     """A finished latent store at the run's latent_store_dir with toy-shaped rows (row i = i + 0.01 j)."""
     from pipeline.latents import LatentStore, latent_store_dir
-    from pipeline.typed_arrays import shard_key
+    from pipeline.rowstore import shard_key
 
     out = latent_store_dir(cfg)
     lat = (np.arange(n)[:, None] + 0.01 * np.arange(64)[None]).reshape(n, 1, 8, 8).astype(np.float32)

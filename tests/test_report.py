@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.metrics import scores as sc
+from pipeline import scores as sc
 from pipeline.runner import run_job
 from schemas.config import load_config
 
@@ -186,7 +186,7 @@ def test_small_samples_warn_and_one_seed_claims_nothing(make_toy_config):
 
 
 def test_checkpoint_scores_table_for_the_model_card(two_seed_cfg):
-    from pipeline.metrics.tables import checkpoint_scores
+    from pipeline.report_tables import checkpoint_scores
 
     cfg = two_seed_cfg
     run = cfg.train_runs(["ota"])[1]

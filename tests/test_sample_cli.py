@@ -1,4 +1,4 @@
-"""`flowsteer sample`: PNG grids from the teacher (fixed / default schedule) and from an exported student."""
+"""`flowsteer sample`: PNG grids from the teacher (fixed / diffusers schedule) and from an exported student."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +31,7 @@ def run_cli(*args):
 
 
 def test_teacher_grid_matches_direct_sampling(toy_config, tmp_path):
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
 
     out = tmp_path / "grid" / "teacher.png"
@@ -61,14 +61,15 @@ def test_schedule_seed_and_guidance_change_the_grid(toy_config, tmp_path):
 
     base = grid("a.png")
     torch.testing.assert_close(grid("again.png"), base, atol=0, rtol=0)            # deterministic
-    assert not torch.allclose(grid("default.png", schedule="default"), base, atol=2 / 255)
+    assert not torch.allclose(grid("default.png", schedule="diffusers"), base, atol=2 / 255)
     assert not torch.allclose(grid("seed.png", seed=5), base, atol=2 / 255)
     assert not torch.allclose(grid("w1.png", guidance=1.0), base, atol=2 / 255)   # default is evaluate.guidance
 
 
 def test_student_export_samples(toy_config, tmp_path):
-    from pipeline.methods.base import get_method
-    from pipeline.student import export_student, load_student
+    from pipeline.methods import get_method
+    from pipeline.export import export_student
+    from pipeline.student import load_student
     from pipeline.teachers.toy import make_toy_transformer
 
     cfg = load_config(toy_config)
@@ -76,7 +77,7 @@ def test_student_export_samples(toy_config, tmp_path):
     out = sample_grid(cfg, str(export), steps=4, prompts=TOY_PROMPTS[:1], per_prompt=2, out=tmp_path / "s.png")
     grid = tiles(out, 1, 2)
 
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
 
     teacher, student = load_teacher(cfg), load_student(export)
@@ -100,6 +101,7 @@ def test_student_export_samples(toy_config, tmp_path):
     (["perflow"], "no exported student for 'perflow'"),
     (["nonsense"], "is not 'teacher', a method name"),
     (["teacher", "--schedule", "karras"], "unknown schedule 'karras'"),
+    (["teacher", "--schedule", "default"], "schedule 'default' is spelled 'diffusers'"),
     (["teacher", "-n", 0], "must be >= 1"),
 ])
 def test_user_errors_are_one_line(toy_config, tmp_path, args, message):

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.data import DataSource
 from pipeline.errors import UserError
-from pipeline.methods.base import MethodContext, get_method
+from pipeline.methods import get_method
+from pipeline.methods.base import MethodContext
 from pipeline.methods.scflow import consistency, pseudo_huber, truncated_target
 from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas

@@ -31,7 +31,7 @@ def test_default_sigmas_match_installed_diffusers(n, shift):
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(n)
     torch.testing.assert_close(default_sigmas(n, shift), sched.sigmas)
-    torch.testing.assert_close(make_sigmas(n, shift, "default"), sched.sigmas)
+    torch.testing.assert_close(make_sigmas(n, shift, "diffusers"), sched.sigmas)
 
 
 @pytest.mark.parametrize("mu", [0.5, 1.15])
@@ -118,7 +118,7 @@ def exact_velocity(x0):
     return lambda x, sigma, cond: (x - x0) / sigma.reshape(-1, 1, 1, 1)
 
 
-@pytest.mark.parametrize("kind", ["fixed", "default"])
+@pytest.mark.parametrize("kind", ["fixed", "diffusers"])
 def test_euler_calls_back_each_step_and_lands_on_data(kind):
     x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     sigmas = make_sigmas(5, 3.0, kind)

@@ -7,8 +7,9 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runner import write_record
-from pipeline.store import (TrajectoryStore, guidance_for, meta_differences, noise_for, sample_seeds, shard_key,
-                            store_meta)
+from pipeline.rowstore import decode, meta_differences, shard_key
+from pipeline.seeds import guidance_for, noise_for, sample_seeds
+from pipeline.store import TrajectoryStore, store_meta
 from schemas.config import load_config
 
 S, K, M, SHAPE, SHARD = 10, 4, 8, (1, 4, 4), 4
@@ -73,13 +74,14 @@ def test_segments_random_access(tmp_path, cache_bytes):
         st.segments([0], [K])                    # window K would need edge K + 1
 
 
-def test_iter_shards_in_order_and_cond(tmp_path):
+def test_shards_in_order_and_cond(tmp_path):
     path, _, full, cond = make_store(tmp_path)
     st = TrajectoryStore.open(path)
-    got = list(st.iter_shards())
-    assert [(g["start"], g["stop"]) for g in got] == [(0, 4), (4, 8), (8, 10)]
-    assert np.array_equal(np.concatenate([g["states"] for g in got]), full)
-    assert np.array_equal(np.concatenate([g["prompt_index"] for g in got]), np.arange(S) % 3)
+    ranges = [st.shard_range(j) for j in range(st.num_shards)]
+    assert ranges == [(0, 4), (4, 8), (8, 10)]
+    assert np.array_equal(np.concatenate([decode(np.asarray(st.states[lo:hi]), st.store_dtype) for lo, hi in ranges]),
+                          full)
+    assert np.array_equal(st.prompt_index, np.arange(S) % 3)
     c = st.cond(np.array([2, 0, 2]))
     assert torch.equal(c["encoder_hidden_states"], cond["encoder_hidden_states"][[2, 0, 2]])
     assert torch.equal(c["pooled_projections"], cond["pooled_projections"][[2, 0, 2]])

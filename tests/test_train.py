@@ -94,7 +94,7 @@ def test_resume_is_exact(toy_store, monkeypatch, method, train):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypatch):
-    from pipeline.methods.base import get_method
+    from pipeline.methods import get_method
 
     cfg = config_at(toy_store, "nan")
     ota = get_method("ota")
@@ -123,7 +123,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(toy_store, monkeypa
 def test_data_source_online_rows_follow_the_cached_teacher_trajectory(toy_store):
     """An online rollout from a stored sample's own noise, prompt and w reproduces its cached segment."""
     from pipeline.data import DataSource
-    from pipeline.store import noise_for
+    from pipeline.seeds import noise_for
     from pipeline.teachers import load_teacher
     from stages.train import open_store
 
@@ -157,7 +157,8 @@ def test_export_loads_in_plain_diffusers_and_sd3_pipeline(toy_store, tmp_path):
     from diffusers import SD3Transformer2DModel
 
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
-    from pipeline.student import export_student, load_student
+    from pipeline.export import export_student
+    from pipeline.student import load_student
     from pipeline.teachers import load_teacher
     from stages.train import build_trainer, train_segment
 

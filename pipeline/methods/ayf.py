@@ -33,22 +33,21 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import UserError
-from pipeline.methods.base import Method, register
-from pipeline.methods.common import on_trajectory_points, parse_options, rowwise, uniform
+from pipeline.methods.base import Method, MethodOptions, register
+from pipeline.methods.common import on_trajectory_points, rowwise, uniform
 from pipeline.sampling import guided
 from pipeline.schedule import fixed_sigmas, shift_sigma, unshift_sigma
 from pipeline.teachers.base import sd3_velocity
 
-DEFAULTS = {
-    "tangent_warmup": 100,          # r = min(0.99, step / tangent_warmup)
-    "norm_c": 0.1,                  # g / (||g|| + c)
-    "autoguidance": [1.0, 3.0],     # lam ~ U[lo, hi]; v = lam T + (1 - lam) T_weak
+class AYFOptions(MethodOptions):
+    tangent_warmup: int = 100               # r = min(0.99, step / tangent_warmup)
+    norm_c: float = 0.1                     # g / (||g|| + c)
+    autoguidance: list[float] = [1.0, 3.0]  # lam ~ U[lo, hi]; v = lam T + (1 - lam) T_weak
     # cfg: the teacher with CFG at the row's w (the target of perflow/ota/flowsteer, and of evaluation);
     # auto: AYF's autoguidance when the teacher has a weak model (another target: an ablation, not the ladder)
-    "guidance": "cfg",
-    "jvp": "auto",                  # auto | torch (torch.func.jvp, math SDPA) | fd (central difference)
-    "fd_eps": 1e-4,
-}
+    guidance: str = "cfg"
+    jvp: str = "auto"                       # auto | torch (torch.func.jvp, math SDPA) | fd (central difference)
+    fd_eps: float = 1e-4
 GAP_FILE = "flow_map_gap.pt"
 
 
@@ -122,11 +121,13 @@ def jvp_fd(module, cond, x, t, s, v, eps: float = 1e-4):
 @register
 class AlignYourFlow(Method):
     name = "ayf-emd"
-    option_defaults = DEFAULTS
+    description = ("Align Your Flow (Eulerian map distillation): a flow map f(x, t, s) = x + (s - t) F(x, t, s) "
+                   "trained with the teacher's autoguided velocity and a normalised tangent.")
+    Options = AYFOptions
+    ladder_rank = 50                        # last: a flow map, not a drop-in student
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.options = parse_options(self.name, ctx.options, DEFAULTS)
         if self.options["jvp"] not in ("auto", "torch", "fd") or self.options["guidance"] not in ("auto", "cfg"):
             raise UserError(f"train.method_options.{self.name}: jvp must be auto|torch|fd and guidance auto|cfg")
         self._jvp = self.options["jvp"]

@@ -1,7 +1,8 @@
 """The method interface: a method draws its batch, returns named losses, and knows how its student samples.
 
 The trainer (pipeline/trainer.py) owns optimisers, EMA, checkpoints and the loop; a method stays small
-(like minRF's rf.py). Methods register by name so new ones plug in without touching the trainer.
+(like minRF's rf.py). Methods register by name so new ones plug in without touching the trainer; the
+registry's readers (get_method, ladder order) live in pipeline/methods/__init__.py.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.sampling import euler
 from pipeline.schedule import piecewise_sigmas
@@ -18,16 +20,16 @@ METHODS: dict[str, type["Method"]] = {}
 
 
 def register(cls: type["Method"]) -> type["Method"]:
+    if not cls.name or not cls.description:
+        raise ValueError(f"method {cls.__name__} needs a name and a description")
     METHODS[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> type["Method"]:
-    import pipeline.methods  # noqa: F401  (imports every method module so they register)
-
-    if name not in METHODS:
-        raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
+class MethodOptions(BaseModel):
+    """A method's `train.method_options.<name>` (and its variants' `options`): one field per option, with its
+    default; an undeclared option is refused when the config loads."""
+    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass
@@ -44,15 +46,52 @@ class MethodContext:
 
 class Method:
     name: ClassVar[str] = ""
-    # Every option `train.method_options.<name>` may set, with its default: an option not declared here is
-    # rejected when the config loads (schemas.config.method_problem), before any work.
-    option_defaults: ClassVar[dict[str, Any]] = {}
+    description: ClassVar[str] = ""             # one paragraph: the model card's and docs' summary of the method
+    # Every option `train.method_options.<name>` may set, with its default and type: an option not declared
+    # here is rejected when the config loads (schemas.config.method_problem), before any work.
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    # Place on the ablation ladder (FlowSteer Table 5 order; None = not a ladder row) and the ladder's runs of
+    # this method, in order: (run name, options); the plain method is (name, {}).
+    ladder_rank: ClassVar[float | None] = None
+    ladder_rows: ClassVar[tuple[tuple[str, dict[str, Any]], ...] | None] = None
     # True when the method reads `train.adversarial` (a discriminator): only then do those keys enter its runs'
     # fingerprint, so a GAN ablation retrains the GAN runs and reuses every other student (schemas/config.py)
     uses_adversarial: ClassVar[bool] = False
+    # Student forwards a step keeps a graph for, in units of one batch-sized call (`flowsteer plan` scales the
+    # activations by it): the distillation call, plus e.g. the GAN's fake and the discriminator blocks it feeds
+    graph_calls: ClassVar[float] = 1.0
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
+        self.options = self.parse_options(ctx.options)
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        return cls.Options().model_dump()
+
+    @classmethod
+    def parse_options(cls, given: dict[str, Any] | None, where: str | None = None) -> dict[str, Any]:
+        """The options over their defaults; an unknown or ill-typed option is one UserError line naming it."""
+        from pipeline.errors import UserError
+
+        where = where or f"train.method_options.{cls.name}"
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(cls.Options.model_fields))
+        if unknown:
+            raise UserError(f"{where}.{unknown[0]}: unknown option (known for {cls.name}: "
+                            f"{', '.join(sorted(cls.Options.model_fields)) or 'none'})")
+        try:
+            return cls.Options(**given).model_dump()
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise UserError(f"{where}.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+
+    @classmethod
+    def runs_on_ladder(cls) -> tuple[tuple[str, dict[str, Any]], ...]:
+        """This method's ladder rows (none when it has no ladder_rank)."""
+        if cls.ladder_rank is None:
+            return ()
+        return cls.ladder_rows or ((cls.name, {}),)
 
     @classmethod
     def check_config(cls, cfg, options: dict[str, Any]) -> None:

@@ -3,39 +3,25 @@
 - `rowwise` broadcasts a per-sample vector over a batch (defined in pipeline/sampling.py, its lowest user);
 - the chord helpers: PeRFlow's per-window straightening (Yan et al. 2024), the objective of perflow, ota and
   flowsteer, and the on-trajectory points scflow and ayf-emd draw their times and states from;
-- `parse_options`: `train.method_options.<name>` over a method's defaults;
 - `ChordMethod` (the chord loss on K windows of the fixed grid) and `OnTrajectoryChordMethod` (that loss on
   the teacher's own states, OTA / FlowSteer Alg. 2), the bases of the registered chord methods.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from pipeline.methods.base import Method
 from pipeline.sampling import rowwise
 from pipeline.schedule import shift_sigma, unshift_sigma
 
-__all__ = ["rowwise", "uniform", "parse_options", "chord_times", "chord_velocity", "chord_point",
+__all__ = ["rowwise", "uniform", "chord_times", "chord_velocity", "chord_point",
            "on_trajectory_points", "ChordMethod", "OnTrajectoryChordMethod"]
 
 
 def uniform(n: int, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """n draws of U[0, 1) from the method generator, on `like`'s device and dtype."""
     return torch.rand(n, generator=generator, device=generator.device).to(like)
-
-
-def parse_options(name: str, given: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`train.method_options.<name>` over the defaults; an unknown key is a user error."""
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise UserError(f"train.method_options.{name}: unknown option(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(defaults))})")
-    return {**defaults, **given}
 
 
 # ---------------------------------------------------------------- chords of the fixed grid's windows

@@ -16,18 +16,31 @@ exactly ota. `adv_fraction` (default 1.0: the whole batch size) of a batch's siz
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from pipeline.errors import UserError
-from pipeline.methods.base import register
-from pipeline.methods.common import OnTrajectoryChordMethod, parse_options, rowwise
+from pipeline.methods.base import MethodOptions, register
+from pipeline.methods.common import OnTrajectoryChordMethod, rowwise
 from pipeline.methods.discriminator import (TransformerDiscriminator, accuracy, feature_matching_loss, hinge_d_loss,
                                             hinge_g_loss, pair_accuracy)
 
-# options a run may set (train.method_options.flowsteer or a train.variants entry); None = train.adversarial's
+# train.adversarial keys a run may override (train.method_options.flowsteer or a variant); None = the section's
 OVERRIDABLE = ("disc_blocks", "lambda_adv", "lambda_fm", "disc_backbone", "spectral_norm", "fake_source",
                "window_probs")
-DEFAULTS = {"adv_fraction": 1.0, **{k: None for k in OVERRIDABLE}}
+
+
+class FlowSteerOptions(MethodOptions):
+    # share of the batch that gets a student jump + D calls, in (0, 1] (checked with its own message)
+    adv_fraction: Any = 1.0
+    disc_blocks: Any = None
+    lambda_adv: Any = None
+    lambda_fm: Any = None
+    disc_backbone: Any = None
+    spectral_norm: Any = None
+    fake_source: Any = None
+    window_probs: Any = None
 FAKE_SOURCES = ("one_step", "rollout")
 
 
@@ -57,13 +70,19 @@ class FlowSteer(OnTrajectoryChordMethod):
 
     The trainer freezes the discriminator during the generator step, so G's loss never trains D."""
     name = "flowsteer"
-    option_defaults = DEFAULTS
+    description = ("FlowSteer: OTA plus a hinge GAN on the teacher's trajectory states (a discriminator built from "
+                   "the teacher's first blocks) and the fixed FlowMatchEuler schedule.")
+    Options = FlowSteerOptions
+    ladder_rank = 30            # FlowSteer Table 5: + adversarial, + feature matching; then a fake-source variant
+    ladder_rows = (("flowsteer-adv", {"lambda_fm": 0.0}), ("flowsteer", {}),
+                   ("flowsteer-rollout", {"fake_source": "rollout"}))
     uses_adversarial = True
+    graph_calls = 1.5                     # + the GAN rows' student jump and the discriminator blocks after it
 
-    @staticmethod
-    def adversarial(cfg, options):
+    @classmethod
+    def adversarial(cls, cfg, options):
         """train.adversarial with this run's overrides (options set to a value other than None)."""
-        opts = parse_options("flowsteer", options, DEFAULTS)
+        opts = cls.parse_options(options)
         return cfg.train.adversarial.model_copy(update={k: opts[k] for k in OVERRIDABLE if opts[k] is not None})
 
     @classmethod
@@ -76,14 +95,14 @@ class FlowSteer(OnTrajectoryChordMethod):
                             f"non-negative numbers (one per window of schedule.windows)")
         if adv.fake_source not in FAKE_SOURCES:
             raise UserError(f"flowsteer fake_source must be one of {', '.join(FAKE_SOURCES)}, got {adv.fake_source!r}")
-        adv_fraction = parse_options(cls.name, options, DEFAULTS)["adv_fraction"]
+        adv_fraction = cls.parse_options(options)["adv_fraction"]
         if not isinstance(adv_fraction, (int, float)) or not 0 < adv_fraction <= 1:
             raise UserError(f"train.method_options.flowsteer.adv_fraction must be in (0, 1], got {adv_fraction!r}")
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.check_config(ctx.cfg, ctx.options)
-        self.options = opts = parse_options(self.name, ctx.options, DEFAULTS)
+        opts = self.options
         adv = self.adversarial(ctx.cfg, opts)
         probs = torch.tensor(adv.window_probs, dtype=torch.float64)
         self.window_probs = probs / probs.sum()

@@ -15,3 +15,6 @@ from pipeline.methods.common import OnTrajectoryChordMethod
 @register
 class OTA(OnTrajectoryChordMethod):
     name = "ota"
+    description = ("Online Trajectory Alignment (FlowSteer, Alg. 2): PeRFlow's chord loss on windows that start "
+                   "and end on the teacher's own ODE trajectory (cached plus fresh online rollouts).")
+    ladder_rank = 20            # FlowSteer Table 5: + online trajectory alignment

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data import has_real_data
 from pipeline.diffusers_scheduler import diffusers_sigmas
 from pipeline.errors import UserError
-from pipeline.methods.base import register
-from pipeline.methods.common import ChordMethod, parse_options, rowwise
+from pipeline.methods.base import MethodOptions, register
+from pipeline.methods.common import ChordMethod, rowwise
 from pipeline.schedule import shift_sigma, unshift_sigma
 
 X0_SOURCES = ("real", "teacher_samples")
 GRIDS = ("fixed", "diffusers")
-# x0: where x0 comes from (docs/precision.md); grid: where the K windows lie (docs/ablation.md)
-DEFAULTS = {"x0": "real", "grid": "fixed"}
+
+
+class PeRFlowOptions(MethodOptions):
+    x0: str = "real"            # where x0 comes from (docs/precision.md): X0_SOURCES
+    grid: str = "fixed"         # where the K windows lie (docs/ablation.md): GRIDS
 
 
 def sub_grids(edges: torch.Tensor, k: torch.Tensor, steps: int, shift: float) -> torch.Tensor:
@@ -39,14 +41,17 @@ def uniform_windows(n: int, num_windows: int, generator: torch.Generator) -> tor
 @register
 class PeRFlow(ChordMethod):
     name = "perflow"
-    option_defaults = DEFAULTS
+    description = ("PeRFlow (piecewise rectified flow): per window, the chord velocity between a noised real image "
+                   "and the teacher's CFG solve from it.")
+    Options = PeRFlowOptions
+    ladder_rank = 10            # FlowSteer Table 5: PeRFlow on diffusers' default grid, then on the fixed one
+    ladder_rows = (("perflow-diffusers", {"grid": "diffusers"}), ("perflow", {}))
     # x0 (docs/precision.md): real images, as PeRFlow trains: the MNIST digits (embedded teacher) or the
     # run's latent store (data.images); `method_options.perflow.x0: teacher_samples` = the store's final
     # samples instead, a different baseline ("reflow on teacher samples").
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.options = parse_options(self.name, ctx.options, DEFAULTS)
         # grid "diffusers": PeRFlow as users run it today, its windows on the default scheduler's grid (the
         # paper's first ablation row); the teacher then solves each window with M/K sub-steps of its own.
         self.grid_edges = (diffusers_sigmas(self.num_windows, shift=ctx.cfg.schedule.shift).to(ctx.device)
@@ -57,19 +62,20 @@ class PeRFlow(ChordMethod):
 
     @classmethod
     def check_config(cls, cfg, options) -> None:
-        x0 = parse_options(cls.name, options, DEFAULTS)["x0"]
-        if parse_options(cls.name, options, DEFAULTS)["grid"] not in GRIDS:
+        opts = cls.parse_options(options)
+        x0 = opts["x0"]
+        if opts["grid"] not in GRIDS:
             raise UserError(f"train.method_options.{cls.name}.grid must be one of {', '.join(GRIDS)}")
         if x0 not in X0_SOURCES:
             raise UserError(f"train.method_options.{cls.name}.x0 must be one of {', '.join(X0_SOURCES)}, got {x0!r}")
-        if x0 == "real" and not has_real_data(cfg):
+        if x0 == "real" and not cfg.has_real_images:
             raise UserError(f"{cls.name} draws x0 from real images, and a {cfg.teacher.kind} teacher has none: set "
                             f"data.images (then `flowsteer encode`), or train.method_options.{cls.name}.x0: "
                             f"teacher_samples for reflow on teacher samples")
 
     @classmethod
     def x0_source(cls, cfg, options) -> str | None:
-        if parse_options(cls.name, options, DEFAULTS)["x0"] == "teacher_samples":
+        if cls.parse_options(options)["x0"] == "teacher_samples":
             return "teacher_samples"
         return "digits" if cfg.teacher.kind == "embedded" else "latents"
 

@@ -27,28 +27,30 @@ Pitfalls of the public code that this file avoids (tests/test_scflow.py checks t
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.base import Method, register
-from pipeline.methods.common import on_trajectory_points, parse_options, rowwise, uniform
+from pipeline.methods.base import Method, MethodOptions, register
+from pipeline.methods.common import on_trajectory_points, rowwise, uniform
 from pipeline.methods.discriminator import TransformerDiscriminator, hinge_d_loss, hinge_g_loss
 from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 
-DEFAULTS: dict[str, Any] = {
-    "delta": 0.1,           # largest teacher skip (SCFlow init_threshold)
-    "tau": 0.4,             # truncation threshold t_trunc (the T2I script uses 0.1)
-    "huber_c": 0.01,        # pseudo-Huber constant
-    "target_decay": 0.9,    # target-EMA decay
-    # lambda_gan: the paper's 0.1 is for its softplus(+R1) GAN; with this hinge GAN (L_G = -D, unbounded) and a
-    # fresh discriminator from step 0 it wrecked the study's students (4-NFE prompt accuracy 0.95 at step 0 ->
-    # 0.40 at step 200, EMA weights); at 0.01 it stays a small term (measured: docs/methods.md, SCFlow)
-    "lambda_rf": 0.1, "lambda_gan": 0.01, "lambda_bi": 0.1,
-    "warmup_rf": 50, "warmup_gan": 0, "warmup_bi": 50,   # scaled down from CelebA's 1000 for short runs
-}
+class SCFlowOptions(MethodOptions):
+    delta: float = 0.1          # largest teacher skip (SCFlow init_threshold)
+    tau: float = 0.4            # truncation threshold t_trunc (the T2I script uses 0.1)
+    huber_c: float = 0.01       # pseudo-Huber constant
+    target_decay: float = 0.9   # target-EMA decay
+    lambda_rf: float = 0.1
+    # the paper's 0.1 is for its softplus(+R1) GAN; with this hinge GAN (L_G = -D, unbounded) and a fresh
+    # discriminator from step 0 it wrecked the study's students (4-NFE prompt accuracy 0.95 at step 0 -> 0.40 at
+    # step 200, EMA weights); at 0.01 it stays a small term (measured: docs/methods.md, SCFlow)
+    lambda_gan: float = 0.01
+    lambda_bi: float = 0.1
+    warmup_rf: int = 50         # warm-ups scaled down from CelebA's 1000 for short runs
+    warmup_gan: int = 0
+    warmup_bi: int = 50
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
@@ -69,12 +71,15 @@ def truncated_target(tgt_m: torch.Tensor, z0: torch.Tensor, t_minus: torch.Tenso
 @register
 class SCFlow(Method):
     name = "scflow"
+    description = ("SCFlow (self-corrected flow): consistency against a target EMA with short teacher skips, "
+                   "truncated below tau, plus a bidirectional term, reflow of its own one-step output and a hinge GAN.")
     uses_adversarial = True               # its optional GAN term builds flowsteer's discriminator
-    option_defaults = DEFAULTS
+    graph_calls = 2.0                     # f(z_t, t) and the one-step output (reflow, GAN) keep a graph
+    Options = SCFlowOptions
+    ladder_rank = 40                      # after FlowSteer's own rows, under the same CFG target
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.options = parse_options(self.name, ctx.options, DEFAULTS)
         self.target: torch.nn.Module | None = None     # made in make_student (after init from the teacher)
         self._pending_target: dict | None = None       # a state loaded before make_student ran
         self._disc = None
@@ -137,7 +142,7 @@ class SCFlow(Method):
                 self.target[n].copy_(t)
             self._pending_target = None
 
-    # --- GAN on the one-step output (H5's discriminator and hinge losses: one way to do each thing)
+    # --- GAN on the one-step output: the shared discriminator and hinge losses (pipeline/methods/discriminator.py)
     def discriminator(self):
         if self.options["lambda_gan"] <= 0:
             return None

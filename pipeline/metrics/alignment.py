@@ -57,10 +57,7 @@ class ClipScorer:
     def __init__(self, path: str | Path, device="cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
-        p = Path(path).expanduser()
-        if not p.is_dir():
-            raise UserError(f"evaluate.clip_path {p} is not a directory (expected a transformers CLIP model dir "
-                            f"with config.json, weights and the processor files)")
+        p = check_clip_dir(path)
         try:
             self.model = CLIPModel.from_pretrained(str(p), local_files_only=True).to(device).eval()
             self.processor = CLIPProcessor.from_pretrained(str(p), local_files_only=True)

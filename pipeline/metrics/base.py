@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
+from pipeline.teacher_outputs import load_outputs, outputs_path
 
 METRICS: dict[str, type["Metric"]] = {}
 
@@ -33,35 +34,6 @@ def register(cls: type["Metric"]) -> type["Metric"]:
         raise ValueError(f"metric {cls.__name__} needs a name and better = 'lower' or 'higher'")
     METRICS[cls.name] = cls
     return cls
-
-
-def registered() -> dict[str, type["Metric"]]:
-    """Every metric, in report order (importing this package registers each module found beside it)."""
-    import pipeline.metrics  # noqa: F401
-
-    return dict(sorted(METRICS.items(), key=lambda kv: (kv[1].order, kv[0])))
-
-
-def get_metric(name: str) -> type["Metric"]:
-    known = registered()
-    if name not in known:
-        raise KeyError(f"unknown metric '{name}' (known: {', '.join(known)})")
-    return known[name]
-
-
-def metrics_for(cfg) -> list[type["Metric"]]:
-    """The metrics this run computes: `evaluate.metrics` if given (each must apply), else all that apply."""
-    known = registered()
-    chosen = getattr(cfg.evaluate, "metrics", None)
-    if chosen is None:
-        return [m for m in known.values() if m.applies(cfg)]
-    unknown = [n for n in chosen if n not in known]
-    if unknown:
-        raise UserError(f"evaluate.metrics: unknown metric '{unknown[0]}' (known: {', '.join(known)})")
-    idle = [n for n in chosen if not known[n].applies(cfg)]
-    if idle:
-        raise UserError(f"evaluate.metrics: '{idle[0]}' does not apply to this run ({known[idle[0]].when})")
-    return [m for n, m in known.items() if n in chosen]
 
 
 def config_value(cfg, dotted: str) -> Any:
@@ -105,14 +77,9 @@ class EvalContext:
 
         return self.shared("classifier", lambda: load_classifier(self.cfg.stage_dir("teacher"), self.device))
 
-    def teacher_outputs_path(self, seed: int) -> Path:
-        """Where the evaluate stage keeps the teacher's final samples of evaluation seed `seed`."""
-        return self.root / "teacher" / "outputs" / f"seed{seed}.npz"
-
     def teacher_outputs(self, seed: int, noise_seeds: np.ndarray) -> torch.Tensor:
-        from pipeline.metrics.fidelity import load_outputs
-
-        return load_outputs(self.teacher_outputs_path(seed), noise_seeds)
+        """The teacher's final samples of evaluation seed `seed` (saved by the evaluate stage's teacher job)."""
+        return load_outputs(outputs_path(self.root, seed), noise_seeds)
 
 
 class Metric:

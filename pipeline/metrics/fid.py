@@ -27,6 +27,7 @@ from PIL import Image
 
 from pipeline.errors import UserError
 from pipeline.files import atomic_path, atomic_write_bytes, temp_name
+from pipeline.images import to_uint8
 from pipeline.metrics.base import EvalContext, Metric, Samples, register
 from pipeline.metrics.frechet import frechet_from_features
 
@@ -43,12 +44,6 @@ class FeatureSpace:
     name: str
     extract: Extract
     resize: Callable[[np.ndarray], np.ndarray] | None = None
-
-
-def to_uint8(images01: torch.Tensor) -> np.ndarray:
-    """[N, C, H, W] in [0, 1] -> [N, H, W, C] uint8 (round to nearest, as torchvision.save_image does)."""
-    x = images01.detach().float().clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def write_png_folder(images: np.ndarray | torch.Tensor, directory: Path, start: int = 0) -> Path:

@@ -78,14 +78,14 @@ def separated(a, b) -> bool | None:
 
 def too_few(metric: str, n: int, features: str | None) -> bool:
     """Fewer samples per value than the metric needs to mean anything (Metric.min_samples_for)."""
-    from pipeline.metrics.base import METRICS, registered
+    from pipeline.metrics import METRICS, registered
 
     cls = registered().get(metric) or METRICS.get(metric)
     return cls is not None and int(n) < cls.min_samples_for(features)
 
 
 def fmt_value(metric: str, value: float) -> str:
-    from pipeline.metrics.base import registered
+    from pipeline.metrics import registered
 
     cls = registered().get(metric)
     return cls.format(value) if cls is not None else f"{value:.4g}"

@@ -1,4 +1,4 @@
-"""Typed, sharded row arrays shared by the trajectory store and the latent store (docs/store.md).
+"""RowStore: the sharded-row store both the trajectory store and the latent store are (docs/store.md).
 
 A row array is [N, *row_shape], one inner chunk per row and `shard` rows per shard file, so a unit writes
 exactly one file per array and no two writers share one. Values live on disk in `store_dtype`:
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,7 +63,7 @@ def round_trip(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
 
 
 def compressors(name: str):
-    """Zarr v3 codecs for `generate.compressor` / `data.compressor` (None = raw bytes)."""
+    """Zarr v3 codecs for `generate.compressor` / `encode.compressor` (None = raw bytes)."""
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if name == "none":
@@ -110,8 +111,6 @@ def make_durable(group_path: Path, shard_file: Path) -> None:
 def read_metadata(meta_file: Path, hint: str) -> dict:
     """A Zarr metadata file as JSON; unreadable is a UserError naming it (never "no store": one bad read
     must not get a store and its records deleted)."""
-    import json
-
     try:
         data = json.loads(Path(meta_file).read_text())
         if not isinstance(data, dict):
@@ -160,11 +159,46 @@ def shard_key(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def meta_differences(stored: dict, expected: dict) -> list[str]:
+    """'key: store X, config Y' for every leaf that differs (both sides JSON-normalised)."""
+    a, b = _flat(json.loads(json.dumps(stored))), _flat(json.loads(json.dumps(expected)))
+    return [f"{k}: store {a.get(k, '<missing>')!r}, config {b.get(k, '<missing>')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "fingerprint"]
+
+
+def mismatch_summary(differences: list[str], shown: int = 3) -> str:
+    """The first `shown` differences joined by '; ', then '(+N more)' when there are more."""
+    more = f" (+{len(differences) - shown} more)" if len(differences) > shown else ""
+    return "; ".join(differences[:shown]) + more
+
+
+def meta_mismatch(stored: dict, expected: dict, what: str, fix: str) -> None:
+    """Refuse a store made by another config: one line naming the first differing keys."""
+    diff = meta_differences(stored, expected)
+    if diff:
+        raise UserError(f"{what} was built from another config ({mismatch_summary(diff)}); {fix}")
+
+
 class RowStore:
     """What both stores share: sharded row arrays, per-row teacher conditions and the "" condition,
-    completion records beside the Zarr group (one `done` record per shard, written by the runner)."""
+    completion records beside the Zarr group (one `done` record per shard, written by the runner), and the
+    shard a unit writes whole with its checksum (`write_shard_data`, `shard_checksum`)."""
 
     kind = "store"
+    file_name = "store.zarr"        # the Zarr group inside its stage directory
+    command = "flowsteer generate"  # the stage command that builds (and finishes) it
+    mismatch_fix = "run `flowsteer generate`"
+    row_arrays: tuple[str, ...] = ()   # the sample arrays a unit writes (conditions aside), in checksum order
+    cond_in_shards = True           # whether units write their rows' conditions (else creation wrote them)
 
     def __init__(self, group, path: Path):
         attrs = group.attrs.asdict()
@@ -214,12 +248,28 @@ class RowStore:
             shutil.rmtree(leftover, ignore_errors=True)
 
     @classmethod
-    def open_group(cls, path: Path, mode: str, *args):
-        """`cls(zarr group, path, *args)`, with unreadable array metadata a UserError naming the file."""
+    def open(cls, path: str | Path, expected_meta: dict | None = None, mode: str = "r", check_complete: bool = True,
+             **kwargs):
+        """Open a store (its Zarr group or the stage dir holding one); refuse one made by another config."""
+        path = Path(path)
+        if (path / cls.file_name).is_dir():
+            path = path / cls.file_name
+        if not cls.created(path):
+            raise UserError(f"no {cls.kind} at {path}; run `{cls.command}` first")
+        store = cls.open_group(path, mode, **kwargs)
+        if expected_meta is not None:
+            meta_mismatch(store.meta, expected_meta, f"{cls.kind} {path}", cls.mismatch_fix)
+        if check_complete:
+            store.check_complete(f"run `{cls.command}` to finish it")
+        return store
+
+    @classmethod
+    def open_group(cls, path: Path, mode: str, **kwargs):
+        """`cls(zarr group, path, **kwargs)`, with unreadable array metadata a UserError naming the file."""
         import zarr
 
         try:
-            return cls(zarr.open_group(str(path), mode=mode), path, *args)
+            return cls(zarr.open_group(str(path), mode=mode), path, **kwargs)
         except Exception as exc:  # noqa: BLE001  (an array's metadata is unreadable: name it, delete nothing)
             for meta_file in sorted(Path(path).glob("*/zarr.json")):
                 read_metadata(meta_file, cls.rebuild_hint)
@@ -277,8 +327,27 @@ class RowStore:
         for k, name in self.cond_arrays.items():
             write_shard_rows(self.path, self.group["null_" + name], 0, 0, encode(null[k][:1], self.store_dtype))
 
-    def read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
-        return np.asarray(self.group[name][lo:hi])
+    def write_shard_data(self, shard: int, rows: dict[str, Any], cond: dict[str, torch.Tensor] | None = None,
+                         null: dict[str, torch.Tensor] | None = None) -> str:
+        """Write one whole shard (one write per array, never a partial shard): the unit's row arrays and, in a
+        store whose units encode, the rows' conditions (+ the "" condition from shard 0). Returns the checksum
+        of what was written, as stored (what `shard_checksum` reads back)."""
+        arrays = {name: encode(values, self.store_dtype) for name, values in rows.items()}
+        if cond is not None:
+            arrays.update(self.cond_shard(cond, null))
+        self.write_rows(shard, {k: v for k, v in arrays.items() if not k.startswith("null_")})
+        if cond is not None and null is not None:
+            self.write_null(null)
+        return digest(*arrays.values())
+
+    def shard_checksum(self, shard: int) -> str:
+        """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""
+        lo, hi = self.shard_range(shard)
+        names = [*self.row_arrays, *(self.cond_arrays.values() if self.cond_in_shards else ())]
+        arrays = [np.asarray(self.group[n][lo:hi]) for n in names]
+        if self.cond_in_shards and shard == 0:
+            arrays += [np.asarray(self.group["null_" + n][:1]) for n in self.cond_arrays.values()]
+        return digest(*arrays)
 
     # ------------------------------------------------------------ reader API
     def rows(self, name: str, indices) -> np.ndarray:

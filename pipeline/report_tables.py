@@ -1,4 +1,4 @@
-"""Markdown tables of summarized scores (pipeline/metrics/scores.py): the ablation ladder that opens the report,
+"""Markdown tables of summarized scores (pipeline/scores.py): the ablation ladder that opens the report,
 one table per metric with the teacher under it, and one checkpoint's scores for its model card.
 
 Spread and significance: a value is the mean over every (training seed, evaluation seed) pair, ± their
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics.base import registered
-from pipeline.metrics.scores import WARN, cell, separated, summarize
+from pipeline.metrics import registered
+from pipeline.methods import ladder_rank
+from pipeline.scores import WARN, cell, separated, summarize
 
-LADDER_METHODS = ("perflow", "ota", "flowsteer", "scflow", "ayf-emd")   # FlowSteer's Table 5 order, then the rest
 LADDER_NFES = (1, 2, 4)
 
 
@@ -38,7 +38,7 @@ class RunInfo:
     @property
     def default_grid(self) -> bool:
         """Trained on diffusers' default grid (a `grid: diffusers` variant, the ladder's first row)."""
-        return str(self.options.get("grid", "")) in ("diffusers", "default")
+        return str(self.options.get("grid", "")) == "diffusers"
 
 
 def title(metric: str) -> str:
@@ -76,10 +76,10 @@ def spread_note(rows: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- the ladder
 def ladder_rows(runs: list[RunInfo], schedules) -> list[tuple[RunInfo, str, str]]:
     """(run, schedule, row label) in ladder order: PeRFlow on diffusers' default grid, + fixed schedule,
-    + OTA, + adversarial (FlowSteer), its options, then SCFlow and AYF (config order within a method).
-    Without a run trained on the default grid, the first run sampled on that grid stands for the first row."""
-    rank = {m: i for i, m in enumerate(LADDER_METHODS)}
-    ordered = [r for _, r in sorted(enumerate(runs), key=lambda ir: (rank.get(ir[1].method, len(rank)),
+    + OTA, + adversarial (FlowSteer), its options, then SCFlow and AYF: each method's declared `ladder_rank`,
+    methods without one last (config order within a method). Without a run trained on the default grid, the
+    first run sampled on that grid stands for the first row."""
+    ordered = [r for _, r in sorted(enumerate(runs), key=lambda ir: (ladder_rank(ir[1].method),
                                                                         not ir[1].default_grid, ir[0]))]
     rows = []
     if ordered and "diffusers" in schedules and not any(r.default_grid for r in ordered):

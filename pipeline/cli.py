@@ -307,7 +307,7 @@ def export(target: str = typer.Argument(..., help="An export directory, or a run
                                       "fused into the teacher's weights (a full SD3Transformer2DModel), beside "
                                       "the adapter file; the model card says so.")):
     """Rewrite a finished export (`train` writes one per run): `--merge` fuses a LoRA student (docs/students.md)."""
-    from pipeline.lora_export import merge_cli
+    from pipeline.export import merge_cli
 
     if not merge:
         fail("export: nothing to do without --merge (train writes the export itself)")

@@ -134,3 +134,51 @@ def write_card_scores(directory, cfg, scores_markdown: str | None) -> Path:
     by the stage that owns the scores (evaluate); the weights and flowsteer.json stay as train wrote them."""
     directory = Path(directory)
     return write_card(directory, cfg, read_meta(directory), scores_markdown)
+
+
+# ---------------------------------------------------------------- a LoRA export fused: `flowsteer export --merge`
+def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
+    """`flowsteer export --merge`: write `<export>/transformer/` with the adapter fused, then flowsteer.json
+    (network: transformer, student.merged) and the model card; the adapter file stays."""
+    from pipeline.lora_export import load_lora_module
+
+    export_dir = Path(export_dir)
+    meta_file = export_dir / META
+    meta = read_meta(export_dir)
+    if (meta.get("student") or {}).get("kind") != "lora":
+        raise UserError(f"{export_dir} is not a LoRA export (its student is a full transformer already)")
+    if meta["student"].get("merged"):
+        return export_dir / "transformer"
+    net = load_lora_module(export_dir, meta, "cpu", base)
+    with atomic_path(export_dir / "transformer") as tmp:
+        net.save_pretrained(str(tmp))
+    meta = {**meta, "network": "transformer",
+            "student": {**meta["student"], "merged": True, "merged_by": "flowsteer export --merge"}}
+    atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
+    write_card(export_dir, cfg, meta)
+    return export_dir / "transformer"
+
+
+def resolve_export(cfg, target: str) -> Path:
+    """An export directory, or a run name of the config (its first seed's export)."""
+    path = Path(target)
+    if is_export(path) or path.is_dir():
+        return path
+    from schemas.config import ConfigError
+
+    try:
+        return export_dir(cfg, target)
+    except (ConfigError, KeyError, ValueError):
+        raise UserError(f"'{target}' is neither an export directory nor a run of this config") from None
+
+
+def merge_cli(cfg, target: str) -> Path:
+    """`flowsteer export TARGET --merge`: the base comes from the recorded teacher dir, else the config's teacher."""
+    directory = resolve_export(cfg, target)
+    base_dir = meta_if_any(directory).get("base")
+    base = None
+    if is_export(directory) and not (base_dir and (Path(base_dir) / "config.json").is_file()):
+        from pipeline.teachers import load_teacher
+
+        base = load_teacher(cfg, "cpu").transformer
+    return merge_export(directory, cfg, base)

@@ -1,4 +1,5 @@
-"""A LoRA student's export: a diffusers LoRA directory on the teacher, and `flowsteer export --merge`.
+"""A LoRA student's export format: a diffusers LoRA directory on the teacher (pipeline/export.py writes the
+directory and merges it: `flowsteer export --merge`).
 
     <dir>/pytorch_lora_weights.safetensors   the EMA adapter (keys `transformer.*`, peft names) with its
                                              LoraConfig in the file's metadata, as
@@ -87,70 +88,13 @@ def load_lora_module(directory: Path, meta: dict[str, Any], device, base: torch.
     return net.to(device).eval().requires_grad_(False)
 
 
-def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
-    """`flowsteer export --merge`: write `<export>/transformer/` with the adapter fused, then flowsteer.json
-    (network: transformer, student.merged) and the model card; the adapter file stays."""
-    from pipeline.export import META, write_card
-    from pipeline.files import atomic_path, atomic_write_bytes
-
-    export_dir = Path(export_dir)
-    meta_file = export_dir / META
-    if not meta_file.is_file():
-        raise UserError(f"{export_dir} is not an exported student (no {META})")
-    meta = json.loads(meta_file.read_text())
-    if (meta.get("student") or {}).get("kind") != "lora":
-        raise UserError(f"{export_dir} is not a LoRA export (its student is a full transformer already)")
-    if meta["student"].get("merged"):
-        return export_dir / "transformer"
-    net = load_lora_module(export_dir, meta, "cpu", base)
-    with atomic_path(export_dir / "transformer") as tmp:
-        net.save_pretrained(str(tmp))
-    meta = {**meta, "network": "transformer",
-            "student": {**meta["student"], "merged": True, "merged_by": "flowsteer export --merge"}}
-    atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
-    write_card(export_dir, cfg, meta)
-    return export_dir / "transformer"
-
-
-def resolve_export(cfg, target: str) -> Path:
-    """An export directory, or a run name of the config (its first seed's export)."""
-    path = Path(target)
-    if (path / "flowsteer.json").is_file() or path.is_dir():
-        return path
-    from schemas.config import ConfigError
-
-    try:
-        return cfg.train_dir(cfg.train_run(target)) / "export"
-    except (ConfigError, KeyError, ValueError):
-        raise UserError(f"'{target}' is neither an export directory nor a run of this config") from None
-
-
-def merge_cli(cfg, target: str) -> Path:
-    """`flowsteer export TARGET --merge`: the base comes from the recorded teacher dir, else the config's teacher."""
-    export_dir = resolve_export(cfg, target)
-    from pipeline.export import META
-
-    meta_file = export_dir / META
-    base = None
-    if meta_file.is_file():
-        base_dir = json.loads(meta_file.read_text()).get("base")
-        if not (base_dir and (Path(base_dir) / "config.json").is_file()):
-            from pipeline.teachers import load_teacher
-
-            base = load_teacher(cfg, "cpu").transformer
-    return merge_export(export_dir, cfg, base)
-
-
-def card_lines(cfg, meta: dict[str, Any], export_dir: str) -> str | None:
+def card_lines(cfg, meta: dict[str, Any], export_dir: str, no_t5: str = "") -> str | None:
     """The model card's load lines for an unmerged LoRA export of a drop-in student (None otherwise)."""
     if not is_lora_export(meta):
         return None
     n = meta["windows"]
     sigmas = ", ".join(f"{1 - i / n:g}" for i in range(n))
-    from pipeline.model_card import _uses_t5
-
     where = f"\"{cfg.teacher.path}\"" if cfg.teacher.kind == "sd3" else "<the teacher's diffusers pipeline dir>"
-    no_t5 = "" if cfg.teacher.kind != "sd3" or _uses_t5(cfg) else ", text_encoder_3=None, tokenizer_3=None"
     return ("A diffusers LoRA directory for the teacher's transformer: load it on the teacher's pipeline (the "
             "`sigmas` are the fixed grid before the shift the pipeline's scheduler applies):\n\n"
             "```python\n"

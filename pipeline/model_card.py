@@ -60,7 +60,8 @@ def load_lines(cfg, meta: dict[str, Any], export_dir: str, drop_in: bool) -> str
     """The python that loads this export: plain diffusers for a drop-in SD3 student, flowsteer otherwise."""
     from pipeline.lora_export import card_lines
 
-    lora = card_lines(cfg, meta, export_dir)
+    lora = card_lines(cfg, meta, export_dir, "" if cfg.teacher.kind != "sd3" or _uses_t5(cfg)
+                      else ", text_encoder_3=None, tokenizer_3=None")
     if lora is not None:
         return lora
     n = meta["windows"]

@@ -43,6 +43,7 @@ def child(path: str) -> None:
     import torch
 
     torch.set_num_threads(2)
+    from pipeline.lora import footprint
     from pipeline.plan import config_teacher, plan
     from pipeline.teachers import load_teacher
     from pipeline.trainer import Trainer
@@ -61,7 +62,8 @@ def child(path: str) -> None:
         trainer.train_step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"mode": mode, "measured": peak - base, "predicted": predicted.total,
-                      "parts": predicted.parts, **trainer.footprint()}))
+                      "parts": predicted.parts,
+                      **footprint(trainer.student, trainer.param_names, trainer.opt)}))
     trainer.close()
 
 

@@ -33,6 +33,13 @@ class LoraAdapter:
     metadata: dict[str, Any]
 
 
+def ema_adapter(trainer) -> LoraAdapter:
+    """A LoRA trainer's EMA adapter as diffusers saves it."""
+    from pipeline.lora import adapter_metadata, adapter_state_dict
+
+    return LoraAdapter(adapter_state_dict(trainer.student, trainer.ema.shadow), adapter_metadata(trainer.student))
+
+
 def base_transformer_dir(cfg) -> str | None:
     """The teacher's transformer directory on disk (sd3: <path>/transformer, embedded: the teacher stage's)."""
     if cfg.teacher.kind == "sd3":

@@ -243,12 +243,6 @@ class Trainer:
 
         return not self.lora or owns(self.data.teacher.transformer, self)
 
-    def footprint(self) -> dict[str, int]:
-        """Trainable/frozen parameter counts and the optimiser state's bytes (docs/students.md)."""
-        from pipeline.lora import footprint
-
-        return footprint(self.student, self.param_names, self.opt)
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.lora:
             from pipeline.lora import load_trainable_state
@@ -415,9 +409,3 @@ class Trainer:
         self.ema.copy_to(net)
         return net.eval().requires_grad_(False)
 
-    def ema_adapter(self):
-        """The EMA's LoRA adapter as diffusers saves it (pipeline/lora_export.py)."""
-        from pipeline.lora import adapter_metadata, adapter_state_dict
-        from pipeline.lora_export import LoraAdapter
-
-        return LoraAdapter(adapter_state_dict(self.student, self.ema.shadow), adapter_metadata(self.student))

@@ -174,17 +174,19 @@ class TrainWorker:
 
     def _export(self) -> dict[str, Any]:
         from pipeline.export import EMA_DISTANCE, EXPORT_DIR, export_student
-        from pipeline.lora_export import student_meta
+        from pipeline.lora import footprint
+        from pipeline.lora_export import ema_adapter, student_meta
 
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
         # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
         extra = {EMA_DISTANCE: round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
-                 **trainer.method.export_meta(), **trainer.footprint(),
+                 **trainer.method.export_meta(),
+                 **footprint(trainer.student, trainer.param_names, trainer.opt),    # trainable params, AdamW bytes
                  "student": student_meta(self.cfg, merged=trainer.lora)}
         # a LoRA student of a drop-in method exports its adapter (a diffusers LoRA dir), else the full network
-        network = trainer.ema_adapter() if trainer.lora and trainer.method.drop_in else trainer.ema_student()
+        network = ema_adapter(trainer) if trainer.lora and trainer.method.drop_in else trainer.ema_student()
         path = export_student(self.out_dir / EXPORT_DIR, self.train_run, network, self.cfg,
                               trainer.data.teacher.sample_shape, extra)
         self._drop_trainer()              # the run is finished: free its student and close its event file

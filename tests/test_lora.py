@@ -11,7 +11,7 @@ import torch
 
 from conftest import deep_merge, toy_sections, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
-from pipeline.lora import BASE_LOCK
+from pipeline.lora import BASE_LOCK, footprint
 from pipeline.cli import run_stage
 from pipeline.runner import JobFailed, run_job
 from schemas.config import load_config
@@ -79,7 +79,7 @@ def test_one_copy_of_the_base_weights_for_teacher_student_and_discriminator(toy_
     before = teacher.velocity(x, sigma, cond)
     for _ in range(2):
         run.train_step()
-    foot = run.footprint()
+    foot = footprint(run.student, run.param_names, run.opt)
     n_adapter = sum(dict(run.student.named_parameters())[n].numel() for n in trainable)
     assert foot["trainable_params"] == n_adapter
     assert foot["frozen_params"] == sum(p.numel() for p in base.parameters()) - n_adapter

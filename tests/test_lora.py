@@ -134,8 +134,24 @@ def test_every_method_trains_a_lora_student_and_resumes_exactly(toy_store, monke
         assert torch.equal(sa["student"][key], sb["student"][key]), key
     moved = [k for k in sa["student"] if "lora_B" in k and sa["student"][k].abs().sum() > 0]
     assert moved, "the adapters trained"
-    meta = json.loads((cut.train_dir(cut.train_run(method)) / "export" / "flowsteer.json").read_text())
+    export = cut.train_dir(cut.train_run(method)) / "export"
+    meta = json.loads((export / "flowsteer.json").read_text())
     assert meta["student"]["kind"] == "lora" and meta["trainable_params"] > 0 and meta["optimizer_bytes"] > 0
+    if meta["network"] == "pytorch_lora_weights.safetensors":       # a byo teacher's base is not on disk
+        from pipeline.errors import UserError
+        from pipeline.student import load_student
+        from pipeline.teachers import load_teacher
+
+        with pytest.raises(UserError, match="base"):
+            load_student(export)
+        teacher = load_teacher(cut)
+        student = load_student(export, base=teacher.transformer)    # what evaluate and `sample` pass
+        assert not any("lora" in n for n, _ in teacher.transformer.named_parameters())   # the teacher untouched
+        x, sigma, cond = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5), teacher.encode(["a red square"] * 2)
+        from pipeline.teachers.base import sd3_velocity
+        with torch.no_grad():
+            assert not torch.allclose(sd3_velocity(student.module, x, sigma, cond), teacher.velocity(x, sigma, cond),
+                                      atol=1e-5)
 
 
 def test_lora_export_loads_in_diffusers_and_merges(toy_store, tmp_path):

@@ -49,7 +49,7 @@ class TransformerDiscriminator(nn.Module):
     """D(x, sigma, cond) -> [B, L*N] per-token logits of L heads (one on every used block, as LADD), and
     per-block image-token features for feature matching.
 
-    backbone "frozen" (default; LADD): the copied teacher blocks are fixed feature extractors, only the heads
+    backbone "frozen" (default; LADD): the teacher's own blocks are fixed feature extractors, only the heads
     train -- the diagnosis in docs/ablation.md: a trainable copy with spectral-norm heads on the last block
     stayed at a constant output (hinge d_loss ~2.0). "trainable": the blocks fine-tune too (the paper's
     choice; takes the discriminator learning rate)."""

@@ -85,11 +85,36 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def get_config(path: Optional[Path], **overrides) -> RunConfig:
+def get_config(path: Optional[Path], checks: bool = True, **overrides) -> RunConfig:
+    """The config, checked on load: its schema, then every stage's own checks (pipeline/preflight.py), so a
+    setting of a late stage is refused before an early one runs."""
     try:
-        return load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
+        cfg = load_config(path or EXAMPLE, {k: v for k, v in overrides.items() if v is not None})
     except ConfigError as exc:
         fail(str(exc))
+    if checks:
+        check_config(cfg)
+    return cfg
+
+
+def config_problems(cfg: RunConfig, first_only: bool = False) -> list[tuple[str, str]]:
+    """(stage, one-line problem) for each stage whose own `check(cfg)` refuses the config (pipeline/preflight.py)."""
+    out = []
+    for name in STAGES:
+        check = getattr(stage_module(name), "check", None)
+        try:
+            if check is not None:
+                check(cfg)
+        except (UserError, ConfigError) as exc:
+            out.append((name, str(exc)))
+            if first_only:
+                break
+    return out
+
+
+def check_config(cfg: RunConfig) -> None:
+    for _, problem in config_problems(cfg, first_only=True):
+        fail(problem)
 
 
 def stage_module(name: str):
@@ -109,9 +134,16 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
     job is waited for and run for whatever its holder left (usually nothing): N processes on one config split
     its jobs (datatrove-style workers on one task queue). Where a job needs the ones before it (evaluate's
     students need the teacher's outputs), a held job is waited for instead."""
+    from pipeline.preflight import before_run
+    from pipeline.shard_check import forget
+
+    forget()                                  # each command checks the shards it reads anew
     mod = stage_module(name)
     t0 = time.time()
     try:
+        if opts.get("methods"):
+            cfg.train_runs(list(opts["methods"]))        # an unknown -m name: one line, before anything
+        before_run(cfg, name)
         held: list = []
         for job in mod.jobs(cfg, **opts):
             try:
@@ -145,7 +177,8 @@ def run_stage(name: str, cfg: RunConfig, executor: str | None = None, address: s
 def init(path: Path = typer.Argument(Path("flowsteer.yaml"), help="Where to write the example config."),
          force: bool = typer.Option(False, help="Overwrite an existing file."),
          preset: Optional[str] = typer.Option(None, help="study: the whole ablation ladder, 3 training seeds, "
-                                              "400 steps (docs/ablation.md).")):
+                                              "400 steps; exact-study: the same ladder on the exact benchmark "
+                                              "teacher, 600 steps (docs/ablation.md).")):
     """Write a commented example config (the embedded default) to edit."""
     if path.exists() and not force:
         fail(f"{path} exists (use --force to overwrite)")
@@ -201,9 +234,21 @@ def train(config: Optional[Path] = ConfigOpt,
 def evaluate(config: Optional[Path] = ConfigOpt,
              method: Optional[list[str]] = methods_option("Run names to score (default: train.methods)."),
              executor: Optional[str] = ExecutorOpt, address: Optional[str] = AddressOpt, wait: bool = WaitOpt,
-             share: bool = ShareOpt):
-    """Score the teacher and every exported student: FID, prompt alignment, trajectory fidelity."""
-    run_stage("evaluate", get_config(config), executor, address, methods=method or None, wait=wait, share=share)
+             share: bool = ShareOpt,
+             follow: bool = typer.Option(False, "--follow", help="Score each training checkpoint as training "
+                                         "commits it (alongside `flowsteer train`), until every run has exported; "
+                                         "curves go to TensorBoard and the report."),
+             poll: float = typer.Option(30.0, min=0.1, help="--follow: seconds between looks for new checkpoints.")):
+    """Score the teacher and every exported student: FID, prompt alignment (CLIP, PickScore, HPSv2,
+    ImageReward where their weights are set), trajectory fidelity."""
+    cfg, methods = get_config(config), method or None
+    if not follow:
+        run_stage("evaluate", cfg, executor, address, methods=methods, wait=wait, share=share)
+        return
+    from pipeline.follow import training_finished, watch
+
+    watch(lambda: run_stage("evaluate", cfg, executor, address, methods=methods, wait=wait, follow=True),
+          lambda: training_finished(cfg, methods), poll)
 
 
 @app.command()
@@ -216,30 +261,58 @@ def report(config: Optional[Path] = ConfigOpt,
 
 @app.command()
 def ablate(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
-           address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt):
+           address: Optional[str] = AddressOpt, wait: bool = WaitOpt, share: bool = ShareOpt,
+           rows: Optional[str] = typer.Option(None, "--rows", help="Comma-separated ladder rows to run (default: "
+                                              "all), e.g. ota,flowsteer-adv,flowsteer."),
+           seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated training seeds (default: "
+                                               "train.seeds), e.g. 0,1.")):
     """The ablation ladder from ONE store: teacher, generate once, train every ladder row (the rows each method
-    declares) x train.seeds, evaluate and report them (docs/ablation.md). With --share, several processes (or hosts) on the same config split
-    the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
-    from pipeline.ladder import with_ladder
+    declares) x train.seeds, evaluate and report them (docs/ablation.md). --rows / --seeds run part of it (other
+    rows and seeds already trained keep their directories). With --share, several processes (or hosts) on the
+    same config split the training runs: e.g. two `flowsteer ablate --share` with OMP_NUM_THREADS=1 on two cores."""
+    from pipeline.ladder import LadderError, with_ladder
 
-    cfg = with_ladder(get_config(config))
+    try:
+        cfg = with_ladder(get_config(config), _csv(rows, str, "--rows"), _csv(seeds, int, "--seeds"))
+    except LadderError as exc:
+        fail(str(exc))
+    check_config(cfg)                     # the ladder's own runs (options, disc_blocks), before the teacher trains
     t0 = time.time()
     for name in STAGES:
         run_stage(name, cfg, executor, address, wait=wait or share, share=share)
     typer.echo(f"ablate: finished in {time.time() - t0:.1f}s")
 
 
+def _csv(text: Optional[str], kind, flag: str) -> Optional[list]:
+    """'a,b' -> [a, b] of `kind`; a bad item is one error line naming the flag."""
+    if text is None:
+        return None
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{flag}: '{text}' is not a comma-separated list of {kind.__name__} values")
+    if not items:
+        fail(f"{flag}: empty list")
+    return items
+
+
 @app.command()
 def status(config: Optional[Path] = ConfigOpt,
            verify: bool = typer.Option(False, "--verify", help="Re-read finished outputs; corrupt units are "
                                        "marked for redo on the next run."),
-           repair: bool = typer.Option(False, "--repair", help="With --verify: delete an output whose metadata "
-                                       "cannot be read (e.g. the trajectory store) so the next run rebuilds it."),
+           repair: bool = typer.Option(False, "--repair", help="With --verify: also delete an output whose "
+                                       "metadata cannot be read (e.g. the trajectory store) so the next run rebuilds "
+                                       "it (a damaged shard is marked for redo by --verify alone)."),
            wait: bool = WaitOpt):
-    """Per stage: done / pending / failed unit counts read from the completion records."""
-    cfg = get_config(config)
+    """Per stage: done / pending / failed unit counts read from the completion records. Exits 2 when any
+    stage's config checks refuse the config (each is listed on its stage's row)."""
+    cfg = get_config(config, checks=False)
+    invalid = dict(config_problems(cfg))
     typer.echo(f"{'stage':10s} {'done':>6s} {'pending':>8s} {'failed':>7s}  dir")
     for name in STAGES:
+        if name in invalid:
+            typer.echo(f"{name:10s} {'-':>6s} {'-':>8s} {'-':>7s}  (config error: {invalid[name]})")
+            continue
         mod = stage_module(name)
         try:
             jobs = mod.jobs(cfg)
@@ -257,6 +330,9 @@ def status(config: Optional[Path] = ConfigOpt,
             typer.echo(f"{name:10s} {st['done']:6d} {st['pending']:8d} {st['failed']:7d}  {st['dir']}")
             for err in st["errors"][:5]:
                 typer.echo(f"    failed {err}")
+    if invalid:
+        problem = next(iter(invalid.values()))
+        fail(f"{problem} ({len(invalid)} stage(s) refuse this config: {', '.join(invalid)})")
 
 
 def verify_job(mod, job, repair: bool) -> None:

@@ -28,9 +28,9 @@ from pipeline.schedule import fixed_sigmas
 
 
 def has_real_data(cfg) -> bool:
-    """Whether the run has real images, read from its latent store (`flowsteer encode`): `data.images`, or the
-    embedded teacher's training MNIST digits when it has none."""
-    return cfg.teacher.kind == "embedded" or getattr(getattr(cfg, "data", None), "images", None) is not None
+    """Whether the run has real images (RunConfig.has_real_images): read from its latent store (`flowsteer
+    encode`: `data.images`, or the embedded teacher's training MNIST digits), or drawn exactly (exact teacher)."""
+    return cfg.has_real_images
 
 
 class DataSource:
@@ -148,11 +148,20 @@ class DataSource:
         """Real clean samples x0 with their caption's condition, from the run's latent store (`flowsteer encode`:
         `data.images`, or the embedded teacher's training digits); docs/precision.md."""
         t0 = time.perf_counter()
-        latents = self.latent_store()
-        idx = self._next_real(latents.num_samples, n)
-        rows = idx.numpy()
-        x0 = torch.as_tensor(latents.latents(rows))
-        cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
+        if self.cfg.teacher.kind == "exact":           # exact data of the run's prompts (no image files)
+            from pipeline.datasets import generate_prompts
+
+            prompts = generate_prompts(self.cfg)
+            idx = self._randint(len(prompts), n)
+            chosen = [prompts[int(i)] for i in idx]
+            x0 = self.teacher.sample_data(chosen, self.generator)
+            cond = {k: v.to(self.device, torch.float32) for k, v in self.teacher.encode(chosen).items()}
+        else:
+            latents = self.latent_store()
+            idx = self._next_real(latents.num_samples, n)
+            rows = idx.numpy()
+            x0 = torch.as_tensor(latents.latents(rows))
+            cond = {k: self._to_device(v) for k, v in latents.cond(rows).items()}
         out = {"x0": self._to_device(x0), "cond": cond, "guidance": self._guidance(n).to(self.device),
                "index": idx}
         self.wait_seconds += time.perf_counter() - t0

@@ -72,33 +72,72 @@ def _table_batches(path: Path, columns, batch_rows: int):
         return list(pf.schema_arrow.names), pf.iter_batches(batch_size=batch_rows, columns=columns)
     if suffix == ".csv":
         text_types = {c: pa.string() for c in columns or ()}     # a CSV cell is text, even "123"
-        reader = pcsv.open_csv(str(path), convert_options=pcsv.ConvertOptions(
-            column_types=text_types, include_columns=list(columns) if columns else None))
-        return list(reader.schema.names), iter(reader)
+        try:                  # quoted cells may hold newlines (RFC 4180): the reader must not split blocks there
+            reader = pcsv.open_csv(str(path), parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pcsv.ConvertOptions(
+                                       column_types=text_types, include_columns=list(columns) if columns else None))
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise UserError(f"{path}: cannot be read as CSV ({_first_line(exc)})") from None
+        return list(reader.schema.names), _named_errors(path, "CSV", reader)
     if suffix == ".jsonl":
         return _jsonl_batches(path, columns, batch_rows)
     raise UserError(f"{path}: unknown extension '{path.suffix}' (expected {FORMATS})")
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def _named_errors(path: Path, what: str, batches):
+    """Record batches of a pyarrow reader, its read errors (bad UTF-8, ragged rows) as a UserError naming the file."""
+    try:
+        yield from batches
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(f"{path}: cannot be read as {what} ({_first_line(exc)})") from None
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file (a BOM is skipped); a line that is not UTF-8 is a
+    UserError naming the file and the line, never a UnicodeDecodeError."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}: line {n} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
+            yield n, line
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 text file (e.g. a caption), with text_lines' errors."""
+    return "".join(line for _, line in text_lines(Path(path)))
+
+
+def _json_object(path: Path, n: int, line: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: line {n} is a JSON {type(obj).__name__}, not an object "
+                        f"({{\"prompt\": ...}} per line)")
+    return obj
+
+
 def _jsonl_batches(path: Path, columns, batch_rows: int):
     """JSON lines parsed one line at a time (exact row numbers in errors, constant memory)."""
     names: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                names = list(json.loads(line))
-                break
+    for n, line in text_lines(path):
+        if line.strip():
+            names = list(_json_object(path, n, line))
+            break
 
     def gen():
         rows: list[dict] = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}: line {n + 1} is not valid JSON ({exc.msg})") from None
+        for n, line in text_lines(path):
+            if line.strip():
+                obj = _json_object(path, n, line)
                 rows.append({c: obj.get(c) for c in columns or names})
                 if len(rows) == batch_rows:
                     yield _py_batch(rows, columns or names)
@@ -166,13 +205,12 @@ def text_batches(path: str | Path, column: str | None = None, key: str = "genera
 
 def _txt_batches(path: Path) -> Iterator[list[str]]:
     batch: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                batch.append(line.strip())
-                if len(batch) >= BATCH_ROWS:
-                    yield batch
-                    batch = []
+    for _, line in text_lines(path):
+        if line.strip():
+            batch.append(line.strip())
+            if len(batch) >= BATCH_ROWS:
+                yield batch
+                batch = []
     if batch:
         yield batch
 
@@ -273,7 +311,9 @@ class TextColumn:
                 out[j] = col[idx[j] - self._starts[g]]
         return out
 
-    def __getitem__(self, i: int) -> str:
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
         return self.take([i])[0]
 
     def __iter__(self) -> Iterator[str]:
@@ -325,7 +365,7 @@ def copy_image_set(data, captions_dest: Path, paths_dest: Path) -> int:
     limit = data.limit or None
     if src.is_dir() and not (src / "state.json").is_file() and not (src / "dataset_dict.json").is_file():
         images = folder_images(src)[:limit]
-        caps = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+        caps = [read_text(p.with_suffix(".txt")).strip() for p in images]
         pairs = [([str(p.absolute()) for p in images], caps)]
     else:
         names, _ = table_batches(src)
@@ -379,16 +419,35 @@ def source_image_bytes(src: Path, column: str, lo: int, hi: int) -> list[bytes]:
     return out
 
 
-def load_image(source, shape: Sequence[int]):
+ALPHA_BACKGROUNDS = {"white": 255, "black": 0}
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")   # 16-bit greyscale PNG/TIFF (Pillow's "I" holds it too)
+
+
+def load_image(source, shape: Sequence[int], alpha_background: str = "white"):
     """A path or encoded bytes -> float32 tensor [C, H, W] in [-1, 1]: shorter side resized to fit, centre
-    crop (C = 1: greyscale, else RGB)."""
+    crop (C = 1: greyscale, else RGB). Modes are handled explicitly (docs/store.md, "Input formats"):
+    16-bit greyscale is scaled by 1/65535 (not clipped through 8 bits); an image with alpha (RGBA, LA, PA,
+    a palette with a transparent colour) is composited on `alpha_background` (white | black), or refused
+    with `refuse`; a float image ("F") is refused (its range is unknown)."""
     import io
 
     import torch
     from PIL import Image
 
     c, h, w = (int(s) for s in shape)
+    name = "an image in data.images" if isinstance(source, (bytes, bytearray)) else str(source)
     img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    if img.mode == "F":
+        raise UserError(f"{name}: a floating-point image (mode F) has no known value range; save it as 8- or 16-bit")
+    if img.mode in HIGH_DEPTH_MODES:
+        return _from_unit_float(_high_depth(img, name), c, h, w)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        if alpha_background not in ALPHA_BACKGROUNDS:
+            raise UserError(f"{name} has an alpha channel (mode {img.mode}) and data.alpha_background is "
+                            f"'{alpha_background}'; set it to white or black to composite, or drop the alpha")
+        rgba = img.convert("RGBA")
+        back = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUNDS[alpha_background],) * 3 + (255,))
+        img = Image.alpha_composite(back, rgba)
     img = img.convert("L" if c == 1 else "RGB")
     scale = max(h / img.height, w / img.width)
     img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
@@ -396,3 +455,24 @@ def load_image(source, shape: Sequence[int]):
     img = img.crop((left, top, left + w, top + h))
     arr = np.asarray(img, dtype=np.float32).reshape(h, w, -1).transpose(2, 0, 1)
     return torch.from_numpy(arr / 127.5 - 1.0)
+
+
+def _high_depth(img, name: str) -> np.ndarray:
+    """A 16-bit greyscale image as float32 [H, W] in [0, 1]."""
+    arr = np.asarray(img).astype(np.float32)
+    if arr.min() < 0 or arr.max() > 65535:
+        raise UserError(f"{name}: 32-bit integer image with values outside 0..65535; save it as 8- or 16-bit")
+    return arr / 65535.0
+
+
+def _from_unit_float(grey: np.ndarray, c: int, h: int, w: int):
+    """Greyscale in [0, 1] -> [C, H, W] in [-1, 1]: resize and crop as load_image, in float (no 8-bit step)."""
+    import torch
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))   # mode F
+    scale = max(h / img.height, w / img.width)
+    img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    arr = np.clip(np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.float32), 0.0, 1.0)
+    return torch.from_numpy(np.repeat(arr[None], c, axis=0) * 2.0 - 1.0)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -134,25 +135,39 @@ class StageBusy(UserError):
     """Another live process holds the stage directory's lock (the CLI prints it as one `error:` line)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:       # alive, owned by someone else
-        return True
-    return True
+TEMP_NAME = re.compile(r"^\..+\.[0-9]+\.[0-9a-f]{8}\.tmp$")      # temp_name's pattern
+
+
+def sweep_temp_files(directory: str | Path) -> list[Path]:
+    """Remove the temp files and dirs that `temp_name` made under `directory` (a writer killed mid-write leaves
+    one, e.g. `.step-000010.pt.<pid>.<rand>.tmp`). Called by the holder of the directory's StageLock: no
+    writer of this directory can be running, whatever host or namespace it was on."""
+    import shutil
+
+    removed = []
+    for sub, dirs, files in os.walk(directory):
+        for name in [*files, *dirs]:
+            if TEMP_NAME.match(name):
+                p = Path(sub) / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+        dirs[:] = [d for d in dirs if not TEMP_NAME.match(d)]
+    return removed
 
 
 class StageLock:
     """An advisory lock on `<dir>/.lock` (fcntl.flock) held by the driver for a whole stage run.
 
-    The lock file holds `host pid time` of its holder, so a refused run can say who holds it. The kernel
-    releases a flock when its holder dies, so a killed run never blocks the next one. Where a lock survives
-    its holder (a lock file naming a dead pid on this very host, e.g. a stale NFS lock), the file is
-    unlinked and a fresh one is locked: after locking, the holder checks that its descriptor still is the
-    file at the path, so two processes taking over at once cannot both win. See docs/reliability.md for
-    what this guarantees on NFS-style filesystems.
+    Liveness comes from the kernel lock alone: the kernel releases a flock when the last descriptor of its
+    holder closes (the holder exits or is killed), so a killed run never blocks the next one, and a holder
+    this process cannot see (another PID namespace or container, another host on NFSv4, where Linux
+    implements flock with the server's byte-range locks) is simply "held". The file's text (`host pid
+    time`) only names the holder in messages; it never decides anything. The file is never unlinked (a
+    waiter holding the old inode would lock a name nobody else uses). docs/reliability.md lists the
+    filesystems this holds on.
     """
 
     def __init__(self, directory: str | Path, wait: bool = False, poll_seconds: float = 0.5):
@@ -167,44 +182,19 @@ class StageLock:
             return "an unknown process"
         return f"host {text[0]} pid {text[1]}" if len(text) >= 2 else "an unknown process"
 
-    def _stale_holder(self) -> str | None:
-        """The lock file's content when it names a process of this host that no longer exists."""
-        import socket
-
-        try:
-            text = self.path.read_text()
-            host, pid = text.split()[:2]
-            dead = host == socket.gethostname() and int(pid) != os.getpid() and not _pid_alive(int(pid))
-            return text if dead else None
-        except (OSError, ValueError):
-            return None
-
     def acquire(self) -> "StageLock":
         import fcntl
         import socket
         import time
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        stale_seen: tuple[str, float] | None = None
         announced = False
         while True:
-            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                stale = self._stale_holder()
-                # Held, yet naming a dead process (a stale NFS lock, a forked child keeping the descriptor):
-                # taken over once the same content was seen a second apart, since a new holder writes its
-                # own line right after locking.
-                if stale and stale_seen and stale_seen[0] == stale and time.time() - stale_seen[1] >= 1.0:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path)        # a new inode: the dead holder's lock no longer matters
-                    continue
-                if stale:
-                    stale_seen = stale_seen if stale_seen and stale_seen[0] == stale else (stale, time.time())
-                    time.sleep(self.poll_seconds)
-                    continue
                 if not self.wait:
                     raise StageBusy(f"{self.path.parent} is in use by {self.holder()} (another flowsteer run "
                                     f"writes there); wait for it to finish or rerun with --wait") from None
@@ -219,17 +209,17 @@ class StageLock:
                 os.close(fd)
                 raise StageBusy(f"cannot lock {self.path}: {exc.strerror} (this filesystem has no file locks; "
                                 f"see docs/reliability.md)") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n".encode())
-            os.fsync(fd)
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
-            if not same:                            # taken over (unlinked) between our open and flock
+            if not same:                            # someone removed the file by hand between open and flock
                 os.close(fd)
                 continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{socket.gethostname()} {os.getpid()} {time.time():.0f}\n".encode())
             self.fd = fd
+            sweep_temp_files(self.path.parent)      # ours now: a killed writer's leftovers go
             return self
 
     def release(self) -> None:

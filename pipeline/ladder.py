@@ -35,16 +35,42 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "batch_size": 12, "checkpoint_every": 200, "log_every": 20},
         "evaluate": {"nfes": [1, 2, 4], "n_samples": 500, "schedules": ["fixed", "diffusers"]},
     },
+    # `--preset exact-study`: the same ladder x 3 seeds on the exact benchmark teacher (docs/teachers.md), whose
+    # ODE solution is known: sized for <= 45 minutes on 2 CPU cores with two `ablate --share` processes
+    # (measured: docs/ablation.md, "The exact study").
+    "exact-study": {
+        "root": "runs/exact-study",
+        "teacher": {"kind": "exact"},
+        "generate": {"samples_per_prompt": 64},
+        "train": {"methods": LADDER, "variants": LADDER_VARIANTS, "seeds": [0, 1, 2], "steps": 600,
+                  "batch_size": 16, "checkpoint_every": 300, "log_every": 20, "tensorboard": False},
+        "evaluate": {"nfes": [1, 2, 4], "n_samples": 500, "schedules": ["fixed", "diffusers"],
+                     "features": "pixels"},
+    },
 }
 
 
-def with_ladder(cfg):
-    """`cfg` training the whole ladder: train.methods = LADDER, its variants added (the config's own win)."""
+class LadderError(ValueError):
+    """A --rows / --seeds choice that is not part of the ladder or the config (one line)."""
+
+
+def with_ladder(cfg, rows: list[str] | None = None, seeds: list[int] | None = None):
+    """`cfg` training the ladder: train.methods = LADDER (or the chosen `rows`, in ladder order), its variants
+    added (the config's own win), train.seeds = `seeds` when given. A row or seed choice changes no run's
+    fingerprint, so a partial ablation trains into the same directories as the whole one."""
     from schemas.config import RunConfig
 
+    if rows is not None:
+        unknown = [r for r in rows if r not in LADDER]
+        if unknown:
+            raise LadderError(f"--rows: '{unknown[0]}' is not a ladder row (rows: {', '.join(LADDER)})")
+    if seeds is not None and (len(set(seeds)) != len(seeds) or min(seeds) < 0):
+        raise LadderError(f"--seeds: {seeds} must be distinct non-negative integers")
     data = cfg.model_dump(mode="json")
-    data["train"]["methods"] = list(LADDER)
+    data["train"]["methods"] = [r for r in LADDER if rows is None or r in rows]
     data["train"]["variants"] = {**LADDER_VARIANTS, **data["train"]["variants"]}
+    if seeds is not None:
+        data["train"]["seeds"] = list(seeds)
     return RunConfig.model_validate(data)
 
 

@@ -31,9 +31,25 @@ def teacher_description(cfg) -> str:
         return f"Stable Diffusion 3 pipeline at `{t.path}`" + (f" ({hub_id(t.path)})" if hub_id(t.path) else "")
     if t.kind == "byo":
         return f"a flow-matching teacher built by `{t.factory}`"
+    if t.kind == "exact":
+        x = t.exact
+        return (f"flowsteer's exact benchmark teacher: a Gaussian mixture ({x.classes} classes x {x.modes_per_class} "
+                f"modes, {x.channels}x{x.sample_size}x{x.sample_size} latents) with a closed-form velocity; the "
+                f"student started from an SD3Transformer2DModel ({x.num_layers} layers) pretrained on that field")
     e = t.embedded
     return (f"flowsteer's embedded teacher: an SD3Transformer2DModel ({e.num_layers} layers, "
             f"{e.num_attention_heads}x{e.attention_head_dim}) trained on MNIST digits, MiniLM prompt encoder")
+
+
+def card_title(cfg, method: str, meta: dict[str, Any]) -> str:
+    """E.g. "SD3 (sd3-medium) in 4 steps: flowsteer-adv, method flowsteer": what was distilled, into how many
+    steps, by which run and method."""
+    t = cfg.teacher
+    teacher = {"sd3": "SD3" + (f" ({Path(t.path).name})" if t.path else ""), "byo": "Flow-matching teacher",
+               "embedded": "Embedded MNIST teacher"}[t.kind]
+    run = meta.get("run", method)
+    return (f"{teacher} in {cfg.schedule.windows} steps: {run}"
+            + (f", method {method}" if run != method else "") + " (flowsteer distillation)")
 
 
 def _uses_t5(cfg) -> bool:
@@ -48,6 +64,7 @@ def front_matter(cfg, method: str) -> dict[str, Any]:
     tags = ["flowsteer", "text-to-image", "flow-matching", "distillation", "few-step", method]
     if cfg.teacher.kind == "sd3":
         tags += ["sd3", "stable-diffusion-3"]
+    tags = list(dict.fromkeys(tags))          # the method "flowsteer" is also the library's tag: once
     meta: dict[str, Any] = {"library_name": "diffusers", "pipeline_tag": "text-to-image", "tags": tags}
     base = hub_id(cfg.teacher.path) if cfg.teacher.kind == "sd3" else None
     if base:
@@ -112,7 +129,7 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 {fm}
 ---
 
-# {meta.get("run", method)} student distilled by flowsteer{f" (method {method})" if meta.get("run", method) != method else ""}
+# {card_title(cfg, method, meta)}
 
 {get_method(method).description}
 

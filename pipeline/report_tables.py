@@ -62,6 +62,12 @@ def teacher_line(cfg, summary: pd.DataFrame, metric: str) -> str:
     return f"{head}: {cls.teacher_note(cfg) if cls else 'not scored'}."
 
 
+def teacher_cell(cfg, summary: pd.DataFrame, metric: str) -> str:
+    """The teacher's value of `metric` for a table cell beside the students' ("–" where it has none)."""
+    r = _row(summary, "teacher", "fixed", cfg.evaluate.teacher_nfe, metric)
+    return cell(metric, r) if r is not None else "–"
+
+
 def spread_note(rows: pd.DataFrame) -> str:
     students = rows[rows.run != "teacher"]
     t = int(students.train_seed.nunique()) if len(students) else 0
@@ -155,7 +161,9 @@ def metric_table(cfg, summary: pd.DataFrame, runs: list[RunInfo], metric: str) -
         col.sort(key=lambda x: x["mean"] if lower else -x["mean"])
         if len(col) > 1 and not np.isclose(col[0]["mean"], col[1]["mean"]) and separated(col[0], col[1]) is not False:
             best[n] = col[0]["mean"]
-    lines = ["| run | " + " | ".join(f"{n} NFE" for n in nfes) + " |", "|---|" + "---:|" * len(nfes)]
+    teacher = teacher_cell(cfg, summary, metric)
+    lines = ["| run | " + " | ".join(f"{n} NFE" for n in nfes) + f" | teacher ({cfg.evaluate.teacher_nfe} steps) |",
+             "|---|" + "---:|" * (len(nfes) + 1)]
     for r, s in keys:
         cells = []
         for n in nfes:
@@ -163,27 +171,53 @@ def metric_table(cfg, summary: pd.DataFrame, runs: list[RunInfo], metric: str) -
             text = "–" if x is None else cell(metric, x)
             cells.append(f"**{text}**" if x is not None and n in best and np.isclose(x["mean"], best[n]) else text)
         label = r.label + (" · diffusers' default grid" if s == "diffusers" else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {teacher} |")
     return "\n".join(lines + ["", teacher_line(cfg, summary, metric)])
 
 
 # ---------------------------------------------------------------- one checkpoint (model card)
-def scores_markdown(rows: pd.DataFrame) -> str | None:
+def prompt_set_text(rows: pd.DataFrame) -> str:
+    """Which prompts the rows were sampled from, e.g. "`coco_val` (held-out)" or "the generate prompts"."""
+    sets = [s for s in dict.fromkeys(rows.get("prompt_set", pd.Series(dtype=str)).dropna())]
+    if not sets:
+        return "the generate prompts"
+    return ", ".join(s if s.startswith("generate prompts") else f"`{s}` (held-out)" for s in sets)
+
+
+def prompts_summary(cfg, rows: pd.DataFrame) -> str:
+    """The evaluation prompt set: held-out, or (the default) the prompts the students were distilled on."""
+    text = prompt_set_text(rows)
+    if cfg.evaluate.prompts is None:
+        return (f"{text}: the prompts the students were distilled on, not held out (set `evaluate.prompts` "
+                f"to score on unseen prompts)")
+    hashes = ", ".join(dict.fromkeys(rows.get("prompt_hash", pd.Series(dtype=str)).dropna()))
+    return f"{text} from `{cfg.evaluate.prompts}`" + (f", sha256 {hashes}" if hashes else "")
+
+
+def scores_markdown(rows: pd.DataFrame, teacher: pd.DataFrame | None = None, teacher_label: str = "teacher"
+                    ) -> str | None:
     """One checkpoint's rows as a small markdown table: a line per (schedule, NFE), a column per metric,
-    mean ± std over evaluation seeds; None when there are no rows."""
+    mean ± std over evaluation seeds, and the teacher's line (`teacher` rows) under them; None when there are
+    no rows."""
     if not len(rows):
         return None
     s = summarize(rows, by=("schedule", "nfe", "metric"))
     metrics = [m for m in registered() if m in set(s.metric)] + sorted(set(s.metric) - set(registered()))
-    lines = ["| schedule | NFE | " + " | ".join(title(m) for m in metrics) + " |",
-             "|---|---:|" + "---:|" * len(metrics)]
-    for (schedule, nfe), grp in s.groupby(["schedule", "nfe"], sort=True):
+    lines = ["| checkpoint | schedule | NFE | " + " | ".join(title(m) for m in metrics) + " |",
+             "|---|---|---:|" + "---:|" * len(metrics)]
+    groups = [("this student", grp) for _, grp in s.groupby(["schedule", "nfe"], sort=True)]
+    if teacher is not None and len(teacher):
+        t = summarize(teacher, by=("schedule", "nfe", "metric"))
+        groups += [(teacher_label, grp) for _, grp in t.groupby(["schedule", "nfe"], sort=True)]
+    for who, grp in groups:
         by_metric = {r.metric: r for _, r in grp.iterrows()}
-        lines.append(f"| {schedule} | {int(nfe)} | "
+        first = grp.iloc[0]
+        lines.append(f"| {who} | {first.schedule} | {int(first.nfe)} | "
                      + " | ".join(cell(m, by_metric[m]) if m in by_metric else "–" for m in metrics) + " |")
     seeds = int(rows.seed.nunique())
-    lines += ["", f"{int(rows.n.min())} samples per value, {seeds} evaluation seed{'s' * (seeds > 1)}"
-                  f"{' (mean ± std)' if seeds > 1 else ''}; {WARN}: too few samples for the value to mean much."]
+    lines += ["", f"Prompts: {prompt_set_text(rows)}; {int(rows.n.min())} samples per value, {seeds} evaluation "
+                  f"seed{'s' * (seeds > 1)}{' (mean ± std)' if seeds > 1 else ''}; {WARN}: too few samples for the "
+                  f"value to mean much."]
     return "\n".join(lines)
 
 
@@ -196,6 +230,10 @@ def checkpoint_scores(cfg, run) -> str | None:
     rows = pd.read_parquet(path)
     if "run" not in rows.columns:
         return None
+    ev = cfg.evaluate
     keep = ((rows.fingerprint == cfg.fingerprint("train", run)) & (rows.run == run.name)
-            & (rows.train_seed == run.seed) & rows.seed.isin(cfg.evaluate.seeds))
-    return scores_markdown(rows[keep])
+            & (rows.train_seed == run.seed) & rows.seed.isin(ev.seeds))
+    teacher = ((rows.run == "teacher") & (rows.fingerprint == cfg.fingerprint("teacher"))
+               & (rows.nfe == ev.teacher_nfe) & rows.seed.isin(ev.seeds))
+    return scores_markdown(rows[keep], rows[teacher],
+                           f"teacher ({ev.teacher_nfe} steps, CFG {ev.guidance:g})")

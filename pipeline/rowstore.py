@@ -89,8 +89,13 @@ def write_shard_rows(group_path, arr, shard: int, lo: int, data: np.ndarray) -> 
     overwriting it, so a damaged leftover of an interrupted writer is removed first."""
     key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
     (Path(group_path) / arr.path / key).unlink(missing_ok=True)
-    arr[lo:lo + len(data)] = data
-    make_durable(Path(group_path), Path(group_path) / arr.path / key)
+    try:
+        arr[lo:lo + len(data)] = data
+        make_durable(Path(group_path), Path(group_path) / arr.path / key)
+    except OSError as exc:              # Zarr's own errors (ENOSPC) name no file: say which one
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(Path(group_path) / arr.path / key)) from None
+        raise
 
 
 def make_durable(group_path: Path, shard_file: Path) -> None:
@@ -305,6 +310,9 @@ class RowStore:
         if missing:
             raise UserError(f"{self.kind} {self.path} is incomplete ({len(missing)} of {self.num_shards} "
                             f"shards not written); {hint}")
+        from pipeline.shard_check import check_shards
+
+        check_shards(self, shard_key)              # every finished shard's files still there at their recorded sizes
 
     def write_rows(self, shard: int, arrays: dict[str, np.ndarray]) -> None:
         """Write a whole shard of each named row array (values already encoded to the store dtype)."""
@@ -357,7 +365,10 @@ class RowStore:
             raise IndexError(f"row index out of range (rows < {self.num_samples})")
         uniq, inv = np.unique(idx, return_inverse=True)
         arr = self.group[name]
-        return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
+        from pipeline.shard_check import named_read_errors
+
+        with named_read_errors(self, f"of rows {uniq[0]}..{uniq[-1]}" if len(uniq) else "-"):
+            return decode(read_rows(arr, uniq), self.store_dtype)[inv.reshape(-1)]
 
     def row_cond(self, indices) -> dict[str, torch.Tensor]:
         """Teacher conditions (float32, CPU) of the given rows."""

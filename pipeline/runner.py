@@ -192,6 +192,9 @@ def _ray_init(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:                                 # a private local cluster, even when another one runs on this host
+        from pipeline.ray_guard import guard_local_cluster
+
+        guard_local_cluster()             # it ends with this driver, even one killed while it starts
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
 
 

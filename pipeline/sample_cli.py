@@ -42,7 +42,7 @@ def default_prompts(cfg) -> list[str]:
     """The run's own prompts (generate.prompts, or the embedded digit prompts), the first DEFAULT_ROWS of them."""
     from pipeline.datasets import generate_prompts
 
-    if cfg.generate.prompts is None and cfg.teacher.kind != "embedded":
+    if cfg.generate.prompts is None and cfg.teacher.kind not in ("embedded", "exact"):
         raise UserError("give the prompts to sample with --prompt, or name a prompt file in generate.prompts "
                         "(only the embedded teacher has a default set)")
     return generate_prompts(cfg)[:DEFAULT_ROWS]

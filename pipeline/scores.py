@@ -3,7 +3,8 @@
 The evaluate stage writes one Parquet file of rows per unit (checkpoint x schedule x NFE x evaluation seed);
 the report, and an export's model card, read them back through here, so a number is formatted, warned about
 and compared the same way everywhere. A row: (checkpoint, fingerprint, run, train_seed, schedule, nfe, metric,
-value, n, seed, ...); the teacher's rows have run "teacher", no train seed and schedule "fixed".
+value, n, seed, prompt_set, prompt_hash, step, ...); the teacher's rows have run "teacher", no train seed and
+schedule "fixed"; `step` is the training step of a checkpoint scored while training (null for exports).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def schema() -> pa.Schema:
                       ("train_seed", pa.int64()), ("schedule", pa.string()), ("nfe", pa.int64()),
                       ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()), ("seed", pa.int64()),
                       ("guidance", pa.float64()), ("features", pa.string()), ("reference", pa.string()),
-                      ("sampling_seconds", pa.float64()), ("scoring_seconds", pa.float64()), ("unit", pa.string())])
+                      ("sampling_seconds", pa.float64()), ("scoring_seconds", pa.float64()), ("unit", pa.string()),
+                      ("prompt_set", pa.string()), ("prompt_hash", pa.string()), ("step", pa.int64())])
 
 
 def teacher_unit_key(teacher_fingerprint: str, nfe: int, seed: int) -> str:
@@ -42,11 +44,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     atomic_write_parquet(path, pa.Table.from_pylist(rows, schema=schema()))
 
 
-def gather(root: Path) -> pa.Table:
-    """Every unit's rows under an evaluate directory (<job>/scores/<unit>.parquet); columns an older unit
-    file lacks (run, train_seed, schedule) are null there."""
+def gather(root: Path, jobs=("teacher", "students")) -> pa.Table:
+    """Every unit's rows of the given jobs under an evaluate directory (<job>/scores/<unit>.parquet; "follow"
+    holds the checkpoints scored while training); columns an older unit file lacks are null there."""
     tables = []
-    for f in sorted(Path(root).glob("*/scores/*.parquet")):
+    for f in sorted(f for job in jobs for f in (Path(root) / job / "scores").glob("*.parquet")):
         t = pq.read_table(f)
         cols = [t[c] if c in t.column_names else pa.nulls(t.num_rows, schema().field(c).type)
                 for c in schema().names]
@@ -59,11 +61,12 @@ def summarize(rows: pd.DataFrame, by=("run", "schedule", "nfe", "metric")) -> pd
     """Mean and standard deviation over every (training seed, evaluation seed) value of each group, with the
     number of values, of training and evaluation seeds, and the smallest sample count behind a value."""
     if not len(rows):
-        return pd.DataFrame(columns=[*by, "mean", "std", "count", "train_seeds", "eval_seeds", "n", "features"])
+        return pd.DataFrame(columns=[*by, "mean", "std", "count", "train_seeds", "eval_seeds", "n", "features",
+                                     "prompt_set"])
     g = rows.groupby(list(by), sort=False, dropna=False)
     out = g.agg(mean=("value", "mean"), std=("value", "std"), count=("value", "count"),
                 train_seeds=("train_seed", "nunique"), eval_seeds=("seed", "nunique"), n=("n", "min"),
-                features=("features", "first")).reset_index()
+                features=("features", "first"), prompt_set=("prompt_set", "first")).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out
 
@@ -112,4 +115,5 @@ def unit_rows(cfg, p: dict, values: dict[str, float], n: int, sampling_seconds: 
              "value": float(v), "n": n, "seed": p["seed"],
              "guidance": ev.guidance if p["kind"] == "teacher" else float("nan"), "features": ev.features,
              "reference": reference_kind(cfg), "sampling_seconds": round(sampling_seconds, 3),
-             "scoring_seconds": round(scoring_seconds, 3), "unit": unit} for m, v in values.items()]
+             "scoring_seconds": round(scoring_seconds, 3), "unit": unit, "prompt_set": p.get("prompt_set"),
+             "prompt_hash": p.get("prompt_hash"), "step": p.get("step")} for m, v in values.items()]

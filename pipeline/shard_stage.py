@@ -52,8 +52,17 @@ def verify_shard(job: Job, unit: Unit, store_cls: type[RowStore]) -> str | None:
     if not rec or rec.get("status") != "done":
         return None
     try:
-        got = store_cls.open(job.out_dir, check_complete=False).shard_checksum(unit.params["shard"])
-    except Exception as exc:  # unreadable metadata or a shard zarr cannot decode (e.g. truncated)
+        store = store_cls.open(job.out_dir, check_complete=False)
+    except Exception as exc:  # noqa: BLE001  (unreadable metadata)
+        return f"store unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    from pipeline.shard_check import shard_problem
+
+    problem = shard_problem(store.path, rec.get("files") or {})     # cheap first: a file gone or cut short
+    if problem:
+        return f"shard files damaged ({problem})"
+    try:
+        got = store.shard_checksum(unit.params["shard"])
+    except Exception as exc:  # a shard zarr cannot decode (e.g. truncated)
         return f"shard unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
     if got != rec.get("checksum"):
         return "shard checksum differs from its completion record (corrupt or overwritten)"

@@ -159,7 +159,10 @@ class TrajectoryStore(RowStore):
             self._cache.move_to_end(shard)
             return self._cache[shard]
         lo, hi = self.shard_range(shard)
-        data = decode(np.asarray(self.states[lo:hi]), self.store_dtype)
+        from pipeline.shard_check import named_read_errors
+
+        with named_read_errors(self, shard):
+            data = decode(np.asarray(self.states[lo:hi]), self.store_dtype)
         self._cache[shard] = data
         while len(self._cache) * self._shard_bytes > self._cache_bytes and len(self._cache) > 1:
             self._cache.popitem(last=False)

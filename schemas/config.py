@@ -66,8 +66,41 @@ class EmbeddedTeacher(Section):
         return self
 
 
+class ExactTeacher(Section):
+    """The exact benchmark teacher (docs/teachers.md): a class-conditional Gaussian mixture in latent shape with
+    a closed-form velocity, plus the SD3-architecture init the students start from (pretrained on that field)."""
+    channels: int = Field(4, ge=1, le=64)
+    sample_size: int = Field(8, ge=2, le=256)
+    classes: int = Field(10, ge=1, le=32)           # prompts map to classes (digit prompts: their digit)
+    modes_per_class: int = Field(3, ge=1, le=64)    # M equally likely Gaussian modes per class
+    mode_std: float = Field(0.5, gt=0, le=100)      # s: every mode is N(mu, s^2 I)
+    mean_std: float = Field(0.6, gt=0, le=100)      # mode means mu ~ N(0, mean_std^2 I)
+    mixture_seed: Seed = 0
+    exact_steps: int = Field(200, ge=1, le=MAX_STEPS)   # RK4 steps of the "exact ODE" endpoints (evaluate)
+    patch_size: int = Field(2, ge=1, le=64)         # the init network (SD3Transformer2DModel)
+    num_layers: int = Field(2, ge=1, le=128)
+    attention_head_dim: int = Field(16, ge=1, le=1024)
+    num_attention_heads: int = Field(4, ge=1, le=256)
+    train_steps: Count = 1500                       # its pretraining on the exact velocity
+    batch_size: Batch = 64
+    lr: float = Field(2e-3, gt=0, le=10)
+    prompt_dropout: Rate = 0.1
+    ema_decay: float = Field(0.995, ge=0, lt=1)
+    weak_checkpoint_step: Count = 300               # early snapshot = the weak net (AYF autoguidance)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"teacher.exact.sample_size ({self.sample_size}) must be a multiple of "
+                             f"teacher.exact.patch_size ({self.patch_size})")
+        if self.weak_checkpoint_step > self.train_steps:
+            raise ValueError(f"teacher.exact.weak_checkpoint_step ({self.weak_checkpoint_step}) must be <= "
+                             f"teacher.exact.train_steps ({self.train_steps})")
+        return self
+
+
 class TeacherConfig(Section):
-    kind: Literal["embedded", "sd3", "byo"] = "embedded"
+    kind: Literal["embedded", "sd3", "byo", "exact"] = "embedded"
     path: str | None = None             # sd3: local diffusers pipeline dir (from_pretrained, offline)
     factory: str | None = None          # byo: "module:function" returning a Teacher
     describe: str | None = None         # byo: "module:function" returning its TeacherLayout without building it
@@ -75,6 +108,7 @@ class TeacherConfig(Section):
     # Precision every teacher call runs in (docs/precision.md); inputs are cast to it, outputs back to float32.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedTeacher = Field(default_factory=EmbeddedTeacher)
+    exact: ExactTeacher = Field(default_factory=ExactTeacher)
     seed: Seed = 0
 
     @model_validator(mode="after")
@@ -110,7 +144,7 @@ StoreDtype = Literal["float32", "float16", "bfloat16"]
 class GenerateConfig(Section):
     prompts: str | None = None          # .txt / .jsonl / .csv / .parquet / saved HF dataset dir; None = digit prompts
     prompt_column: str | None = None    # table column of the prompts; None = first of prompt, caption, text
-    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float32 (embedded), float16 (sd3)
+    store_dtype: StoreDtype | None = None   # states + conditions on disk; None = float16 (sd3), float32 (others)
     compressor: Literal["none", "zstd", "blosc"] = "none"
     samples_per_prompt: Count = 32
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
@@ -132,7 +166,7 @@ class GenerateConfig(Section):
 
 class EncodeConfig(Section):
     """How `flowsteer encode` stores the latents and runs its workers (the image set itself is `data`)."""
-    store_dtype: StoreDtype | None = None   # latents + conditions on disk; None = float32 (embedded), float16 (sd3)
+    store_dtype: StoreDtype | None = None   # latents + conditions on disk; None = float16 (sd3), float32 (others)
     compressor: Literal["none", "zstd", "blosc"] = "none"
     cpus_per_worker: int = Field(1, ge=1, le=1024)     # torch threads and Ray CPUs per encode worker
     gpus_per_worker: float = Field(0.0, ge=0, le=64)   # Ray GPUs per encode worker (1 on a GPU cluster)
@@ -148,23 +182,29 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)   # encode only the first N images
     shard_size: int = Field(256, ge=1)  # images per unit = per Zarr shard
     batch_size: int = Field(32, ge=1)   # images per encode_images call
+    # images with alpha are composited on this background before encoding (refuse: an error naming the file)
+    alpha_background: Literal["white", "black", "refuse"] = "white"
 
 
 class AdversarialConfig(Section):
     """FlowSteer's GAN (docs/ablation.md); `train.method_options.flowsteer` may override any key but disc_lr."""
-    disc_blocks: int = Field(2, ge=1, le=1024)   # first teacher transformer blocks used as the discriminator backbone
+    # first teacher transformer blocks used as the discriminator backbone; None = min(2, the teacher's depth)
+    disc_blocks: int | None = Field(None, ge=1, le=1024)
     lambda_adv: float = Field(0.001, ge=0)       # unknown in the paper: measured choice, docs/ablation.md
     lambda_fm: float = Field(0.01, ge=0)         # feature matching on the discriminator's blocks (docs/ablation.md)
     disc_lr: float = Field(1e-3, gt=0, le=10)    # the discriminator's heads (a frozen backbone has no other weights)
     disc_backbone: Literal["frozen", "trainable"] = "frozen"   # LADD: frozen teacher features + trainable heads
     spectral_norm: bool = False                  # on the heads' convolutions
     fake_source: Literal["one_step", "rollout"] = "one_step"  # the student's jump, or its own multi-step states
-    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0): the clean end weighted
-    window_probs: tuple[Annotated[float, Field(ge=0)], ...] = (0.1, 0.1, 0.1, 0.7)
+    # P(a GAN row ends at window k's end), k = 0 (noisiest) .. K-1 (ends at sigma 0). None = the emphasis rule
+    # (pipeline.methods.flowsteer.window_emphasis): the last window gets clean_weight, the other K-1 share the rest equally
+    # (K = 4, 0.7: [0.1, 0.1, 0.1, 0.7]); an explicit list must have schedule.windows entries.
+    window_probs: tuple[Annotated[float, Field(ge=0)], ...] | None = None
+    clean_weight: Rate = 0.7
 
     @model_validator(mode="after")
     def _probs(self):
-        if not self.window_probs or sum(self.window_probs) <= 0:
+        if self.window_probs is not None and (not self.window_probs or sum(self.window_probs) <= 0):
             raise ValueError("train.adversarial.window_probs must hold at least one positive probability")
         return self
 
@@ -271,9 +311,19 @@ class EvaluateConfig(Section):
     n_samples: int = Field(500, ge=2, le=1 << 24)
     seeds: list[Annotated[int, Field(ge=0, lt=MAX_EVAL_SEED)]] = Field(default_factory=lambda: [0], min_length=1)
     guidance: float = Field(4.0, ge=0, le=1000)  # teacher CFG scale at evaluation
-    features: Literal["classifier", "inception", "pixels"] = "classifier"
+    # held-out prompts (any format generate.prompts reads); None = the generate prompts (labelled so in the report)
+    prompts: str | None = None
+    prompt_column: str | None = None    # table column of evaluate.prompts; None = first of prompt, caption, text
+    # None: classifier for the embedded teacher (the only one with a digit classifier), else inception when
+    # inception_path is set, else pixels (RunConfig._teacher_defaults)
+    features: Literal["classifier", "inception", "pixels"] | None = None
     inception_path: str | None = None   # local Inception weights file for standard FID
     clip_path: str | None = None        # local CLIP dir for prompt alignment on real teachers
+    pickscore_path: str | None = None   # local PickScore_v1 dir (+ CLIP-H processor files): docs/metrics.md
+    hpsv2_path: str | None = None       # local HPS v2 / v2.1 checkpoint file (open_clip ViT-H-14)
+    hpsv2_model: str = "ViT-H-14"       # open_clip model name (or model-config JSON) the HPS checkpoint fits
+    imagereward_path: str | None = None  # local dir: ImageReward.pt, med_config.json, bert-base-uncased vocab.txt
+    metric_dtype: Literal["float32", "bfloat16", "float16"] = "float32"   # metric models' dtype (bfloat16 on GPUs)
     reference: str | None = None        # FID reference image folder; None = real digits (embedded) or teacher samples
     batch_size: Batch = 250
     # student grids: "fixed" = the method's own sampler on the fixed grid; "diffusers" = the sigmas of diffusers'
@@ -315,18 +365,24 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_store_dtype(cls, data: Any) -> Any:
-        """generate.store_dtype and encode.store_dtype default by teacher: float32 for the tiny embedded one,
-        float16 for sd3."""
+    def _teacher_defaults(cls, data: Any) -> Any:
+        """Defaults by teacher: generate.store_dtype and encode.store_dtype float32 for the tiny embedded one,
+        float16 for sd3; evaluate.features the digit classifier for the embedded one only (no other has one)."""
         if isinstance(data, dict):
+            teacher = data.get("teacher") or {}
+            kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
             for name in ("generate", "encode"):
                 section = data.get(name)
                 section = dict(section.model_dump() if isinstance(section, BaseModel) else section or {})
                 if section.get("store_dtype") is None:
-                    teacher = data.get("teacher") or {}
-                    kind = teacher.kind if isinstance(teacher, BaseModel) else teacher.get("kind", "embedded")
                     section["store_dtype"] = "float16" if kind == "sd3" else "float32"
                     data = {**data, name: section}
+            ev = data.get("evaluate")
+            ev = dict(ev.model_dump() if isinstance(ev, BaseModel) else ev or {})
+            if ev.get("features") is None:
+                ev["features"] = ("classifier" if kind == "embedded" else
+                                  "inception" if ev.get("inception_path") else "pixels")
+                data = {**data, "evaluate": ev}
         return data
 
     # Which sections decide each stage's outputs: a stage's directory is keyed by their fingerprint,
@@ -355,8 +411,11 @@ class RunConfig(Section):
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             from pipeline.methods import get_method
-            if not get_method(run.method).uses_adversarial:
+            method = get_method(run.method)
+            if not method.uses_adversarial:
                 tr.pop("adversarial")    # GAN settings do not touch a run without a discriminator: reuse it
+            if method.x0_source(self, run.options) in ("latents", "digits"):
+                parts["latents"] = self.fingerprint("encode")   # real x0: the latent store read (data.images)
             parts["train"] = tr
             parts["run"] = {"method": run.method, "options": run.options, "seed": run.seed}
             if self.train.store:         # the data trained on: the pointed store's own fingerprint
@@ -370,8 +429,9 @@ class RunConfig(Section):
 
     @property
     def has_real_images(self) -> bool:
-        """Whether the run has real images: the MNIST digits (embedded teacher) or `data.images` (encoded latents)."""
-        return self.teacher.kind == "embedded" or self.data.images is not None
+        """Whether the run has real images: the MNIST digits (embedded teacher), `data.images` (encoded latents),
+        or the exact teacher's own data samples (drawn, no files)."""
+        return self.teacher.kind in ("embedded", "exact") or self.data.images is not None
 
     def stage_dir(self, stage: str) -> Path:
         """The output dir of a stage with one job (the train stage's dirs are per run: `train_dir`)."""
@@ -381,6 +441,11 @@ class RunConfig(Section):
         """The runs to train, name-major then seed: `names` (default train.methods) x train.seeds."""
         tc, out = self.train, []
         for name in (names or tc.methods):
+            if name not in tc.variants and method_problem([name], {}):
+                from pipeline.methods import method_names
+
+                raise ConfigError(f"run name '{name}' is neither a method ({', '.join(method_names())}) nor a "
+                                  f"train.variants entry ({', '.join(sorted(tc.variants)) or 'none defined'})")
             variant = tc.variants.get(name)
             method, options = ((variant.method, dict(variant.options)) if variant is not None
                                else (name, dict(tc.method_options.get(name, {}))))
@@ -456,16 +521,17 @@ def _one_line(err: ValidationError, path: str) -> str:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and check a YAML config; raises ConfigError with one readable line."""
+    """Read and check a YAML config; raises ConfigError with one readable line. Strict (schemas/strict.py):
+    UTF-8, no duplicate keys, not empty, counts and flags of their own type."""
+    from schemas.strict import StrictLoadError, check_types, read_yaml
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+        data = read_yaml(p)
+    except StrictLoadError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
@@ -474,6 +540,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    try:
+        check_types(RunConfig, data)
+    except StrictLoadError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -53,7 +53,12 @@ def count_rows(cfg) -> int:
     if not src.exists():
         raise UserError(f"data.images not found: {src}")
     if src.is_dir() and not any((src / f).is_file() for f in ("state.json", "dataset_dict.json")):
-        n = len(folder_images(src))
+        from pipeline.datasets import read_text
+
+        images = folder_images(src)
+        for p in images[:cfg.data.limit or None]:       # a caption that is not UTF-8 fails before anything is written
+            read_text(p.with_suffix(".txt"))
+        n = len(images)
     else:                       # check both columns now: a bad set fails before anything is written
         image_column_kind(src, pick_column(src, table_batches(src)[0], cfg.data.image_column, IMAGE_COLUMNS,
                                            "data.image_column"))
@@ -85,7 +90,10 @@ def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) 
 
     path = out_dir / LATENT_STORE
     if LatentStore.created(path):
-        LatentStore.open(path, meta, check_complete=False)
+        from pipeline.rowstore import shard_key
+        from pipeline.shard_check import redo_damaged
+
+        redo_damaged(LatentStore.open(path, meta, check_complete=False), out_dir, shard_key)   # redone, not skipped
         return
     for key in keys:
         drop_record(out_dir, key)
@@ -143,7 +151,7 @@ class EncodeWorker(ShardWorker):
             col = pick_column(src, table_batches(src)[0], self.cfg.data.image_column, IMAGE_COLUMNS,
                               "data.image_column")
             sources = source_image_bytes(src, col, lo, hi)
-        return torch.stack([load_image(s, self.image_shape) for s in sources])
+        return torch.stack([load_image(s, self.image_shape, self.cfg.data.alpha_background) for s in sources])
 
     def run(self, unit: Unit) -> dict[str, Any]:
         lo, hi = unit.params["start"], unit.params["stop"]
@@ -163,7 +171,10 @@ class EncodeWorker(ShardWorker):
         t3 = time.perf_counter()
         shard = unit.params["shard"]
         digest = self.store.write_shard(shard, latents, cond, null if shard == 0 else None)
-        return {"checksum": digest, "images": hi - lo, "worker_pid": os.getpid(),
+        from pipeline.shard_check import shard_files
+
+        return {"checksum": digest, "files": shard_files(self.store, shard), "images": hi - lo,
+                "worker_pid": os.getpid(),
                 "caption_seconds": round(t1 - t0, 4), "read_seconds": round(t2 - t1, 4),
                 "vae_seconds": round(t3 - t2, 4), "captions_sha256": rows_hash([captions])[1]}
 

@@ -43,14 +43,20 @@ def plan_samples(cfg) -> dict[str, np.ndarray]:
             "seed": seeds, "guidance": guidance_for(seeds, lo, hi)}
 
 
-def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
-    """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
+def check(cfg) -> None:
+    """At load (pipeline/preflight.py): the prompts read, and their sample count is under the ceiling."""
     from schemas.config import MAX_COUNT
 
     n_prompts = prompt_summary(cfg)[0]
     if n_prompts * cfg.generate.samples_per_prompt > MAX_COUNT:    # checked before anything is allocated
         raise UserError(f"generate.samples_per_prompt: {n_prompts} prompts x {cfg.generate.samples_per_prompt} "
                         f"= {n_prompts * cfg.generate.samples_per_prompt} samples is above the ceiling {MAX_COUNT}")
+
+
+def jobs(cfg, rebuild: bool = False, **_) -> list[Job]:
+    """One job: a unit per shard. Cheap (one streamed pass over the prompts); the teacher loads in workers."""
+    check(cfg)
+    n_prompts = prompt_summary(cfg)[0]
     cfg = absolute_root(cfg)
     out_dir = cfg.stage_dir("generate")
     units = shard_units(n_prompts * cfg.generate.samples_per_prompt, cfg.generate.shard_size)
@@ -72,6 +78,10 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool
     _write_sample_table(out_dir, plan)
     if TrajectoryStore.created(path):
         store = TrajectoryStore.open(path, meta, check_complete=False)      # refuses a store of another config
+        from pipeline.rowstore import shard_key
+        from pipeline.shard_check import redo_damaged
+
+        redo_damaged(store, out_dir, shard_key)                                 # a lost shard file is redone, not skipped
         _check_resume(cfg, store, out_dir, keys)
         return
     for key in keys:                                                 # a new store has no finished shards
@@ -193,7 +203,9 @@ class GenerateWorker(ShardWorker):
         t1 = time.perf_counter()
         shard = unit.params["shard"]
         digest = st.write_shard(shard, states, steps, shard_cond, shard_null if shard == 0 else None)
-        return {"checksum": digest, "samples": hi - lo, "worker_pid": os.getpid(),
+        from pipeline.shard_check import shard_files
+
+        return {"checksum": digest, "files": shard_files(st, shard), "samples": hi - lo, "worker_pid": os.getpid(),
                 "encode_seconds": round(encode_seconds, 4), "teacher_seconds": round(self.teacher_seconds, 4),
                 "write_seconds": round(time.perf_counter() - t1, 4)}
 

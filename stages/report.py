@@ -24,7 +24,8 @@ from pipeline.export import EMA_DISTANCE, export_dir, meta_if_any
 from pipeline.files import atomic_write_bytes
 from pipeline import scores as sc
 from pipeline.metrics import registered
-from pipeline.report_tables import RunInfo, ladder_table, metric_table, spread_note, title
+from pipeline.report_tables import (RunInfo, ladder_table, metric_table, prompt_set_text, prompts_summary,
+                                    spread_note, title)
 from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
 
@@ -293,10 +294,13 @@ def timings_table(cfg: RunConfig, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def config_summary(cfg: RunConfig, metrics: list[str]) -> str:
+def config_summary(cfg: RunConfig, metrics: list[str], rows: pd.DataFrame | None = None) -> str:
     ev, sched = cfg.evaluate, cfg.schedule
     teacher = {"embedded": "embedded tiny SD3 transformer on MNIST", "sd3": f"SD3 from {cfg.teacher.path}",
-               "byo": f"bring-your-own `{cfg.teacher.factory}`"}[cfg.teacher.kind]
+               "byo": f"bring-your-own `{cfg.teacher.factory}`",
+               "exact": f"exact benchmark: Gaussian mixture ({cfg.teacher.exact.classes} classes x "
+                        f"{cfg.teacher.exact.modes_per_class} modes) with a closed-form velocity, ODE endpoints "
+                        f"by {cfg.teacher.exact.exact_steps}-step RK4"}[cfg.teacher.kind]
     items = [("teacher", teacher),
              ("schedule", f"fixed grid, shift {sched.shift:g}, teacher {sched.teacher_steps} steps, "
                           f"{sched.windows} windows"),
@@ -305,6 +309,8 @@ def config_summary(cfg: RunConfig, metrics: list[str]) -> str:
              ("evaluation", f"{ev.n_samples} samples per (checkpoint, grid, NFE, seed), evaluation seeds "
                             f"{list(ev.seeds)}, student grids: {', '.join(ev.schedules)}; teacher CFG {ev.guidance:g}, "
                             f"students guidance-free")]
+    if rows is not None:
+        items.append(("evaluation prompts", prompts_summary(cfg, rows)))
     items += [(registered()[m].title, registered()[m].details(cfg)) for m in metrics
               if m in registered() and registered()[m].details(cfg)]
     return "\n".join(f"- **{k}**: {v}" for k, v in items)
@@ -337,12 +343,20 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
     head = metrics[0] if metrics else None          # the first metric in the registry's order (FID)
     if head and shown:
         md += [f"## Ablation ladder: {title(head)}", "", ladder_table(cfg, rows, shown, head), ""]
+    if shown:
+        from pipeline.trajectory_tables import trajectory_section
+
+        md += trajectory_section(cfg, rows, shown)
     if metrics and shown:
         md += ["## Highlights", "", highlights(cfg, summary, shown, metrics), ""]
-    md += ["## Run", "", config_summary(cfg, metrics), "", "## Metrics", "",
-           "| metric | better | what it measures | needs |", "|---|---|---|---|"]
-    md += [f"| {registered()[m].title} | {registered()[m].better} | {registered()[m].description} | "
-           f"{registered()[m].needs_text()} |" if m in registered() else f"| {m} | ? | | |" for m in metrics]
+    md += ["## Run", "", config_summary(cfg, metrics, rows), "", "## Metrics", "",
+           "| metric | better | what it measures | prompts | samples per value | needs |", "|---|---|---|---|---:|---|"]
+    for m in metrics:
+        mine = rows[rows.metric == m]
+        where = f"{prompt_set_text(mine)} | {int(mine.n.min())}"
+        cls = registered().get(m)
+        md.append(f"| {cls.title} | {cls.better} | {cls.description} | {where} | {cls.needs_text()} |" if cls
+                  else f"| {m} | ? | | {where} | |")
     md += ["", "## Ablation", "", spread_note(rows) + " Bold: the best student at that NFE, when it is ahead of "
            "the runner-up by more than their spread. The teacher, the reference, is given under each table.", ""]
     for m in metrics:
@@ -350,6 +364,11 @@ def write_report(cfg: RunConfig, rows: pd.DataFrame, out: Path, methods: list[st
     if metrics:
         plot = plot_metrics(cfg, summary, shown, metrics, out / "plots" / "metrics.png")
         md += ["## Metric vs NFE", "", f"![metrics vs NFE]({plot.relative_to(out).as_posix()})", ""]
+    from pipeline.curves import curves_section
+
+    curves = curves_section(cfg, metrics, out, title)
+    if curves:
+        md += ["## Metrics during training", "", curves, ""]
     names = [r.name for r in shown]
     grids = [(n, comparison_grid(cfg, names, n, out / "grids" / f"nfe{n}.png")) for n in ev.nfes]
     grids = [(n, p) for n, p in grids if p is not None]

@@ -1,7 +1,8 @@
 """Stage `teacher`: train the embedded teacher and its digit classifier, or check that a given teacher loads.
 
 embedded: two units in cfg.stage_dir("teacher"): "classifier" (CNN on the first 4000 digits, scored on the
-last 1000) and "teacher" (rectified-flow training, resumable from its checkpoint). sd3 / byo: one unit
+last 1000) and "teacher" (rectified-flow training, resumable from its checkpoint). exact: one unit "init"
+(the SD3-architecture init pretrained on the closed-form field, pipeline/teachers/exact.py). sd3 / byo: one unit
 "check" that loads the teacher once and records its sample shape, so a bad path fails here, not mid-generate.
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ class TeacherWorker:
         return train_embedded_teacher(out_dir, self.cfg.teacher.embedded, seed=self.cfg.teacher.seed,
                                       device=self._device())
 
+    def _init(self, out_dir: Path) -> dict:
+        from pipeline.teachers.exact import pretrain_init
+
+        return pretrain_init(out_dir, self.cfg.teacher.exact, seed=self.cfg.teacher.seed, device=self._device())
+
     def _check(self, out_dir: Path) -> dict:
         from pipeline.teachers import load_teacher
 
@@ -55,10 +61,11 @@ class TeacherWorker:
 
 def jobs(cfg, **opts) -> list[Job]:
     out = cfg.stage_dir("teacher")
-    keys = ["classifier", "teacher"] if cfg.teacher.kind == "embedded" else ["check"]
-    sizes = {"classifier": 1, "teacher": cfg.teacher.embedded.train_steps, "check": 1}
+    keys = {"embedded": ["classifier", "teacher"], "exact": ["init"]}.get(cfg.teacher.kind, ["check"])
+    sizes = {"classifier": 1, "teacher": cfg.teacher.embedded.train_steps, "check": 1,
+             "init": cfg.teacher.exact.train_steps}
     units = [Unit(k, {"out_dir": str(out)}, sizes[k]) for k in keys]
-    if cfg.teacher.kind != "embedded":
+    if cfg.teacher.kind not in ("embedded", "exact"):
         _check_path(cfg)
     return [Job("teacher", out, units, functools.partial(TeacherWorker, cfg), item_name="steps")]
 
@@ -66,9 +73,9 @@ def jobs(cfg, **opts) -> list[Job]:
 def _check_path(cfg) -> None:
     """Fail fast (one line) on a missing sd3 dir, before any worker starts."""
     if cfg.teacher.kind == "sd3":
-        from pipeline.teachers.sd3 import check_sd3_dir
+        from pipeline.teachers.sd3 import check_sd3_dir, check_t5
 
-        check_sd3_dir(cfg.teacher.path)
+        check_t5(check_sd3_dir(cfg.teacher.path), cfg.teacher.kwargs.get("use_t5"))
 
 
 def verify_unit(job: Job, unit: Unit) -> str | None:
@@ -82,7 +89,7 @@ def verify_unit(job: Job, unit: Unit) -> str | None:
             load_classifier(out)
         except UserError as exc:
             return str(exc)
-    if unit.key == "teacher":
+    if unit.key in ("teacher", "init"):
         for name in ("transformer", "weak_transformer"):
             if not (out / name / "config.json").is_file():
                 return f"{out / name} is missing"

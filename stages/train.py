@@ -259,8 +259,6 @@ def runs(cfg, methods=None):
     """The TrainRuns named by `methods` (default train.methods) x train.seeds; an unknown name is a UserError."""
     from pipeline.methods import get_method, method_names
 
-    from pipeline.teachers import teacher_depth
-
     names = list(methods or cfg.train.methods)
     for name in names:
         method = cfg.train.variants[name].method if name in cfg.train.variants else name
@@ -273,11 +271,30 @@ def runs(cfg, methods=None):
     out = cfg.train_runs(names)
     for run in out[::len(cfg.train.seeds)]:          # options are checked once per run name
         get_method(run.method).check_config(cfg, run.options)
-    depth = teacher_depth(cfg) if any(get_method(r.method).uses_adversarial for r in out) else None
-    if depth is not None and cfg.train.adversarial.disc_blocks > depth:
-        raise UserError(f"train.adversarial.disc_blocks is {cfg.train.adversarial.disc_blocks} but the teacher "
-                        f"transformer has {depth} blocks")
+    check_disc_blocks(cfg, [r for r in out[::len(cfg.train.seeds)] if get_method(r.method).uses_adversarial])
     return out
+
+
+def check_disc_blocks(cfg, runs) -> None:
+    """An explicit disc_blocks (train.adversarial or a run's option) deeper than the teacher is one UserError
+    before any work; null means min(2, depth) and needs no check. The depth comes from the teacher's config,
+    or a byo teacher built once on the CPU (pipeline.teachers.teacher_depth)."""
+    from pipeline.teachers import teacher_depth
+
+    asked = {r.name: r.options.get("disc_blocks") or cfg.train.adversarial.disc_blocks for r in runs}
+    asked = {name: b for name, b in asked.items() if b is not None}
+    if not asked:
+        return
+    depth = teacher_depth(cfg, build=True)
+    for name, blocks in asked.items():
+        if depth is not None and blocks > depth:
+            raise UserError(f"train.adversarial.disc_blocks is {blocks} (run '{name}') but the teacher transformer "
+                            f"has {depth} blocks (use 1..{depth}, or null for min(2, depth))")
+
+
+def check(cfg) -> None:
+    """At load (pipeline/preflight.py): every run's method accepts the config (options, adversarial settings)."""
+    runs(cfg)
 
 
 def jobs(cfg, methods=None) -> list[Job]:

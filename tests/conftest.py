@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,7 +106,9 @@ def embedded_sections(root) -> dict:
         "teacher": {"kind": "embedded", "embedded": dict(EMBEDDED_TINY)},
         "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
         "generate": {"samples_per_prompt": 1, "shard_size": 5, "batch_size": 10},
-        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1},
+        # one transformer layer: the discriminator uses it (every stage's checks run at load, for every command)
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "log_every": 1,
+                  "adversarial": {"disc_blocks": 1}},
         "evaluate": {"n_samples": 20, "nfes": [1, 2, 4], "teacher_nfe": 8, "batch_size": 20},
     }
 
@@ -142,3 +146,16 @@ def _metric_registry():
     yield
     METRICS.clear()
     METRICS.update(before)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 4 MiB tmpfs (root only): a real full disk."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])

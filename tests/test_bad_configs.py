@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from typer.testing import CliRunner
 
 from conftest import deep_merge, toy_sections, write_config
@@ -98,6 +100,25 @@ CASES = [
     ("misspelt-key", "train", {"train": {"stpes": 10}}, "train.stpes"),
     ("config-executor", "generate", {"executor": "bogus"}, "executor"),
     ("train-store-nowhere", "train", {"train": {"store": "/nonexistent/store"}}, "train.store"),
+    # strict types (issue 23): a flag or a string is not a count, a number is not a flag
+    ("steps-true", "train", {"train": {"steps": True}}, "train.steps"),
+    ("batch-size-string", "train", {"train": {"batch_size": "32"}}, "train.batch_size"),
+    ("samples-per-prompt-string", "generate", {"generate": {"samples_per_prompt": "2"}}, "generate.samples_per_prompt"),
+    ("flag-given-as-number", "train", {"train": {"tensorboard": 1}}, "train.tensorboard"),
+    ("nfe-list-with-a-flag", "evaluate", {"evaluate": {"nfes": [1, True]}}, "evaluate.nfes"),
+    # a later stage's setting is refused by an earlier stage's command, before it writes anything
+    ("disc-blocks-refused-by-teacher", "teacher", {"teacher": EMBEDDED_ONE_LAYER,
+                                                  "train": {"adversarial": {"disc_blocks": 99}}},
+     "train.adversarial.disc_blocks"),
+    ("adv-fraction-refused-by-generate", "generate",
+     {"train": {"methods": ["flowsteer"], "method_options": {"flowsteer": {"adv_fraction": 0}}}},
+     "train.method_options.flowsteer.adv_fraction"),
+    ("unknown-metric-refused-by-generate", "generate", {"evaluate": {"metrics": ["nosuch"]}}, "evaluate.metrics"),
+    # the teacher must exist before a stage builds anything from it
+    ("byo-factory-missing", "generate", {"teacher": {"factory": "no_such_module:make"}}, "teacher.factory"),
+    ("byo-factory-missing-in-train", "train", {"teacher": {"factory": "no_such_module:make"}}, "teacher.factory"),
+    ("embedded-teacher-untrained", "generate",
+     {"teacher": {"kind": "embedded", "factory": None}}, "flowsteer teacher"),
 ]
 
 
@@ -125,11 +146,47 @@ def _missing_prompts(tmp: Path) -> dict:
     return {"generate": {"prompts": str(tmp / "no-such-prompts.txt")}}
 
 
+def _sd3_dir_missing(tmp: Path) -> dict:
+    return {"teacher": {"kind": "sd3", "path": str(tmp / "no-such-sd3"), "factory": None}}
+
+
+def _prompts(name: str, data: bytes):
+    def build(tmp: Path) -> dict:
+        (tmp / name).write_bytes(data)
+        return {"generate": {"prompts": str(tmp / name)}}
+    return build
+
+
+def _latin1_caption(tmp: Path) -> dict:
+    from PIL import Image
+
+    folder = tmp / "images"
+    folder.mkdir()
+    for i, caption in enumerate([b"a square", b"un caf\xe9"]):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_bytes(caption)
+    return {"data": {"images": str(folder)}}
+
+
 # (id, command, builder of overrides from a scratch dir, key) for inputs that need files on disk
 FILE_CASES = [
     ("clip-path-not-a-clip-model", "evaluate", _clip_not_clip, "evaluate.clip_path"),
     ("sd3-dir-without-transformer-weights", "teacher", _sd3_without_weights, "teacher.path"),
     ("prompts-file-missing", "generate", _missing_prompts, "generate.prompts"),
+    ("sd3-dir-missing", "generate", _sd3_dir_missing, "teacher.path"),
+    ("latin1-prompts-txt", "generate", _prompts("latin1.txt", b"a square\nun caf\xe9\n"), "latin1.txt: line 2"),
+    ("latin1-prompts-in-train", "train", _prompts("latin1.txt", b"un caf\xe9\n"), "latin1.txt: line 1"),
+    ("jsonl-line-not-an-object", "generate", _prompts("p.jsonl", b'{"prompt": "a"}\n[1, 2, 3]\n'), "p.jsonl: line 2"),
+    ("latin1-caption-file", "encode", _latin1_caption, "1.txt: line 1"),
+]
+
+# (id, command, config file text, words the error line must hold) for files YAML itself must refuse
+RAW_CASES = [
+    ("empty-config", "generate", b"", "empty"),
+    ("comments-only-config", "train", b"# all defaults?\n", "empty"),
+    ("duplicate-section", "train", None, "'train' appears twice"),
+    ("duplicate-key", "generate", b"root: runs/a\nroot: runs/b\n", "'root' appears twice"),
+    ("config-not-utf8", "generate", b"root: caf\xe9\n", "line 1 is not UTF-8"),
 ]
 
 
@@ -154,6 +211,45 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, command, ove
 @pytest.mark.parametrize("command,build,key", [c[1:] for c in FILE_CASES], ids=[c[0] for c in FILE_CASES])
 def test_bad_input_file_is_one_line_exit_2_and_writes_nothing(tmp_path, command, build, key):
     _check_refused(tmp_path, command, build(tmp_path), key)
+
+
+@pytest.mark.parametrize("command,text,words", [c[1:] for c in RAW_CASES], ids=[c[0] for c in RAW_CASES])
+def test_bad_config_file_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, command, text, words):
+    monkeypatch.chdir(tmp_path)             # an empty config once meant the defaults: runs/demo here
+    root = tmp_path / "runs"
+    if text is None:                        # the toy config with a second train: section appended
+        text = yaml.safe_dump(toy_sections(tmp_path)).encode() + b"train:\n  steps: 2\n"
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    res = CliRunner().invoke(app, [command, "-c", str(path)])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], res.output
+    assert not root.exists() and {p.name for p in tmp_path.iterdir()} <= {"bad.yaml", "prompts.txt"}
+
+
+@pytest.mark.parametrize("command,extra", [("evaluate", ()), ("evaluate", ("--share",)), ("train", ()),
+                                           ("train", ("--share",)), ("report", ())])
+def test_unknown_run_name_is_one_line(tmp_path, command, extra):
+    _check_refused(tmp_path, command, {}, "'nosuch'", extra_args=("-m", "nosuch", *extra))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["generate", "train", "teacher"])
+def test_cuda_device_without_cuda_is_refused_before_anything_is_built(tmp_path, command):
+    _check_refused(tmp_path, command, {"device": "cuda"}, "device 'cuda'")
+
+
+def test_status_exits_2_when_a_stage_refuses_the_config(tmp_path):
+    sections = deep_merge(toy_sections(tmp_path), {"evaluate": {"metrics": ["nosuch"]}})
+    path = write_config(tmp_path / "bad.yaml", **sections)
+    res = CliRunner().invoke(app, ["status", "-c", str(path)])
+    assert res.exit_code == 2, res.output
+    assert [l for l in res.output.splitlines() if l.startswith("error:")] == \
+        [l for l in res.output.splitlines() if "evaluate.metrics" in l and l.startswith("error:")]
+    assert any(l.startswith("evaluate") and "config error" in l for l in res.output.splitlines())
+    assert any(l.startswith("generate") for l in res.output.splitlines())       # the table is still shown
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("command", ["generate", "train", "teacher", "evaluate"])

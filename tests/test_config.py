@@ -54,10 +54,33 @@ def test_top_level_must_be_a_mapping(tmp_path):
     assert_one_line_error(run_cli("status", "-c", path), "mapping")
 
 
+# keys whose default follows the teacher (or its depth / the schedule): the example writes them commented out
+FOLLOWING = (("generate", "store_dtype"), ("encode", "store_dtype"), ("evaluate", "features"), ("train", "adversarial", "disc_blocks"),
+             ("train", "adversarial", "window_probs"))
+
+
 def test_example_yaml_spells_out_every_default():
     raw = yaml.safe_load(EXAMPLE.read_text())
-    assert raw == RunConfig().model_dump(mode="json")      # every key present, every value the default
+    want = RunConfig().model_dump(mode="json")
+    for *parents, leaf in FOLLOWING:
+        node = want
+        for key in parents:
+            node = node[key]
+        node.pop(leaf)                                     # commented out: absent from the parsed example
+        assert f"# {leaf}: null" in EXAMPLE.read_text()
+    assert raw == want                                     # every other key present, every value the default
     assert load_config(EXAMPLE) == RunConfig()
+
+
+def test_commented_keys_follow_the_teacher(tmp_path):
+    """A config from `init` switched to another teacher gets that teacher's defaults, not the embedded ones."""
+    text = EXAMPLE.read_text().replace("  kind: embedded ", "  kind: exact    ", 1)
+    (tmp_path / "c.yaml").write_text(text)
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.teacher.kind == "exact" and cfg.evaluate.features == "pixels"
+    cfg = RunConfig.model_validate({"teacher": {"kind": "sd3", "path": "/x"}})
+    assert cfg.generate.store_dtype == cfg.encode.store_dtype == "float16" and cfg.evaluate.features == "pixels"
+    assert RunConfig().generate.store_dtype == "float32" and RunConfig().evaluate.features == "classifier"
 
 
 def test_overrides_are_checked_like_the_file(tmp_path):

@@ -182,7 +182,7 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     assert [s["done"] for s in statuses] == [1, 4] and all(s["skipped"] == 0 for s in statuses)
 
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
-    assert set(scores.metric) == {"fid", "fidelity_mse"}
+    assert set(scores.metric) == {"fid", "fidelity_mse", "fidelity_median", "fidelity_p90"}   # toy: no modes, no switch metrics
     assert (scores.n == 96).all() and (scores.seed == 0).all() and (scores.reference == "teacher").all()
     assert (scores.schedule == "fixed").all() and set(scores.run) == {"perflow", "ota"}   # no teacher row here:
     assert (scores.train_seed == 0).all()          # FID against itself and fidelity to itself are not scored
@@ -213,7 +213,8 @@ def test_evaluate_toy_scores_fidelity_and_skips_on_rerun(make_toy_config):
     assert cfg2.stage_dir("evaluate") == root
     statuses, scores2 = run_evaluate(cfg2, ["ota"])
     assert [(s["done"], s["skipped"]) for s in statuses] == [(1, 1), (3, 2)]
-    assert len(scores2) == len(scores) + 2 and set(scores2[scores2.nfe == 2].checkpoint) == {"ota"}
+    assert len(scores2) == len(scores) + scores.metric.nunique()     # one new unit: a row per metric
+    assert set(scores2[scores2.nfe == 2].checkpoint) == {"ota"}
 
 
 def test_noise_seeds_differ_between_seeds_and_from_training_seeds():
@@ -251,7 +252,7 @@ def test_evaluate_embedded_scores_accuracy_and_classifier_fid(embedded_tiny):
     write_record(train_dir, "export", "done")
     _, scores = run_evaluate(cfg, ["perflow"])
     value = scores.set_index(["checkpoint", "nfe", "metric"])["value"]
-    assert set(scores.metric) == {"fid", "prompt_accuracy", "fidelity_mse"}
+    assert set(scores.metric) == {"fid", "prompt_accuracy", "fidelity_mse", "fidelity_median", "fidelity_p90", "mode_switch", "fidelity_kept"}
     assert (scores.reference == "digits").all() and (scores.features == "classifier").all()
     assert 0.0 <= value["teacher", 4, "prompt_accuracy"] <= 1.0 and value["perflow", 2, "fid"] > 0
     root = cfg.stage_dir("evaluate")
@@ -306,4 +307,4 @@ def test_evaluate_scores_every_training_seed(make_toy_config):
     assert [s["done"] for s in statuses] == [2, 4]            # 2 training seeds x 2 evaluation seeds
     students = scores[scores.run == "ota"]
     assert set(zip(students.checkpoint, students.train_seed)) == {("ota/s0", 0), ("ota/s1", 1)}
-    assert set(students.seed) == {0, 1} and set(students.metric) == {"fid", "fidelity_mse"}
+    assert set(students.seed) == {0, 1} and set(students.metric) == {"fid", "fidelity_mse", "fidelity_median", "fidelity_p90"}

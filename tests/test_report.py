@@ -143,12 +143,15 @@ def test_report_renders_tables_plots_and_grids(two_seed_cfg):
     assert msg.startswith("report: ") and f"{out}/report.md" in msg
     md = open(f"{out}/report.md").read()
     for title in ("### FID (lower is better)", "### Prompt accuracy (higher is better)",
-                  "### Trajectory fidelity (MSE) (lower is better)"):
+                  "### Trajectory fidelity, mean MSE (lower is better)"):
         assert title in md
-    assert "| FID | lower | Frechet distance" in md and "| features, reference, `evaluate.inception_path` |" in md
+    assert "| FID | lower | Frechet distance" in md
+    assert "| the generate prompts | 1000 | the `evaluate.features` space" in md      # prompt set, samples, needs
+    assert "the prompts the students were distilled on, not held out" in md
     fid = _table(md, "### FID (lower is better)")
     assert set(fid) == {"run", *METHODS, *(f"{m} · diffusers' default grid" for m in METHODS)}
-    assert fid["ota"].count(" ± ") == 4
+    assert fid["ota"].count(" ± ") == 4 + 1                  # 4 NFEs, and the teacher's value beside them
+    assert fid["ota"].split("|")[-2] == fid["flowsteer"].split("|")[-2]
     # bold only where the best is ahead of the runner-up by more than the spread: at 1 NFE flowsteer (19.8)
     # and ota (20.0) are within it, so nobody; at 8 NFE (2.5 vs 2.475 +- noise) neither
     fid_text = md.split("### FID (lower is better)")[1].split("Teacher")[0]
@@ -195,14 +198,18 @@ def test_checkpoint_scores_table_for_the_model_card(two_seed_cfg):
     _write_scores(cfg, table)
     md = checkpoint_scores(cfg, run)
     lines = md.splitlines()
-    assert lines[0] == ("| schedule | NFE | FID (lower is better) | Prompt accuracy (higher is better) | "
-                        "Trajectory fidelity (MSE) (lower is better) |")
+    assert lines[0] == ("| checkpoint | schedule | NFE | FID (lower is better) | Prompt accuracy (higher is better) | "
+                        "Trajectory fidelity, mean MSE (lower is better) |")
     rows = table.to_pandas()
     mine = rows[(rows.run == "ota") & (rows.train_seed == 1) & (rows.schedule == "fixed") & (rows.nfe == 2)
                 & (rows.metric == "fid")]
     expected = f"{mine.value.mean():.2f} ± {mine.value.std():.2f}"
-    assert any(line.startswith(f"| fixed | 2 | {expected} |") for line in lines)
-    assert sum(line.startswith("| ") for line in lines) == 1 + 2 * 4      # header, 2 schedules x 4 NFEs
+    assert any(line.startswith(f"| this student | fixed | 2 | {expected} |") for line in lines)
+    assert sum(line.startswith("| this student |") for line in lines) == 2 * 4      # 2 schedules x 4 NFEs
+    teacher = rows[(rows.run == "teacher") & (rows.metric == "fid") & (rows.nfe == cfg.evaluate.teacher_nfe)]
+    assert any(line.startswith(f"| teacher ({cfg.evaluate.teacher_nfe} steps, CFG {cfg.evaluate.guidance:g}) | "
+                               f"fixed | {cfg.evaluate.teacher_nfe} | {teacher.value.mean():.2f}")
+               for line in lines)                              # the teacher's value beside the student's
     assert "2 evaluation seeds (mean ± std)" in md
 
 

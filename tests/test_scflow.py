@@ -175,7 +175,9 @@ def test_loss_terms_switch_on_after_their_warmups_and_sum_with_weights(toy):
     assert seen[2] == {"loss", "con", "rf"} and seen[3] == {"loss", "con", "rf", "bi"}
     assert seen[4] == {"loss", "con", "rf", "bi", "gan"}
     d = method.discriminator_losses(student, batch, 4)
-    assert set(d) == {"loss", "d_real", "d_fake"}
+    # the discriminator's logits and accuracies, logged like flowsteer's (the report's D columns)
+    assert set(d) == {"loss", "logit_real", "logit_fake", "acc_real", "acc_fake", "acc_pair"}
+    assert all(0 <= float(d[k]) <= 1 for k in ("acc_real", "acc_fake", "acc_pair"))
 
 
 def test_reflow_target_is_the_students_own_one_step_output(toy):

@@ -45,6 +45,14 @@ class TokenHead(nn.Module):
         return logits + proj
 
 
+DEFAULT_DISC_BLOCKS = 2
+
+
+def default_disc_blocks(depth: int) -> int:
+    """`train.adversarial.disc_blocks: null`: the first 2 blocks, or every block of a shallower teacher."""
+    return min(DEFAULT_DISC_BLOCKS, depth)
+
+
 class TransformerDiscriminator(nn.Module):
     """D(x, sigma, cond) -> [B, L*N] per-token logits of L heads (one on every used block, as LADD), and
     per-block image-token features for feature matching.
@@ -54,9 +62,11 @@ class TransformerDiscriminator(nn.Module):
     stayed at a constant output (hinge d_loss ~2.0). "trainable": the blocks fine-tune too (the paper's
     choice; takes the discriminator learning rate)."""
 
-    def __init__(self, transformer: nn.Module, blocks: int, spectral_norm: bool = False, backbone: str = "frozen"):
+    def __init__(self, transformer: nn.Module, blocks: int | None, spectral_norm: bool = False,
+                 backbone: str = "frozen"):
         super().__init__()
         available = len(transformer.transformer_blocks)
+        blocks = default_disc_blocks(available) if blocks is None else blocks
         if not 1 <= blocks <= available:
             raise UserError(f"train.adversarial.disc_blocks is {blocks} but the teacher transformer has "
                             f"{available} blocks (use 1..{available})")

@@ -9,8 +9,8 @@ G loss = L_dist (OTA's chord loss) + lambda_adv L_adv + lambda_fm L_FM, with a h
             graph, the last one with it), so D sees the states the student reaches at inference, with its own
             errors carried from window to window (the inter-segment mismatch); unpaired with the real state,
             so feature matching compares batch means of D's features (Salimans et al. 2016).
-Adversarial rows are resampled from OTA's batch so their windows follow `window_probs` (default: the clean
-end weighted, docs/ablation.md) while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is
+Adversarial rows are resampled from OTA's batch so their windows follow `window_probs` (default: the
+clean_weight rule, the clean end weighted for any number of windows, docs/ablation.md) while the chord loss keeps OTA's uniform windows: flowsteer minus the GAN is
 exactly ota. `adv_fraction` (default 1.0: the whole batch size) of a batch's size is drawn for the GAN. Every key of
 `train.adversarial` except disc_lr can be overridden per run in the method options (ablation variants).
 """
@@ -28,7 +28,7 @@ from pipeline.methods.discriminator import (TransformerDiscriminator, accuracy, 
 
 # train.adversarial keys a run may override (train.method_options.flowsteer or a variant); None = the section's
 OVERRIDABLE = ("disc_blocks", "lambda_adv", "lambda_fm", "disc_backbone", "spectral_norm", "fake_source",
-               "window_probs")
+               "window_probs", "clean_weight")
 
 
 class FlowSteerOptions(MethodOptions):
@@ -41,7 +41,23 @@ class FlowSteerOptions(MethodOptions):
     spectral_norm: Any = None
     fake_source: Any = None
     window_probs: Any = None
+    clean_weight: Any = None
+
+
 FAKE_SOURCES = ("one_step", "rollout")
+
+
+def window_emphasis(windows: int, clean_weight: float) -> tuple[float, ...]:
+    """p_{K-1} = clean_weight, p_k = (1 - clean_weight) / (K - 1) for k < K - 1; one window: (1.0,)."""
+    if windows == 1:
+        return (1.0,)
+    rest = (1 - clean_weight) / (windows - 1)
+    return tuple([rest] * (windows - 1) + [clean_weight])
+
+
+def window_probs(adv, windows: int) -> tuple[float, ...]:
+    """The GAN's window probabilities: the explicit list, or the clean_weight emphasis rule for K windows."""
+    return tuple(adv.window_probs) if adv.window_probs is not None else window_emphasis(windows, adv.clean_weight)
 
 
 def resample_windows(k: torch.Tensor, probs: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,9 +106,10 @@ class FlowSteer(OnTrajectoryChordMethod):
         """Before any work (exit 2, nothing written): the window probabilities, fake source and adv_fraction."""
         adv = cls.adversarial(cfg, options)
         probs = adv.window_probs
-        if len(probs) != cfg.schedule.windows or min(probs) < 0 or sum(probs) <= 0:
+        if probs is not None and (len(probs) != cfg.schedule.windows or min(probs) < 0 or sum(probs) <= 0):
             raise UserError(f"train.adversarial.window_probs {list(probs)} must be {cfg.schedule.windows} "
-                            f"non-negative numbers (one per window of schedule.windows)")
+                            f"non-negative numbers (one per window of schedule.windows), or null for the "
+                            f"clean_weight rule")
         if adv.fake_source not in FAKE_SOURCES:
             raise UserError(f"flowsteer fake_source must be one of {', '.join(FAKE_SOURCES)}, got {adv.fake_source!r}")
         adv_fraction = cls.parse_options(options)["adv_fraction"]
@@ -104,7 +121,7 @@ class FlowSteer(OnTrajectoryChordMethod):
         self.check_config(ctx.cfg, ctx.options)
         opts = self.options
         adv = self.adversarial(ctx.cfg, opts)
-        probs = torch.tensor(adv.window_probs, dtype=torch.float64)
+        probs = torch.tensor(window_probs(adv, ctx.cfg.schedule.windows), dtype=torch.float64)
         self.window_probs = probs / probs.sum()
         self.lambda_adv, self.lambda_fm, self.fake_source = adv.lambda_adv, adv.lambda_fm, adv.fake_source
         # share of the batch size that gets a student jump + D calls (fewer rows: a cheaper, noisier D step)

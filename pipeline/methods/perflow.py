@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.diffusers_scheduler import diffusers_sigmas
 from pipeline.errors import UserError
 from pipeline.methods.base import MethodOptions, register
 from pipeline.methods.common import ChordMethod, rowwise
@@ -54,6 +53,8 @@ class PeRFlow(ChordMethod):
         super().__init__(ctx)
         # grid "diffusers": PeRFlow as users run it today, its windows on the default scheduler's grid (the
         # paper's first ablation row); the teacher then solves each window with M/K sub-steps of its own.
+        from pipeline.diffusers_scheduler import diffusers_sigmas   # diffusers loads only where it is used
+
         self.grid_edges = (diffusers_sigmas(self.num_windows, shift=ctx.cfg.schedule.shift).to(ctx.device)
                            if self.options["grid"] == "diffusers" else None)
 
@@ -77,7 +78,7 @@ class PeRFlow(ChordMethod):
     def x0_source(cls, cfg, options) -> str | None:
         if cls.parse_options(options)["x0"] == "teacher_samples":
             return "teacher_samples"
-        return "digits" if cfg.teacher.kind == "embedded" else "latents"
+        return {"embedded": "digits", "exact": "exact_data"}.get(cfg.teacher.kind, "latents")
 
     @torch.no_grad()
     def batch(self, step: int) -> dict:

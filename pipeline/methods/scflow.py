@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from pipeline.methods.base import Method, MethodOptions, register
 from pipeline.methods.common import on_trajectory_points, rowwise, uniform
-from pipeline.methods.discriminator import TransformerDiscriminator, hinge_d_loss, hinge_g_loss
+from pipeline.methods.discriminator import (TransformerDiscriminator, accuracy, hinge_d_loss, hinge_g_loss,
+                                            pair_accuracy)
 from pipeline.sampling import euler, guided
 from pipeline.schedule import fixed_sigmas
 
@@ -237,8 +238,12 @@ class SCFlow(Method):
             ones = torch.ones(len(batch["z1"]), device=batch["z1"].device)
             fake = consistency(lambda x, s, c: self.velocity(student, x, s, c), batch["z1"], ones, batch["cond"])
         d_real, d_fake = self._disc_logits(batch["real"], batch["real_cond"]), self._disc_logits(fake, batch["cond"])
-        return {"loss": hinge_d_loss(d_real, d_fake), "d_real": d_real.mean().detach(),
-                "d_fake": d_fake.mean().detach()}
+        acc_real, acc_fake = accuracy(d_real.detach(), d_fake.detach())
+        # real and fake rows are unpaired here (real data vs the one-step output of other noise): the pair
+        # accuracy is then the share of random (real, fake) pairs ranked right, an AUC estimate as flowsteer's
+        return {"loss": hinge_d_loss(d_real, d_fake), "logit_real": d_real.mean().detach(),
+                "logit_fake": d_fake.mean().detach(), "acc_real": acc_real, "acc_fake": acc_fake,
+                "acc_pair": pair_accuracy(d_real.detach(), d_fake.detach())}
 
     # --- sampling
     @classmethod

@@ -29,14 +29,15 @@ def prompt_hits(classifier, images01: torch.Tensor, labels: torch.Tensor, batch:
     return (preds == labels.cpu()).float()
 
 
-def check_clip_dir(path: str | Path) -> Path:
-    """Before any work: `evaluate.clip_path` must be a transformers CLIP dir (config.json with a CLIP
-    model_type, weights, tokenizer files); anything else is one line, not a 139-line load report."""
+def check_clip_dir(path: str | Path, key: str = "evaluate.clip_path") -> Path:
+    """Before any work: `key` (evaluate.clip_path, evaluate.pickscore_path) must be a transformers CLIP dir
+    (config.json with a CLIP model_type, weights, tokenizer files); anything else is one line, not a 139-line
+    load report."""
     import json
 
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise UserError(f"evaluate.clip_path {p} is not a directory (expected a transformers CLIP model dir "
+        raise UserError(f"{key} {p} is not a directory (expected a transformers CLIP model dir "
                         f"with config.json, weights and the processor files)")
     try:
         model_type = json.loads((p / "config.json").read_text()).get("model_type", "")
@@ -47,7 +48,7 @@ def check_clip_dir(path: str | Path) -> Path:
     if model_type is None or "clip" not in str(model_type).lower() or not weights or not tokenizer:
         what = ("no readable config.json" if model_type is None else f"model_type '{model_type}' is not CLIP"
                 if "clip" not in str(model_type).lower() else "no weights" if not weights else "no tokenizer files")
-        raise UserError(f"evaluate.clip_path {p} is not a CLIP model directory ({what})")
+        raise UserError(f"{key} {p} is not a CLIP model directory ({what})")
     return p
 
 

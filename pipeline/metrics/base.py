@@ -36,6 +36,24 @@ def register(cls: type["Metric"]) -> type["Metric"]:
     return cls
 
 
+def pil_images(images01: torch.Tensor) -> list:
+    """The samples as 8-bit RGB PIL images: what the preference models' reference code reads from PNG files,
+    so their PIL resizes see the same pixels (grey samples are converted to RGB as `Image.convert` does)."""
+    from PIL import Image
+
+    from pipeline.images import to_uint8
+
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in to_uint8(images01)]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def metric_dtype(cfg) -> torch.dtype:
+    """The dtype metric models run in (`evaluate.metric_dtype`)."""
+    return DTYPES[getattr(cfg.evaluate, "metric_dtype", "float32")]
+
+
 def config_value(cfg, dotted: str) -> Any:
     """`config_value(cfg, "evaluate.clip_path")` -> cfg.evaluate.clip_path."""
     node = cfg
@@ -108,6 +126,11 @@ class Metric:
         path = config_value(cfg, cls.weights) if cls.weights else None
         if path and not Path(path).expanduser().exists():
             raise UserError(f"{cls.weights} {path} does not exist (the {cls.title} weights are read locally)")
+
+    @classmethod
+    def warnings(cls, cfg) -> list[str]:
+        """Lines the driver prints once every check has passed (e.g. a feature space not comparable with papers)."""
+        return []
 
     @classmethod
     def prepare(cls, cfg) -> None:

@@ -166,9 +166,14 @@ def digits_reference_dir(cfg) -> Path:
 class FID(Metric):
     name, title, better, order = "fid", "FID", "lower", 10
     description = ("Frechet distance between Gaussians fitted to features of the generated samples and of the "
-                   "reference images (Heusel et al. 2017); clean-fid features. Sample quality and diversity.")
+                   "reference images (Heusel et al. 2017), computed through clean-fid in the feature space named "
+                   "under Run. Sample quality and diversity.")
     needs = ("features", "reference")
     weights = "evaluate.inception_path"
+
+    @classmethod
+    def needs_text(cls) -> str:
+        return "the `evaluate.features` space (`evaluate.inception_path` for Inception), a reference"
 
     @classmethod
     def min_samples_for(cls, features: str | None) -> int:
@@ -186,6 +191,13 @@ class FID(Metric):
                             "use features: inception (with inception_path) or pixels for other teachers")
         if ev.reference and not Path(ev.reference).expanduser().is_dir():
             raise UserError(f"evaluate.reference {ev.reference} is not a folder of images")
+
+    @classmethod
+    def warnings(cls, cfg) -> list[str]:
+        if cfg.evaluate.features == "pixels" and cfg.teacher.kind != "embedded":
+            return ["FID on raw pixels (evaluate.features: pixels) is not comparable with published FID; set "
+                    f"evaluate.inception_path to clean-fid's {INCEPTION_FILE} for standard FID"]
+        return []
 
     @classmethod
     def prepare(cls, cfg) -> None:

@@ -19,10 +19,10 @@ def per_sample_mse(student_x: torch.Tensor, teacher_x: torch.Tensor) -> torch.Te
 
 @register
 class FidelityMSE(Metric):
-    name, title, better, order = "fidelity_mse", "Trajectory fidelity (MSE)", "lower", 40
-    description = ("Mean squared distance between the student's output and the teacher's output from the same "
-                   "noise and prompt, in the ODE's space: how closely the student follows the teacher's "
-                   "trajectory (0 = identical).")
+    name, title, better, order = "fidelity_mse", "Trajectory fidelity, mean MSE", "lower", 40
+    description = ("Mean over samples of the squared distance between the student's output and the teacher's "
+                   "output from the same noise and prompt, in the ODE's space (0 = identical); dominated by "
+                   "the samples that switch mode: see its median, 90th percentile and mode-switch rate.")
     needs = ("teacher_outputs",)
 
     @classmethod

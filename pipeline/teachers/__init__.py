@@ -1,4 +1,5 @@
-"""Teacher loading: embedded (trained by `flowsteer teacher`), sd3 (local diffusers dir), byo (module:function)."""
+"""Teacher loading: embedded (trained by `flowsteer teacher`), exact (closed-form Gaussian mixture, its init
+pretrained by `flowsteer teacher`), sd3 (local diffusers dir), byo (module:function)."""
 from __future__ import annotations
 
 import importlib
@@ -18,15 +19,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def teacher_depth(cfg) -> int | None:
+def teacher_depth(cfg, build: bool = False) -> int | None:
     """How many transformer blocks the configured teacher has, found without loading it (None: unknown
-    until it loads, e.g. a byo teacher); lets `train.adversarial.disc_blocks` be checked before any work."""
+    until it loads, e.g. a byo teacher, unless `build`: then a byo teacher is built once on the CPU to count
+    its `transformer.transformer_blocks`); lets `train.adversarial.disc_blocks` be checked before any work."""
     if cfg.teacher.kind == "embedded":
         return cfg.teacher.embedded.num_layers
+    if cfg.teacher.kind == "exact":
+        return cfg.teacher.exact.num_layers
     if cfg.teacher.kind == "sd3" and cfg.teacher.path:
         from pipeline.teachers.sd3 import transformer_depth
 
         return transformer_depth(cfg.teacher.path)
+    if cfg.teacher.kind == "byo" and build:
+        blocks = getattr(getattr(load_teacher(cfg, "cpu"), "transformer", None), "transformer_blocks", None)
+        return len(blocks) if blocks is not None else None
     return None
 
 
@@ -45,6 +52,10 @@ def _load(cfg, dev: torch.device):
         from pipeline.teachers.embedded import load_embedded_teacher
 
         return load_embedded_teacher(cfg.stage_dir("teacher"), cfg.teacher.embedded, dev)
+    if kind == "exact":
+        from pipeline.teachers.exact import load_exact_teacher
+
+        return load_exact_teacher(cfg.stage_dir("teacher"), cfg.teacher.exact, dev)
     if kind == "sd3":
         from pipeline.teachers.sd3 import load_sd3_teacher
 
@@ -74,6 +85,10 @@ def describe_teacher(cfg) -> TeacherLayout:
         from pipeline.teachers.embedded import describe_embedded
 
         return describe_embedded(cfg.teacher.embedded)
+    if kind == "exact":
+        from pipeline.teachers.exact import describe_exact
+
+        return describe_exact(cfg.teacher.exact)
     if kind == "sd3":
         from pipeline.teachers.sd3 import describe_sd3
 

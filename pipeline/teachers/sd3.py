@@ -56,12 +56,22 @@ def _has_t5(p: Path) -> bool:
     return entry[0] is not None and (p / "text_encoder_3").is_dir() and (p / "tokenizer_3").is_dir()
 
 
-def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool = True, **_):
+def check_t5(p: Path, use_t5: bool | None) -> bool:
+    """Whether the teacher runs T5: `use_t5` None = when the directory has it; true on a directory without
+    text_encoder_3 / tokenizer_3 is a UserError (it would run without T5 under a T5 config's fingerprint)."""
+    if use_t5 and not _has_t5(p):
+        raise UserError(f"teacher.kwargs.use_t5 is true but {p} has no T5 (text_encoder_3 / tokenizer_3): "
+                        f"set use_t5: false, or leave it out to use T5 when the directory has it")
+    return _has_t5(p) if use_t5 is None else bool(use_t5)
+
+
+def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool | None = None, **_):
     """The layout from the pipeline's config files alone (no weights read). Token count as encode_prompt
     builds it: CLIP's context (padded to the joint width) + max_sequence_length T5 tokens (zeros without T5)."""
     from pipeline.teachers.base import TeacherLayout
 
     p = check_sd3_dir(path)
+    check_t5(p, use_t5)
     tc = json.loads((p / "transformer" / "config.json").read_text())
     vae = json.loads((p / "vae" / "config.json").read_text())
     tok = json.loads((p / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
@@ -74,7 +84,7 @@ def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool = True, **_)
 
 
 def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_length: int = 256,
-                     use_t5: bool = True, **unknown) -> TransformerTeacher:
+                     use_t5: bool | None = None, **unknown) -> TransformerTeacher:
     """A frozen SD3 teacher: sample_shape = (in_channels, sample_size, sample_size) latents."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -82,7 +92,7 @@ def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_le
         raise UserError(f"unknown teacher.kwargs for sd3: {', '.join(sorted(unknown))} "
                         f"(known: max_sequence_length, use_t5; the precision is teacher.dtype)")
     p = check_sd3_dir(path)
-    extra = {} if use_t5 and _has_t5(p) else {"text_encoder_3": None, "tokenizer_3": None}
+    extra = {} if check_t5(p, use_t5) else {"text_encoder_3": None, "tokenizer_3": None}
     try:
         pipe = StableDiffusion3Pipeline.from_pretrained(str(p), local_files_only=True,
                                                         dtype=DTYPES[dtype], **extra)

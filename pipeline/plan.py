@@ -133,8 +133,8 @@ def shape_teacher(name: str, resolution: int | None = None) -> Teacher:
 
 
 def config_teacher(cfg) -> Teacher:
-    """The configured teacher from its configs: sd3 dir (config.json files), embedded, or byo (its factory
-    called with device='meta' under the meta device)."""
+    """The configured teacher from its configs: sd3 dir (config.json files), embedded, exact, or byo (its
+    factory called with device='meta' under the meta device)."""
     from pipeline.teachers import describe_teacher
 
     kind = cfg.teacher.kind
@@ -168,6 +168,10 @@ def config_teacher(cfg) -> Teacher:
 
         net = on_meta(lambda: make_transformer(cfg.teacher.embedded))
         enc = count(net)                  # its weak checkpoint (autoguidance), loaded beside it
+    elif kind == "exact":                 # an analytic teacher: the transformer is the students' init
+        from pipeline.teachers.exact import make_init_transformer
+
+        net, enc = on_meta(lambda: make_init_transformer(cfg.teacher.exact)), 0
     patch = int(getattr(net.config, "patch_size", 1) or 1)
     return Teacher(net, (h // patch) * (w // patch), text, enc, kind)
 

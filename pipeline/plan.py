@@ -256,9 +256,10 @@ def lora_params(net: torch.nn.Module, rank: int, targets: list[str]) -> int:
     return total
 
 
-def disc_head_params(teacher: Teacher, blocks: int) -> int:
-    from pipeline.methods.discriminator import TokenHead
+def disc_head_params(teacher: Teacher, blocks: int | None) -> int:
+    from pipeline.methods.discriminator import TokenHead, default_disc_blocks
 
+    blocks = default_disc_blocks(len(teacher.transformer.transformer_blocks)) if blocks is None else blocks
     return blocks * on_meta(lambda: count(TokenHead(teacher.width, teacher.width)))
 
 

@@ -376,6 +376,50 @@ def sample(checkpoint: str = typer.Argument("teacher", help="'teacher', a run na
 
 
 @app.command()
+def export(target: str = typer.Argument(..., help="An export directory, or a run name of the config (its first "
+                                        "train seed's export)."),
+           config: Optional[Path] = ConfigOpt,
+           merge: bool = typer.Option(False, "--merge", help="LoRA export: write transformer/ with the adapter "
+                                      "fused into the teacher's weights (a full SD3Transformer2DModel), beside "
+                                      "the adapter file; the model card says so.")):
+    """Rewrite a finished export (`train` writes one per run): `--merge` fuses a LoRA student (docs/students.md)."""
+    from pipeline.export import merge_cli
+
+    if not merge:
+        fail("export: nothing to do without --merge (train writes the export itself)")
+    cfg = get_config(config)
+    try:
+        path = merge_cli(cfg, target)
+    except (UserError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"export: merged transformer at {path}")
+
+
+@app.command()
+def plan(config: Optional[Path] = ConfigOpt,
+         gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the full student is sharded over (FSDP)."),
+         gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=0.001,
+                                                    help="GB per GPU to check against (default train.gpu_memory_gb)."),
+         shape: Optional[str] = typer.Option(None, "--shape", help="Plan a public model's shape instead of the "
+                                             "config's teacher: sd3-medium, sd3.5-large or flux-dev."),
+         resolution: Optional[int] = typer.Option(None, "--resolution", min=8, help="--shape: image pixels (1024)."),
+         throughput: Optional[float] = typer.Option(None, "--throughput", min=1e-9, help="Teacher forward rows "
+                                                    "per second per GPU, for generate's GPU-hours."),
+         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Rows per step over all GPUs "
+                                                  "(default train.batch_size)."),
+         method: Optional[list[str]] = typer.Option(None, "--method", "-m", help="Runs to plan (default train.methods).")):
+    """Memory per GPU (teacher, student, optimizer, EMA, discriminator, activations) for full/DDP, full/FSDP
+    and LoRA, and what generate costs; from configs alone, no weights loaded (docs/students.md)."""
+    from pipeline.plan import plan_cli
+
+    cfg = get_config(config)
+    try:
+        typer.echo(plan_cli(cfg, gpus, gpu_memory, shape, resolution, throughput, method, batch_size))
+    except (UserError, OSError) as exc:
+        fail(str(exc))
+
+
+@app.command()
 def demo(config: Optional[Path] = ConfigOpt, executor: Optional[str] = ExecutorOpt,
          method: Optional[list[str]] = methods_option("Run names to train and score (default: train.methods).")):
     """Run every stage in order on the config (default: the embedded default)."""

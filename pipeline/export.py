@@ -1,7 +1,8 @@
 """The one owner of an exported student's directory: its layout, its metadata, its model card.
 
-    <dir>/transformer/     the (EMA, LoRA-merged) student via Method.save_student (SD3: save_pretrained);
-                           `flow_map/` instead when the method's student is not a drop-in (Method.drop_in)
+    <dir>/transformer/     the (EMA) student via Method.save_student (SD3: save_pretrained); `flow_map/`
+                           instead when the method's student is not a drop-in (Method.drop_in); a LoRA
+                           student of a drop-in method writes its adapter instead (pipeline/lora_export.py)
     <dir>/scheduler/       FixedFlowMatchEulerScheduler config (the fixed grid; drop-in for SD3 pipelines)
     <dir>/flowsteer.json   {method, run, options, network, windows, teacher_steps, shift, fingerprint, ...}
     <dir>/README.md        the model card (text from pipeline/model_card.py)
@@ -69,10 +70,11 @@ def missing_parts(directory) -> list[str]:
     return [p for p in needed if not (directory / p).exists()]
 
 
-def export_student(directory, run, student_module: torch.nn.Module, cfg,
+def export_student(directory, run, student_module, cfg,
                    sample_shape: tuple[int, ...] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write the export into a temp dir and rename it into place, so `directory` is whole or absent.
-    `run`: a schemas.config.TrainRun or a run name (its first seed); `extra` joins the metadata."""
+    `run`: a schemas.config.TrainRun or a run name (its first seed); `student_module`: the network, or a
+    pipeline.lora_export.LoraAdapter; `extra` joins the metadata."""
     directory = Path(directory)
     run = cfg.train_run(run) if isinstance(run, str) else run
     with atomic_path(directory) as tmp:
@@ -102,8 +104,13 @@ def _write_export(tmp: Path, run, student_module: torch.nn.Module, cfg, sample_s
                   shown_path: str) -> None:
     from pipeline.diffusers_scheduler import FixedFlowMatchEulerScheduler
 
-    meta = export_meta(run, cfg, sample_shape, extra)
-    get_method(run.method).save_student(student_module, tmp / meta["network"])
+    from pipeline.lora_export import LoraAdapter, write_lora
+
+    if isinstance(student_module, LoraAdapter):    # a LoRA student's adapter: a diffusers LoRA dir
+        meta = export_meta(run, cfg, sample_shape, {**extra, **write_lora(tmp, student_module, cfg)})
+    else:
+        meta = export_meta(run, cfg, sample_shape, extra)
+        get_method(run.method).save_student(student_module, tmp / meta["network"])
     FixedFlowMatchEulerScheduler(shift=cfg.schedule.shift).save_pretrained(str(tmp / SCHEDULER))
     (tmp / META).write_text(json.dumps(meta, indent=1))
     write_card(tmp, cfg, meta, shown_path=shown_path)
@@ -127,3 +134,51 @@ def write_card_scores(directory, cfg, scores_markdown: str | None) -> Path:
     by the stage that owns the scores (evaluate); the weights and flowsteer.json stay as train wrote them."""
     directory = Path(directory)
     return write_card(directory, cfg, read_meta(directory), scores_markdown)
+
+
+# ---------------------------------------------------------------- a LoRA export fused: `flowsteer export --merge`
+def merge_export(export_dir, cfg, base: torch.nn.Module | None = None) -> Path:
+    """`flowsteer export --merge`: write `<export>/transformer/` with the adapter fused, then flowsteer.json
+    (network: transformer, student.merged) and the model card; the adapter file stays."""
+    from pipeline.lora_export import load_lora_module
+
+    export_dir = Path(export_dir)
+    meta_file = export_dir / META
+    meta = read_meta(export_dir)
+    if (meta.get("student") or {}).get("kind") != "lora":
+        raise UserError(f"{export_dir} is not a LoRA export (its student is a full transformer already)")
+    if meta["student"].get("merged"):
+        return export_dir / "transformer"
+    net = load_lora_module(export_dir, meta, "cpu", base)
+    with atomic_path(export_dir / "transformer") as tmp:
+        net.save_pretrained(str(tmp))
+    meta = {**meta, "network": "transformer",
+            "student": {**meta["student"], "merged": True, "merged_by": "flowsteer export --merge"}}
+    atomic_write_bytes(meta_file, json.dumps(meta, indent=1).encode())
+    write_card(export_dir, cfg, meta)
+    return export_dir / "transformer"
+
+
+def resolve_export(cfg, target: str) -> Path:
+    """An export directory, or a run name of the config (its first seed's export)."""
+    path = Path(target)
+    if is_export(path) or path.is_dir():
+        return path
+    from schemas.config import ConfigError
+
+    try:
+        return export_dir(cfg, target)
+    except (ConfigError, KeyError, ValueError):
+        raise UserError(f"'{target}' is neither an export directory nor a run of this config") from None
+
+
+def merge_cli(cfg, target: str) -> Path:
+    """`flowsteer export TARGET --merge`: the base comes from the recorded teacher dir, else the config's teacher."""
+    directory = resolve_export(cfg, target)
+    base_dir = meta_if_any(directory).get("base")
+    base = None
+    if is_export(directory) and not (base_dir and (Path(base_dir) / "config.json").is_file()):
+        from pipeline.teachers import load_teacher
+
+        base = load_teacher(cfg, "cpu").transformer
+    return merge_export(directory, cfg, base)

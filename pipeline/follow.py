@@ -48,8 +48,8 @@ def checkpoint_student(cfg, run, teacher, path: Path, device):
     from pipeline.methods import get_method
     from pipeline.methods.base import MethodContext
     from pipeline.schedule import fixed_sigmas
+    from pipeline.lora import attach_adapters, lora_host
     from pipeline.student import Student
-    from pipeline.trainer import add_lora
 
     state = torch.load(path, map_location="cpu", weights_only=True)
     method_cls = get_method(run.method)
@@ -58,16 +58,17 @@ def checkpoint_student(cfg, run, teacher, path: Path, device):
     ctx = MethodContext(cfg=cfg, teacher=teacher, data=None, edges=edges.to(device), device=torch.device(device),
                         generator=torch.Generator().manual_seed(0), options=dict(run.options))
     net = method_cls(ctx).make_student(teacher.transformer).float()
-    if cfg.train.lora_rank > 0:
-        add_lora(net, cfg.train.lora_rank)
-    net.load_state_dict(state["student"])
+    lora = cfg.train.student.kind == "lora"
+    if lora:                              # the student's adapters on a copy of the teacher (pipeline/lora.py)
+        attach_adapters(lora_host(net), cfg.train.student)
+    net.load_state_dict(state["student"], strict=not lora)    # a LoRA checkpoint holds the trainable weights only
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name in state["ema"]:
                 p.copy_(state["ema"][name])
-    if cfg.train.lora_rank > 0:
-        net.fuse_lora(lora_scale=1.0)
-        net.unload_lora()
+    if lora:
+        lora_host(net).fuse_lora(lora_scale=1.0)
+        lora_host(net).unload_lora()
     meta = {"method": run.method, "windows": sched.windows, "shift": sched.shift, "step": int(state["step"])}
     return Student(net.to(device).eval().requires_grad_(False), method_cls, meta)
 

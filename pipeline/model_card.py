@@ -75,6 +75,12 @@ def front_matter(cfg, method: str) -> dict[str, Any]:
 
 def load_lines(cfg, meta: dict[str, Any], export_dir: str, drop_in: bool) -> str:
     """The python that loads this export: plain diffusers for a drop-in SD3 student, flowsteer otherwise."""
+    from pipeline.lora_export import card_lines
+
+    lora = card_lines(cfg, meta, export_dir, "" if cfg.teacher.kind != "sd3" or _uses_t5(cfg)
+                      else ", text_encoder_3=None, tokenizer_3=None")
+    if lora is not None:
+        return lora
     n = meta["windows"]
     sigmas = ", ".join(f"{1 - i / n:g}" for i in range(n))     # linspace(1, 1/N, N): the scheduler shifts it
     if drop_in and cfg.teacher.kind == "sd3":
@@ -108,6 +114,8 @@ def load_lines(cfg, meta: dict[str, Any], export_dir: str, drop_in: bool) -> str
 
 def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: bool,
            scores_markdown: str | None = None) -> str:
+    from pipeline.lora_export import student_line
+
     fm = yaml.safe_dump(front_matter(cfg, method), sort_keys=False).strip()
     sched = cfg.schedule
     train = cfg.train.model_dump(mode="json", exclude={"methods", "variants", "method_options", "store", "seeds"})
@@ -126,6 +134,7 @@ def render(cfg, method: str, meta: dict[str, Any], export_dir: str, drop_in: boo
 {get_method(method).description}
 
 - **Teacher**: {teacher_description(cfg)}.
+- **Student**: {student_line(meta)}.
 - **Schedule**: the fixed FlowMatchEuler grid sigma_i = shift(1 - i/N), i = 0..N, shift {sched.shift:g}, ending
   exactly at sigma = 0: {sched.windows} windows with edges `{edges}`, on the {sched.teacher_steps}-step teacher grid.
 - **Steps (NFE)**: {sched.windows} recommended (one per window); 1, 2 and multiples of {sched.windows} also lie on the

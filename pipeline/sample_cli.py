@@ -74,7 +74,7 @@ def sample_grid(cfg, checkpoint: str = "teacher", steps: int = 4, schedule: str 
     if export is not None:
         from pipeline.student import load_student
 
-        student = load_student(export, teacher.device)
+        student = load_student(export, teacher.device, base=getattr(teacher, "transformer", None))
     from pipeline.seeds import noise_for            # the noise evaluate and generate use too
 
     shape = tuple(teacher.sample_shape)

@@ -27,13 +27,18 @@ class Student:
                                   callback=callback, sigmas=sigmas)
 
 
-def load_student(directory, device="cpu") -> Student:
+def load_student(directory, device="cpu", base: torch.nn.Module | None = None) -> Student:
+    """An export as a Student; a LoRA export is fused onto its base transformer (the teacher's directory it
+    recorded, else a copy of `base`, e.g. the loaded teacher's transformer)."""
     from pathlib import Path
 
+    from pipeline.lora_export import is_lora_export, load_lora_module
     from pipeline.quiet import quiet_libraries
 
     quiet_libraries()
     directory = Path(directory)
     meta = read_meta(directory)
     method = get_method(meta["method"])
+    if is_lora_export(meta):
+        return Student(load_lora_module(directory, meta, device, base), method, meta)
     return Student(method.load_student(directory / meta.get("network", "transformer"), device), method, meta)

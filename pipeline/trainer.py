@@ -15,6 +15,7 @@ Compilation, fused AdamW, checkpointing and TF32: pipeline/fast_step.py.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from contextlib import contextmanager
@@ -26,15 +27,15 @@ import torch
 from pipeline.checkpoint import all_finite, derive_seed, rng_state, set_rng_state
 from pipeline.data import RowSource
 from pipeline.errors import UserError
-from pipeline.fast_step import adamw, plain_copy, prepare_student
+from pipeline.fast_step import adamw, prepare_student
 from pipeline.loader import BatchLoader
 from pipeline.loss_log import LossLog
 from pipeline.methods import get_method
 from pipeline.methods.base import MethodContext
+from pipeline.sharding import average_gradients, replicate_student
 from pipeline.teacher_solves import TeacherSolves
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 class NonFiniteLoss(UserError):
@@ -117,17 +118,8 @@ def frozen(params: Iterable[torch.nn.Parameter]):
             p.requires_grad_(flag)
 
 
-def add_lora(student: torch.nn.Module, rank: int) -> torch.nn.Module:
-    """LoRA adapters (peft) on the attention projections; the base weights are frozen."""
-    from peft import LoraConfig
-
-    student.requires_grad_(False)
-    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-    return student
-
-
 class Trainer:
-    """One method's training state on one rank; `world > 1` averages gradients over the process group."""
+    """One method's training state on one rank; `world > 1`: DDP over the process group (pipeline/sharding.py)."""
 
     def __init__(self, cfg, run, teacher, store, device, rank: int = 0, world: int = 1,
                  log_path: Path | None = None):
@@ -144,6 +136,14 @@ class Trainer:
             update={"train": tc.model_copy(update={"batch_size": tc.batch_size // world})})
         if not hasattr(teacher, "transformer"):
             raise UserError("training needs a teacher with a `.transformer` (the student starts as its copy)")
+        # LoRA (train.student, pipeline/lora.py): the student is the teacher's transformer plus adapters, so the
+        # teacher is called through a wrapper that turns them off
+        self.lora = tc.student.kind == "lora"
+        if self.lora:
+            from pipeline.lora import SharedBaseTeacher
+
+            teacher = SharedBaseTeacher(teacher)
+        self.teacher = teacher
         # Two streams: each step's rows come from its own batch_rng (seeded from (seed, rank, step) in
         # pipeline/data.py), so loader workers draw them in any process; the step's own draws use step_rng.
         step_rng = torch.Generator().manual_seed(derive_seed(seed, "method", rank))
@@ -156,11 +156,14 @@ class Trainer:
         # Same initial weights on every rank (LoRA and discriminator heads are random-init).
         torch.manual_seed(derive_seed(seed, "init"))
         self.method = get_method(self.method_name)(ctx)
-        # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates)
-        self.student = self.method.make_student(teacher.transformer).float().to(self.device)
-        if tc.lora_rank > 0:
-            add_lora(self.student, tc.lora_rank)
-        prepare_student(self.student, tc, self.device)
+        # float32 master weights even for a bf16/fp16 teacher (pure low-precision AdamW loses small updates);
+        # with LoRA float32 adapters on the teacher's own (frozen) weights
+        from pipeline.lora import build_student, trainable_names
+
+        self.student = build_student(self.method, teacher, tc.student, self.device, owner=self)
+        self.param_names = trainable_names(self.student)
+        prepare_student(self.student, tc, self.device)   # gradient checkpointing, compile, TF32
+        replicate_student(self.student, world)    # DDP over the ranks (pipeline/sharding.py)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = adamw(self.params, tc.lr, tc.weight_decay, self.device)
         self.disc = self.method.discriminator()
@@ -194,8 +197,13 @@ class Trainer:
         return self.method.draw(step, self.rows.at(step))
 
     def close(self) -> None:
-        """Stop the loader's workers or thread (rows drawn ahead are dropped)."""
+        """Stop the loader's workers or thread (rows drawn ahead are dropped); a LoRA student's adapters leave
+        the shared teacher, which is then exactly the teacher again."""
         self.loader.close()
+        if self.lora:
+            from pipeline.lora import detach_adapters
+
+            detach_adapters(self.teacher.transformer, self)
 
     def state_dict(self) -> dict[str, Any]:
         """Shared weights and optimisers, plus each rank's own streams (collective when world > 1)."""
@@ -207,14 +215,42 @@ class Trainer:
 
             ranks = [None] * self.world
             dist.all_gather_object(ranks, own)
-        return {"method_name": self.method_name, "world": self.world, "student": self.student.state_dict(),
+        return {"method_name": self.method_name, "world": self.world, "student": self.student_state(),
                 "ema": self.ema.shadow, "opt": self.opt.state_dict(),
                 "disc": self.disc.state_dict() if self.disc is not None else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks,
                 "scalers": [self.scaler.state_dict(), self.disc_scaler.state_dict()]}
 
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's weights a checkpoint keeps: all of them, or with LoRA the trainable ones only."""
+        from pipeline.lora import trainable_state
+
+        return trainable_state(self.student, self.param_names) if self.lora else self.student.state_dict()
+
+    def base_lock(self):
+        """Held for a whole step with LoRA: the prefetch thread's teacher calls turn the shared adapters off."""
+        from pipeline.lora import BASE_LOCK
+
+        if not self.lora:
+            return contextlib.nullcontext()
+        if not self.holds_student():
+            raise RuntimeError(f"{self.method_name}: another run's trainer replaced this LoRA student's adapters "
+                               f"on the shared teacher; rebuild the trainer from its checkpoint")
+        return BASE_LOCK
+
+    def holds_student(self) -> bool:
+        """False when another trainer on the same (shared) teacher replaced this LoRA student's adapters."""
+        from pipeline.lora import owns
+
+        return not self.lora or owns(self.teacher.transformer, self)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
+        if self.lora:
+            from pipeline.lora import load_trainable_state
+
+            load_trainable_state(self.student, state["student"], self.param_names)
+        else:
+            self.student.load_state_dict(state["student"])
         self.ema.shadow = {n: t.to(self.device) for n, t in state["ema"].items()}
         self.opt.load_state_dict(state["opt"])
         if self.disc is not None:
@@ -237,7 +273,7 @@ class Trainer:
         self.trim_log()
 
     def weights_finite(self) -> bool:
-        tensors = [*self.student.state_dict().values(), *self.ema.shadow.values()]
+        tensors = [*self.student_state().values(), *self.ema.shadow.values()]
         if self.disc is not None:
             tensors += list(self.disc.state_dict().values())
         return all_finite(tensors)
@@ -251,26 +287,11 @@ class Trainer:
                                 f"stopped, the last good checkpoint is kept (lower train.lr or check the data)")
         return values
 
-    def _sync_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks (what DDP does), keeping the student a plain module for the method."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
     def _update(self, opt, scaler, params, loss: torch.Tensor, step: int, clip: float, name: str) -> float:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()            # a no-op scale unless fp16
-        self._sync_grads(params)
+        scaler.scale(loss).backward()            # a no-op scale unless fp16; DDP averages the student's
+        if params is self.disc_params:           # gradients inside backward (pipeline/sharding.py)
+            average_gradients(params, self.world)
         scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         if not torch.isfinite(norm) and not scaler.is_enabled():
@@ -291,8 +312,12 @@ class Trainer:
         step, tc = self.step + 1, self.cfg.train
         torch.manual_seed(derive_seed(self.run.seed, self.rank, step))   # global RNG (dropout etc.) per step
         rows = self.loader.next(self.step)
-        with torch.no_grad():
-            batch = self.method.complete(rows)
+        with self.base_lock():
+            with torch.no_grad():
+                batch = self.method.complete(rows)
+            return self._step(step, tc, batch)
+
+    def _step(self, step: int, tc, batch) -> dict[str, float]:
         values: dict[str, float] = {}
         if self.disc is not None:
             with self.autocast():
@@ -351,9 +376,13 @@ class Trainer:
 
     def ema_student(self) -> torch.nn.Module:
         """A copy of the student carrying the EMA weights, LoRA merged into the base weights."""
-        net = plain_copy(self.student)
+        if self.lora:
+            from pipeline.lora import merged_copy
+
+            return merged_copy(self.student, self.ema.shadow)
+        # a fresh copy of the student's structure (DDP's replicated module refuses deepcopy), its weights loaded
+        net = self.method.wrap_student(copy.deepcopy(self.teacher.transformer).float())
+        net.load_state_dict(self.student.state_dict())
         self.ema.copy_to(net)
-        if self.cfg.train.lora_rank > 0:
-            net.fuse_lora(lora_scale=1.0)
-            net.unload_lora()
         return net.eval().requires_grad_(False)
+

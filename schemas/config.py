@@ -233,6 +233,20 @@ class TrainRun:
         return self.name if self.n_seeds == 1 else f"{self.name}/s{self.seed}"
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class StudentConfig(Section):
+    """What `train` optimises (docs/students.md): the whole transformer (full) or peft LoRA adapters on the
+    teacher's own, frozen transformer (lora: one copy of the base weights for teacher, student, discriminator)."""
+    kind: Literal["full", "lora"] = "full"
+    rank: int = Field(16, ge=1, le=4096)            # lora: adapter rank r
+    alpha: float | None = Field(None, gt=0, le=1e6)  # lora: scale alpha / r; None = r (scale 1)
+    dropout: Rate = 0.0                              # lora: dropout on the adapter input
+    # lora: module names (suffixes) that get adapters; default every attention projection of an SD3 block
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+
+
 class TrainConfig(Section):
     # run names: a plain method name (options from method_options) or a key of `variants`
     methods: list[str] = Field(default_factory=lambda: ["perflow", "ota", "flowsteer"])
@@ -251,7 +265,10 @@ class TrainConfig(Section):
     checkpoint_every: Count = 50
     log_every: Count = 10
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
-    lora_rank: int = Field(0, ge=0, le=4096)  # 0 = full fine-tune; >0 = peft LoRA on attention projections
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    # per-GPU memory budget: `train` refuses a run whose plan (`flowsteer plan`) exceeds it; None = on CUDA,
+    # the device's own memory, else no check
+    gpu_memory_gb: float | None = Field(None, gt=0, le=1e5)
     # Student/discriminator forward under torch.autocast, float32 master weights (docs/precision.md).
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     prefetch: int = Field(1, ge=0, le=8)  # batches each loader worker (or, with none, one thread) draws ahead
@@ -263,6 +280,13 @@ class TrainConfig(Section):
     tensorboard: bool = True            # scalars + sample grids (1 and 4 NFE) in <train dir>/tb; false = losses.jsonl only
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lora_rank" in data:
+            raise ValueError("train.lora_rank is now train.student: {kind: lora, rank: N}")
+        return data
 
     @model_validator(mode="after")
     def _runs(self):
@@ -332,6 +356,17 @@ class RunConfig(Section):
             raise ValueError(f"device '{value}' is not one of cpu, cuda, cuda:N, mps, auto")
         return value
 
+    @model_validator(mode="after")
+    def _lora_base_precision(self):
+        """A LoRA student runs on the teacher's own weights: a bf16/fp16 base needs the student under autocast."""
+        if self.train.student.kind == "lora" and self.train.workers > 1:
+            raise ValueError("train.student.kind lora trains on one rank for now: set train.workers: 1 "
+                             "(docs/students.md)")
+        if self.train.student.kind == "lora" and self.teacher.dtype != "float32" and self.train.mixed_precision == "no":
+            raise ValueError(f"train.student.kind lora keeps the teacher's {self.teacher.dtype} weights as its base: "
+                             f"set train.mixed_precision (bf16 or fp16), or teacher.dtype: float32")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _teacher_defaults(cls, data: Any) -> Any:
@@ -373,8 +408,10 @@ class RunConfig(Section):
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
             for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch", "loader_workers", "tensorboard"):
+                      "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
                 tr.pop(k)
+            if tr["student"]["kind"] == "full":
+                tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student
             if run is None:
                 raise ValueError("fingerprint('train') needs the TrainRun")
             from pipeline.methods import get_method
@@ -482,7 +519,7 @@ def _one_line(err: ValidationError, path: str) -> str:
         return f"{path}: unknown key '{loc}'"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "value_error" and msg.split(" ")[0].rstrip(":").startswith(loc.split(".")[0]):
+    if e["type"] == "value_error" and (not e["loc"] or msg.split(" ")[0].rstrip(":").startswith(loc.split(".")[0])):
         return f"{path}: {msg}{more}"       # the validator's message names its keys itself
     return f"{path}: '{loc}': {msg}{more}"
 

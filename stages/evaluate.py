@@ -199,7 +199,8 @@ class EvalWorker:
             else:
                 from pipeline.student import load_student
 
-                self.students[where] = load_student(Path(where), self.device)
+                self.students[where] = load_student(Path(where), self.device,   # LoRA: a byo teacher's base
+                                                    base=getattr(self.teacher, "transformer", None))
         return self.students[where]
 
     def sigmas(self, p: dict) -> torch.Tensor | None:

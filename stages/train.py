@@ -128,7 +128,8 @@ class TrainWorker:
         from pipeline.checkpoint import latest_step
 
         # Reload unless the in-memory state is exactly the committed one (e.g. after a failed segment).
-        if self.trainer is None or self.trainer.step != latest_step(self.out_dir):
+        if (self.trainer is None or self.trainer.step != latest_step(self.out_dir)
+                or not self.trainer.holds_student()):      # a LoRA student whose adapters another run replaced
             self._drop_trainer()
             self.trainer = build_trainer(self.cfg, self.train_run, self.out_dir, teacher=self.teacher)
             self.trainer.on_step = self._on_step if self.progress else None
@@ -173,14 +174,20 @@ class TrainWorker:
 
     def _export(self) -> dict[str, Any]:
         from pipeline.export import EMA_DISTANCE, EXPORT_DIR, export_student
+        from pipeline.lora import footprint
+        from pipeline.lora_export import ema_adapter, student_meta
 
         trainer = self._trainer()
         if trainer.step < self.cfg.train.steps:
             raise RuntimeError(f"export needs step {self.cfg.train.steps}, the latest checkpoint is {trainer.step}")
         # how far the exported average has left the teacher, relative to the raw weights (docs/ablation.md)
         extra = {EMA_DISTANCE: round(trainer.ema.relative_distance(trainer.student), 6), "step": trainer.step,
-                 **trainer.method.export_meta()}
-        path = export_student(self.out_dir / EXPORT_DIR, self.train_run, trainer.ema_student(), self.cfg,
+                 **trainer.method.export_meta(),
+                 **footprint(trainer.student, trainer.param_names, trainer.opt),    # trainable params, AdamW bytes
+                 "student": student_meta(self.cfg, merged=trainer.lora)}
+        # a LoRA student of a drop-in method exports its adapter (a diffusers LoRA dir), else the full network
+        network = ema_adapter(trainer) if trainer.lora and trainer.method.drop_in else trainer.ema_student()
+        path = export_student(self.out_dir / EXPORT_DIR, self.train_run, network, self.cfg,
                               trainer.rows.sample_shape, extra)
         self._drop_trainer()              # the run is finished: free its student and close its event file
         return {"export": str(path), "step": trainer.step, EMA_DISTANCE: extra[EMA_DISTANCE]}
@@ -291,9 +298,13 @@ def check(cfg) -> None:
 
 
 def jobs(cfg, methods=None) -> list[Job]:
+    from pipeline.plan import check_fits
+
     out = []
     teacher = SharedTeacher(cfg)          # one teacher load for every run of this invocation (per process)
-    for run in runs(cfg, methods):
+    planned = runs(cfg, methods)
+    check_fits(cfg, sorted({r.method for r in planned}))    # a run that cannot fit: one line, nothing loaded
+    for run in planned:
         out_dir = cfg.train_dir(run)
         bounds = segment_boundaries(cfg.train.steps, cfg.train.checkpoint_every)
         units = [Unit(f"steps-{b:06d}", {"kind": "segment", "until": b}, size=b - a)

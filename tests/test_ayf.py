@@ -197,13 +197,14 @@ def test_lora_trains_adapters_and_the_gap_embedding_and_exports_merged(toy, tmp_
     from pipeline.trainer import Trainer
 
     _, teacher, store = toy
-    cfg = toy_cfg(lora_rank=2, lr=1e-2)
+    cfg = toy_cfg(student={"kind": "lora", "rank": 2}, lr=1e-2)
     run = Trainer(cfg, "ayf-emd", teacher, store, "cpu")
     trainable = {n for n, p in run.student.named_parameters() if p.requires_grad}
     assert any("lora" in n for n in trainable) and any(n.startswith("gap_embed.") for n in trainable)
     assert not any(n.startswith("transformer.") and "lora" not in n for n in trainable)
     run.train_step()
     net = run.ema_student()
+    run.close()                           # the adapters leave the shared teacher
     export_student(tmp_path / "export", "ayf-emd", net, cfg, sample_shape=(1, 8, 8))
     noise, cond = torch.randn(2, 1, 8, 8), teacher.encode(PROMPTS[:2])
     out = load_student(tmp_path / "export").sample(noise, cond, 2)

@@ -200,12 +200,15 @@ def test_checkpoint_student_is_the_export_with_lora_merged(make_toy_config):
     from pipeline.student import load_student
     from pipeline.teachers import load_teacher
 
-    cfg = load_config(make_toy_config(train={"methods": ["ota"], "steps": 4, "checkpoint_every": 2, "lora_rank": 2}))
+    cfg = load_config(make_toy_config(train={"methods": ["ota"], "steps": 4, "checkpoint_every": 2,
+                                                    "student": {"kind": "lora", "rank": 2}}))
     run_stage("generate", cfg, "local")
     run_stage("train", cfg, "local", methods=["ota"])
     run = cfg.train_runs(["ota"])[0]
     (step, path), = [c for c in vouched_checkpoints(cfg.train_dir(run)) if c[0] == 4]
-    mine = checkpoint_student(cfg, run, load_teacher(cfg), path, "cpu").module.state_dict()
-    exported = load_student(cfg.train_dir(run) / "export").module.state_dict()
+    teacher = load_teacher(cfg)
+    mine = checkpoint_student(cfg, run, teacher, path, "cpu").module.state_dict()
+    # a byo teacher's LoRA export is fused onto the teacher's transformer (what evaluate passes)
+    exported = load_student(cfg.train_dir(run) / "export", base=teacher.transformer).module.state_dict()
     assert mine.keys() == exported.keys() and not any("lora" in k for k in mine)
     assert all(torch.equal(mine[k], exported[k]) for k in mine)

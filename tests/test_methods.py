@@ -242,20 +242,25 @@ def test_hinge_and_feature_matching_hand_values():
 
 
 @pytest.mark.parametrize("backbone", ["frozen", "trainable"])
-def test_discriminator_copies_the_teachers_first_blocks_and_leaves_the_teacher_alone(backbone):
+def test_discriminator_uses_the_teachers_first_blocks_and_leaves_the_teacher_alone(backbone):
+    """A frozen backbone IS the teacher's modules (one copy of the weights); a trainable one is a copy."""
     teacher = make_toy_teacher("cpu", layers=3)
     before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
     disc = TransformerDiscriminator(teacher.transformer, blocks=2, backbone=backbone)
-    assert len(disc.blocks) == 2 and len(disc.heads) == 2
+    bb = disc.shared or disc
+    assert len(bb.blocks) == 2 and len(disc.heads) == 2
+    shared = backbone == "frozen"
     for name in ("pos_embed", "time_text_embed", "context_embedder"):
-        for (a, pa), (b, pb) in zip(getattr(disc, name).named_parameters(),
+        for (a, pa), (b, pb) in zip(getattr(bb, name).named_parameters(),
                                     getattr(teacher.transformer, name).named_parameters()):
-            assert torch.equal(pa, pb) and pa.data_ptr() != pb.data_ptr()
+            assert torch.equal(pa, pb) and (pa.data_ptr() == pb.data_ptr()) == shared
     for i in range(2):
-        for pa, pb in zip(disc.blocks[i].parameters(), teacher.transformer.transformer_blocks[i].parameters()):
-            assert torch.equal(pa, pb)
+        for pa, pb in zip(bb.blocks[i].parameters(), teacher.transformer.transformer_blocks[i].parameters()):
+            assert torch.equal(pa, pb) and (pa.data_ptr() == pb.data_ptr()) == shared
     assert all(p.requires_grad for p in disc.heads.parameters())
-    assert all(p.requires_grad == (backbone == "trainable") for p in disc.blocks.parameters())
+    assert all(p.requires_grad == (backbone == "trainable") for p in bb.blocks.parameters())
+    # the discriminator's own parameters (its optimiser's) are the heads, plus the copy when trainable
+    assert (sum(p.numel() for p in disc.parameters()) == sum(p.numel() for p in disc.heads.parameters())) == shared
 
     x = torch.randn(3, 1, 8, 8)
     cond = teacher.encode(["a", "b", "c"])
@@ -266,7 +271,7 @@ def test_discriminator_copies_the_teachers_first_blocks_and_leaves_the_teacher_a
     opt.step()
     assert not any(p.requires_grad for p in teacher.transformer.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.transformer.state_dict().items())
-    moved = not torch.equal(disc.blocks[0].ff.net[0].proj.weight,
+    moved = not torch.equal(bb.blocks[0].ff.net[0].proj.weight,
                             teacher.transformer.transformer_blocks[0].ff.net[0].proj.weight)
     assert moved == (backbone == "trainable")
     with pytest.raises(UserError, match="disc_blocks"):

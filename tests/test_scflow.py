@@ -90,7 +90,7 @@ def test_consistency_loss_targets_the_ema_one_teacher_step_towards_the_data(toy)
     method = make_scflow(cfg, teacher, store, options={"lambda_gan": 0.0, "tau": 0.0, "warmup_bi": 10})
     student = method.make_student(teacher.transformer)
     with torch.no_grad():                           # a target EMA that differs from the student
-        for p in method.target.parameters():
+        for p in method.target.values():
             p.add_(0.05 * torch.randn_like(p))
     batch = method.batch(0)
     state = method.ctx.step_rng.get_state()
@@ -100,13 +100,15 @@ def test_consistency_loss_targets_the_ema_one_teacher_step_towards_the_data(toy)
     u1, u2 = torch.rand(len(t), generator=g), torch.rand(len(t), generator=g)
     dn = u1 * t.clamp(max=method.options["delta"])
     vel = lambda m: (lambda x, s, c: method.velocity(m, x, s, c))
+    target = copy.deepcopy(student)                 # the target network: the student with the target's weights
+    target.load_state_dict(method.target, strict=False)
     with torch.no_grad():
         v_T = guided(teacher.velocity, batch["null_cond"], batch["guidance"])(z_t, t, cond)
         f_t = consistency(vel(student), z_t, t, cond)
         back = z_t - dn.view(-1, 1, 1, 1) * v_T
-        want = pseudo_huber(f_t, consistency(vel(method.target), back, t - dn, cond), method.options["huber_c"])
+        want = pseudo_huber(f_t, consistency(vel(target), back, t - dn, cond), method.options["huber_c"])
         wrong_sign = z_t + dn.view(-1, 1, 1, 1) * v_T
-        flipped = pseudo_huber(f_t, consistency(vel(method.target), wrong_sign, t - dn, cond), method.options["huber_c"])
+        flipped = pseudo_huber(f_t, consistency(vel(target), wrong_sign, t - dn, cond), method.options["huber_c"])
     assert con.item() == pytest.approx(want.item(), rel=1e-5)
     assert abs(flipped.item() - want.item()) > 1e-3 * want.item()
 
@@ -204,11 +206,11 @@ def test_target_ema_update_hand_value(toy):
     method = make_scflow(cfg, teacher, store, options={"target_decay": 0.9, "lambda_gan": 0.0})
     student = method.make_student(teacher.transformer)
     name, p = next(iter(student.named_parameters()))
-    old = dict(method.target.named_parameters())[name].detach().clone()
+    old = method.target[name].detach().clone()
     with torch.no_grad():
         p.add_(1.0)
     method.after_step(student, 0)
-    assert torch.allclose(dict(method.target.named_parameters())[name], 0.9 * old + 0.1 * (old + 1.0), atol=1e-6)
+    assert torch.allclose(method.target[name], 0.9 * old + 0.1 * (old + 1.0), atol=1e-6)
 
 
 # ---------------------------------------------------------------- resume: the public code's bugs
@@ -220,7 +222,7 @@ def test_resume_keeps_the_teacher_and_restores_the_exact_target_ema(toy):
     original = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
     run = Trainer(cfg, "scflow", teacher, store, "cpu")
     # the target EMA starts as the student AFTER its init from the teacher (not a random-init net)
-    assert all(torch.equal(v, original[k]) for k, v in run.method.target.state_dict().items())
+    assert all(torch.equal(v, original[k]) for k, v in run.method.target.items())
     for _ in range(2):
         run.train_step()
     state = copy.deepcopy({**run.state_dict(), "step": run.step})
@@ -230,13 +232,14 @@ def test_resume_keeps_the_teacher_and_restores_the_exact_target_ema(toy):
     resumed = Trainer(cfg, "scflow", teacher, store, "cpu")
     resumed.load_state_dict(state)
     assert all(torch.equal(v, original[k]) for k, v in teacher.transformer.state_dict().items())
-    assert all(torch.equal(v, saved_target[k]) for k, v in resumed.method.target.state_dict().items())
-    assert resumed.method.target is not resumed.student
+    assert all(torch.equal(v, saved_target[k]) for k, v in resumed.method.target.items())
+    params = dict(resumed.student.named_parameters())
+    assert all(v.data_ptr() != params[k].data_ptr() for k, v in resumed.method.target.items())
     assert resumed.method.ctx.teacher.transformer is teacher.transformer
     # the next step is identical in the original run and the resumed one
     a, b = run.train_step(), resumed.train_step()
     assert a == pytest.approx(b, rel=1e-5)
-    for (k, v), w in zip(run.method.target.state_dict().items(), resumed.method.target.state_dict().values()):
+    for (k, v), w in zip(run.method.target.items(), resumed.method.target.values()):
         assert torch.allclose(v, w, atol=1e-6), k
 
 
@@ -252,7 +255,7 @@ def test_target_loaded_before_make_student_is_kept(toy):
     fresh = make_scflow(cfg, teacher, store)
     fresh.load_state_dict(state)
     fresh.make_student(teacher.transformer)
-    assert all(torch.equal(v, state["target"][k]) for k, v in fresh.target.state_dict().items())
+    assert all(torch.equal(v, state["target"][k]) for k, v in fresh.target.items())
 
 
 # ---------------------------------------------------------------- sampling
@@ -278,14 +281,17 @@ def test_lora_student_gets_a_matching_target_and_resumes_it(toy):
     from pipeline.trainer import Trainer
 
     _, teacher, store = toy
-    cfg = toy_cfg(lora_rank=2, lr=1e-2, method_options={"scflow": {"lambda_gan": 0.0}})
-    run = Trainer(cfg, "scflow", teacher, store, "cpu")
+    cfg = toy_cfg(student={"kind": "lora", "rank": 2}, lr=1e-2, method_options={"scflow": {"lambda_gan": 0.0}})
+    # each trainer its own (identical) teacher: a LoRA student lives on its teacher's transformer
+    run = Trainer(cfg, "scflow", make_toy_teacher("cpu"), store, "cpu")
     run.train_step()
-    keys = run.student.state_dict().keys()
-    assert run.method.target.state_dict().keys() == keys and any("lora" in k for k in keys)
+    keys = run.student_state().keys()
+    assert run.method.target.keys() == keys and keys and all("lora" in k for k in keys)   # adapters only
     state = copy.deepcopy({**run.state_dict(), "step": run.step})
-    resumed = Trainer(cfg, "scflow", teacher, store, "cpu")
+    resumed = Trainer(cfg, "scflow", make_toy_teacher("cpu"), store, "cpu")
     resumed.load_state_dict(state)
     assert run.train_step() == pytest.approx(resumed.train_step(), rel=1e-5)
-    for k, v in run.method.target.state_dict().items():
-        assert torch.allclose(v, resumed.method.target.state_dict()[k], atol=1e-6), k
+    for k, v in run.method.target.items():
+        assert torch.allclose(v, resumed.method.target[k], atol=1e-6), k
+    run.close()
+    resumed.close()

@@ -176,13 +176,14 @@ def test_export_loads_in_plain_diffusers_and_sd3_pipeline(toy_store, tmp_path):
     from stages.train import build_trainer, train_segment
 
     # a LoRA student, trained 2 steps: the export merges the adapters into plain SD3 weights
-    cfg = config_at(toy_store, "lora", lora_rank=2, steps=2, checkpoint_every=2)
+    cfg = config_at(toy_store, "lora", student={"kind": "lora", "rank": 2}, steps=2, checkpoint_every=2)
     out_dir = cfg.train_dir(cfg.train_run("ota"))
     trainer = build_trainer(cfg, "ota", out_dir)
     trainable = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     train_segment(trainer, out_dir, 2)
     export = export_student(tmp_path / "export", "ota", trainer.ema_student(), cfg, (1, 8, 8))
+    trainer.close()
     plain = SD3Transformer2DModel.from_pretrained(export / "transformer")
     assert not any("lora" in n for n, _ in plain.named_parameters())
     teacher = load_teacher(cfg)

@@ -70,7 +70,9 @@ class FlowMapTransformer(nn.Module):
         self.gap_embed = TimestepEmbedding(in_channels=256, time_embed_dim=dim)
         nn.init.zeros_(self.gap_embed.linear_2.weight)     # F(x, t, s) = F(x, t, t) = teacher v at init
         nn.init.zeros_(self.gap_embed.linear_2.bias)
-        transformer.time_text_embed.register_forward_hook(_add_gap)   # module-level fn: deepcopy/pickle safe
+        slot = transformer.time_text_embed
+        if _add_gap not in slot._forward_hooks.values():   # once: a LoRA student wraps the teacher's own module
+            slot.register_forward_hook(_add_gap)             # module-level fn: deepcopy/pickle safe
 
     def forward(self, x, t, s, cond):
         gap = (t - s).expand(x.shape[0]) * 1000
@@ -81,18 +83,6 @@ class FlowMapTransformer(nn.Module):
             return sd3_velocity(self.transformer, x, t, cond)
         finally:
             slot._flow_map_gap = None
-
-    # LoRA (train.lora_rank > 0) goes through diffusers' adapter methods of the inner transformer; the gap
-    # embedding is new, so it stays fully trainable beside the adapters (like peft's modules_to_save).
-    def add_adapter(self, *args, **kwargs):
-        self.transformer.add_adapter(*args, **kwargs)
-        self.gap_embed.requires_grad_(True)
-
-    def fuse_lora(self, *args, **kwargs):
-        self.transformer.fuse_lora(*args, **kwargs)
-
-    def unload_lora(self, *args, **kwargs):
-        self.transformer.unload_lora(*args, **kwargs)
 
 
 def flow_map(student, x, t, s, cond):
@@ -143,10 +133,10 @@ class AlignYourFlow(Method):
         self._jvp = self.options["jvp"]
 
     # --- the flow-map student
-    def make_student(self, teacher_transformer):
-        import copy
-
-        return FlowMapTransformer(copy.deepcopy(teacher_transformer).float()).train().requires_grad_(True)
+    def wrap_student(self, transformer):
+        """With LoRA (train.student) the adapters sit in `transformer`; the gap embedding is new, so it trains
+        in full beside them (like peft's modules_to_save)."""
+        return FlowMapTransformer(transformer)
 
     @staticmethod
     def velocity(student, x, sigma, cond, s=None, **extra):

@@ -60,6 +60,9 @@ class Method:
     # True when the method reads `train.adversarial` (a discriminator): only then do those keys enter its runs'
     # fingerprint, so a GAN ablation retrains the GAN runs and reuses every other student (schemas/config.py)
     uses_adversarial: ClassVar[bool] = False
+    # Student forwards a step keeps a graph for, in units of one batch-sized call (`flowsteer plan` scales the
+    # activations by it): the distillation call, plus e.g. the GAN's fake and the discriminator blocks it feeds
+    graph_calls: ClassVar[float] = 1.0
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -105,11 +108,16 @@ class Method:
 
     # --- the student network
     def make_student(self, teacher_transformer: torch.nn.Module) -> torch.nn.Module:
-        """The trainable student, initialised from the teacher (a float32 deep copy by default: master weights
-        even for a bf16 teacher, docs/precision.md)."""
+        """The trainable full student, initialised from the teacher (a float32 deep copy by default: master
+        weights even for a bf16 teacher, docs/precision.md)."""
         import copy
 
-        return copy.deepcopy(teacher_transformer).float().train().requires_grad_(True)
+        return self.wrap_student(copy.deepcopy(teacher_transformer).float()).train().requires_grad_(True)
+
+    def wrap_student(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        """The student network around an SD3 transformer (default: the transformer itself). A LoRA student
+        wraps the teacher's own transformer (pipeline/lora.py); what the wrapper adds trains in full."""
+        return transformer
 
     # True when the saved student is a plain SD3Transformer2DModel that StableDiffusion3Pipeline runs as
     # trained (Euler on the fixed grid). False: the export puts it under `flow_map/`, not `transformer/`,

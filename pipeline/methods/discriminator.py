@@ -1,14 +1,19 @@
-"""FlowSteer's discriminator: the teacher transformer's first blocks (a copy) plus a token head per block.
+"""FlowSteer's discriminator: the teacher transformer's first blocks plus a token head per block.
 
 Like LADD / SANA-Sprint, the backbone is the pretrained teacher itself, so the discriminator starts with
 features that already know the data at every noise level; it is conditioned on the prompt (joint attention
 with the context tokens, pooled text in the adaLN embedding) and on sigma (timestep embedding). Only the
-first `blocks` transformer blocks are copied and run, which keeps its cost a fraction of a student call.
+first `blocks` transformer blocks are run, which keeps its cost a fraction of a student call. A frozen
+backbone IS the teacher's modules (not a copy, and not registered as submodules: the discriminator's
+parameters, state dict and optimiser are its heads); with a LoRA student those modules carry the student's
+adapters, which its forward turns off (pipeline/lora.py): one copy of the base weights for all three.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -52,7 +57,7 @@ class TransformerDiscriminator(nn.Module):
     """D(x, sigma, cond) -> [B, L*N] per-token logits of L heads (one on every used block, as LADD), and
     per-block image-token features for feature matching.
 
-    backbone "frozen" (default; LADD): the copied teacher blocks are fixed feature extractors, only the heads
+    backbone "frozen" (default; LADD): the teacher's own blocks are fixed feature extractors, only the heads
     train -- the diagnosis in docs/ablation.md: a trainable copy with spectral-norm heads on the last block
     stayed at a constant output (hinge d_loss ~2.0). "trainable": the blocks fine-tune too (the paper's
     choice; takes the discriminator learning rate)."""
@@ -67,32 +72,46 @@ class TransformerDiscriminator(nn.Module):
                             f"{available} blocks (use 1..{available})")
         if backbone not in ("frozen", "trainable"):
             raise UserError(f"discriminator backbone must be 'frozen' or 'trainable', got '{backbone}'")
-        # copies of exactly what the first blocks need: patch/pos embed, time-text embed, context embedder
-        self.pos_embed = copy.deepcopy(transformer.pos_embed)
-        self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
-        self.context_embedder = copy.deepcopy(transformer.context_embedder)
-        self.blocks = nn.ModuleList(copy.deepcopy(transformer.transformer_blocks[i]) for i in range(blocks))
+        # exactly what the first blocks need: patch/pos embed, time-text embed, context embedder
+        parts = {"pos_embed": transformer.pos_embed, "time_text_embed": transformer.time_text_embed,
+                 "context_embedder": transformer.context_embedder,
+                 "blocks": nn.ModuleList(transformer.transformer_blocks[i] for i in range(blocks))}
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         self.heads = nn.ModuleList(TokenHead(dim, dim, spectral_norm=spectral_norm) for _ in range(blocks))
         self.backbone = backbone
+        if backbone == "frozen":          # the teacher's own (frozen) modules, in the teacher's dtype
+            self.shared = SimpleNamespace(**parts)
+        else:                             # a trainable float32 copy
+            self.shared = None
+            for name, part in parts.items():
+                setattr(self, name, copy.deepcopy(part))
         self.float().train().requires_grad_(True)
-        if backbone == "frozen":
-            for part in (self.pos_embed, self.time_text_embed, self.context_embedder, self.blocks):
-                part.requires_grad_(False)
+
+    def _backbone(self):
+        return self.shared or self
+
+    def backbone_modules(self) -> list[nn.Module]:
+        bb = self._backbone()
+        return [bb.pos_embed, bb.time_text_embed, bb.context_embedder, bb.blocks]
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
                 return_features: bool = False):
+        from pipeline.lora import adapters_off
+
+        bb = self._backbone()
         dtype = self.heads[0].cond_map.weight.dtype
-        x = x.to(dtype)
-        tokens = self.pos_embed(x).contiguous()
-        timestep = (sigma * 1000).to(dtype).expand(x.shape[0])
-        temb = self.time_text_embed(timestep, cond["pooled_projections"].to(dtype))
-        context = self.context_embedder(cond["encoder_hidden_states"].to(dtype))
+        bdtype = next(bb.blocks.parameters()).dtype          # the teacher's, for a shared backbone
+        x = x.to(bdtype)
         features, logits = [], []
-        for block, head in zip(self.blocks, self.heads):
-            context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
-            features.append(tokens)
-            logits.append(head(tokens, temb))
+        with adapters_off(*self.backbone_modules()) if self.shared else contextlib.nullcontext():
+            tokens = bb.pos_embed(x).contiguous()
+            timestep = (sigma * 1000).float().expand(x.shape[0])
+            temb = bb.time_text_embed(timestep, cond["pooled_projections"].to(bdtype))
+            context = bb.context_embedder(cond["encoder_hidden_states"].to(bdtype))
+            for block, head in zip(bb.blocks, self.heads):
+                context, tokens = block(hidden_states=tokens, encoder_hidden_states=context, temb=temb)
+                features.append(tokens.to(dtype))
+                logits.append(head(tokens.to(dtype), temb.to(dtype)))
         logits = torch.cat(logits, 1)
         return (logits, features) if return_features else logits
 

@@ -93,6 +93,7 @@ class FlowSteer(OnTrajectoryChordMethod):
     ladder_rows = (("flowsteer-adv", {"lambda_fm": 0.0}), ("flowsteer", {}),
                    ("flowsteer-rollout", {"fake_source": "rollout"}))
     uses_adversarial = True
+    graph_calls = 1.5                     # + the GAN rows' student jump and the discriminator blocks after it
 
     @classmethod
     def adversarial(cls, cfg, options):

@@ -27,7 +27,6 @@ Pitfalls of the public code that this file avoids (tests/test_scflow.py checks t
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +75,7 @@ class SCFlow(Method):
     description = ("SCFlow (self-corrected flow): consistency against a target EMA with short teacher skips, "
                    "truncated below tau, plus a bidirectional term, reflow of its own one-step output and a hinge GAN.")
     uses_adversarial = True               # its optional GAN term builds flowsteer's discriminator
+    graph_calls = 2.0                     # f(z_t, t) and the one-step output (reflow, GAN) keep a graph
     Options = SCFlowOptions
     ladder_rank = 40                      # after FlowSteer's own rows, under the same CFG target
 
@@ -92,37 +92,56 @@ class SCFlow(Method):
         return student
 
     def _sync_target(self, student):
-        """Keep the target a copy of the student's structure: LoRA adapters are added after make_student,
-        so the first call after that (before any update) re-copies it; a loaded state is applied here."""
-        net = student
-        if self.target is None or self.target.state_dict().keys() != net.state_dict().keys():
-            self.target = copy.deepcopy(net).eval().requires_grad_(False)
-        if self._pending_target is not None and self._pending_target.keys() == self.target.state_dict().keys():
-            self.target.load_state_dict(self._pending_target)
+        """The target holds a copy of the student's trainable parameters only (with a LoRA student: its
+        adapters, the base is shared) and runs as the student with them swapped in (`target_velocity`). Made on
+        first use when the student was built without make_student (LoRA); a loaded state is applied here."""
+        names = [n for n, p in student.named_parameters() if p.requires_grad]
+        if self.target is None or list(self.target) != names:
+            params = dict(student.named_parameters())
+            self.target = {n: params[n].detach().clone() for n in names}
+        if self._pending_target is not None and self._pending_target.keys() == self.target.keys():
+            for n, t in self._pending_target.items():
+                self.target[n].copy_(t)
             self._pending_target = None
+
+    def target_velocity(self, student):
+        """v of the target network: the student's module with the target's parameters (torch.func)."""
+        def velocity(x, s, c):
+            return torch.func.functional_call(student, self.target, (), self._velocity_kwargs(x, s, c))
+        return velocity
+
+    @staticmethod
+    def _tuple_first(velocity):
+        return lambda x, s, c: velocity(x, s, c)[0]
+
+    @staticmethod
+    def _velocity_kwargs(x, sigma, cond):
+        return {"hidden_states": x, "timestep": (sigma * 1000).float().expand(x.shape[0]),
+                "encoder_hidden_states": cond["encoder_hidden_states"],
+                "pooled_projections": cond["pooled_projections"], "return_dict": False}
 
     @torch.no_grad()
     def after_step(self, student, step):
         """Target EMA: theta- <- d theta- + (1 - d) theta (decay 0.9, SCFlow's target network)."""
         self._sync_target(student)
         d = self.options["target_decay"]
-        src = student.state_dict()
-        for name, p in self.target.state_dict().items():
-            q = src[name].to(p.dtype)
-            p.lerp_(q, 1 - d) if p.is_floating_point() else p.copy_(q)
+        params = dict(student.named_parameters())
+        for name, p in self.target.items():
+            p.lerp_(params[name].detach().to(p.dtype), 1 - d)
 
     def state_dict(self):
         if self._pending_target is not None:
             return {"target": self._pending_target}
-        return {"target": {k: v.detach().clone() for k, v in self.target.state_dict().items()}} if self.target else {}
+        return {"target": {k: v.detach().clone() for k, v in self.target.items()}} if self.target else {}
 
     def load_state_dict(self, state):
         if "target" not in state:
             return
-        if self.target is not None and state["target"].keys() == self.target.state_dict().keys():
-            self.target.load_state_dict(state["target"])
-        else:                             # before make_student, or before LoRA reshaped the student
-            self._pending_target = state["target"]
+        self._pending_target = dict(state["target"])
+        if self.target is not None and self._pending_target.keys() == self.target.keys():
+            for n, t in self._pending_target.items():
+                self.target[n].copy_(t)
+            self._pending_target = None
 
     # --- GAN on the one-step output: the shared discriminator and hinge losses (pipeline/methods/discriminator.py)
     def discriminator(self):
@@ -178,7 +197,7 @@ class SCFlow(Method):
             dn, up = u1 * torch.clamp(t, max=o["delta"]), u2 * torch.clamp(1 - t, max=o["delta"])
             v_T = guided(self.ctx.teacher.velocity, batch["null_cond"], w)(z_t, t, cond)
             z_m, z_p = z_t - rowwise(dn, z_t) * v_T, z_t + rowwise(up, z_t) * v_T
-            tgt = consistency(vel(self.target), torch.cat([z_m, z_p]), torch.cat([t - dn, t + up]),
+            tgt = consistency(self._tuple_first(self.target_velocity(student)), torch.cat([z_m, z_p]), torch.cat([t - dn, t + up]),
                               {k: torch.cat([v, v]) for k, v in cond.items()})
             tgt_m, tgt_p = tgt.chunk(2)
             need = (t - dn) < o["tau"]

@@ -25,20 +25,24 @@ def _hash_encoder(prompts: list[str]) -> dict[str, torch.Tensor]:
     return {"encoder_hidden_states": torch.stack(ctx), "pooled_projections": torch.stack(pooled)}
 
 
-def make_toy_transformer(sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0):
+def make_toy_transformer(sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0, heads: int = 2,
+                         head_dim: int = 8):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
     return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=channels,
-                                 out_channels=channels, num_layers=layers, attention_head_dim=8,
-                                 num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16,
-                                 pooled_projection_dim=TEXT_DIM, pos_embed_max_size=sample_size // 2)
+                                 out_channels=channels, num_layers=layers, attention_head_dim=head_dim,
+                                 num_attention_heads=heads, joint_attention_dim=TEXT_DIM,
+                                 caption_projection_dim=heads * head_dim, pooled_projection_dim=TEXT_DIM,
+                                 pos_embed_max_size=sample_size // 2)
 
 
-def make_toy_teacher(device="cpu", sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0):
-    """Factory in the byo signature: keyword arguments from `teacher.kwargs`, plus `device`."""
-    net = make_toy_transformer(sample_size, channels, layers, seed).to(device)
-    weak = make_toy_transformer(sample_size, channels, layers, seed + 1).to(device)
+def make_toy_teacher(device="cpu", sample_size: int = 8, channels: int = 1, layers: int = 1, seed: int = 0,
+                     heads: int = 2, head_dim: int = 8, weak: bool = True):
+    """Factory in the byo signature: keyword arguments from `teacher.kwargs`, plus `device`; `heads` x `head_dim`
+    is the width (bench/memory_plan.py builds an SD3-Medium-like 12 x 768 one); `weak`: an autoguidance model."""
+    net = make_toy_transformer(sample_size, channels, layers, seed, heads, head_dim).to(device)
+    weak = make_toy_transformer(sample_size, channels, layers, seed + 1, heads, head_dim).to(device) if weak else None
     return TransformerTeacher(net, _hash_encoder, lambda x: ((x.clamp(-1, 1) + 1) / 2),
                               (channels, sample_size, sample_size), weak_transformer=weak,
                               encode_images=lambda images: images)

@@ -9,13 +9,16 @@ standard deviation; two values differ "by more than the spread" when |mean_a - m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from pipeline.metrics import registered
 from pipeline.methods import ladder_rank
 from pipeline.scores import WARN, cell, separated, summarize
+
+if TYPE_CHECKING:          # pandas loads where a table is built, not when `flowsteer status` imports the stages
+    import pandas as pd
 
 LADDER_NFES = (1, 2, 4)
 
@@ -178,6 +181,8 @@ def metric_table(cfg, summary: pd.DataFrame, runs: list[RunInfo], metric: str) -
 # ---------------------------------------------------------------- one checkpoint (model card)
 def prompt_set_text(rows: pd.DataFrame) -> str:
     """Which prompts the rows were sampled from, e.g. "`coco_val` (held-out)" or "the generate prompts"."""
+    import pandas as pd
+
     sets = [s for s in dict.fromkeys(rows.get("prompt_set", pd.Series(dtype=str)).dropna())]
     if not sets:
         return "the generate prompts"
@@ -186,6 +191,8 @@ def prompt_set_text(rows: pd.DataFrame) -> str:
 
 def prompts_summary(cfg, rows: pd.DataFrame) -> str:
     """The evaluation prompt set: held-out, or (the default) the prompts the students were distilled on."""
+    import pandas as pd
+
     text = prompt_set_text(rows)
     if cfg.evaluate.prompts is None:
         return (f"{text}: the prompts the students were distilled on, not held out (set `evaluate.prompts` "
@@ -224,6 +231,8 @@ def scores_markdown(rows: pd.DataFrame, teacher: pd.DataFrame | None = None, tea
 def checkpoint_scores(cfg, run) -> str | None:
     """The evaluate scores of one trained student (a schemas.config.TrainRun) as a markdown table, for its
     model card (export/README.md); None until `flowsteer evaluate` has scored this checkpoint."""
+    import pandas as pd
+
     path = cfg.stage_dir("evaluate") / "scores.parquet"
     if not path.is_file():
         return None

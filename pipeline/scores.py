@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import atomic_write_parquet
+
+if TYPE_CHECKING:          # pandas is imported where a summary is built: the CLI's config checks need none
+    import pandas as pd
 
 SCHEDULES = ("fixed", "diffusers")      # the student's own grid / diffusers' FlowMatchEulerDiscreteScheduler grid
 WARN = "⚠"
@@ -60,6 +63,8 @@ def gather(root: Path, jobs=("teacher", "students")) -> pa.Table:
 def summarize(rows: pd.DataFrame, by=("run", "schedule", "nfe", "metric")) -> pd.DataFrame:
     """Mean and standard deviation over every (training seed, evaluation seed) value of each group, with the
     number of values, of training and evaluation seeds, and the smallest sample count behind a value."""
+    import pandas as pd
+
     if not len(rows):
         return pd.DataFrame(columns=[*by, "mean", "std", "count", "train_seeds", "eval_seeds", "n", "features",
                                      "prompt_set"])

@@ -14,9 +14,9 @@ import html
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from pipeline.errors import UserError
@@ -28,6 +28,9 @@ from pipeline.report_tables import (RunInfo, ladder_table, metric_table, prompt_
                                     spread_note, title)
 from pipeline.runner import Job, Unit, drop_record, read_record
 from schemas.config import RunConfig
+
+if TYPE_CHECKING:          # pandas loads when a report is written, not when `flowsteer status` checks the config
+    import pandas as pd
 
 LOSSES = "losses.jsonl"                 # the train stage's loss log (one JSON object per logged step)
 
@@ -61,6 +64,8 @@ class ReportWorker:
         self.cfg, self.methods = RunConfig.model_validate(cfg_json), methods
 
     def run(self, unit: Unit) -> dict:
+        import pandas as pd
+
         scores = pd.read_parquet(scores_path(self.cfg))
         if "run" not in scores.columns:
             raise UserError(f"{scores_path(self.cfg)} has no run and schedule columns: rerun `flowsteer evaluate`")
@@ -72,6 +77,8 @@ class ReportWorker:
 def select(cfg: RunConfig, scores: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     """This config's rows: its teacher at teacher_nfe, and the current checkpoint of each training run
     (name x train seed, by fingerprint) at its NFEs and schedules; its evaluation seeds only."""
+    import pandas as pd
+
     ev = cfg.evaluate
     want = {("teacher", cfg.fingerprint("teacher"), None, "fixed", ev.teacher_nfe)}
     want |= {(r.name, cfg.fingerprint("train", r), r.seed, s, n)

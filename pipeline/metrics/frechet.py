@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import linalg
 
 
 def sqrtm(a: np.ndarray) -> np.ndarray:
     """scipy's matrix square root, on every scipy: newer releases dropped sqrtm's `disp` argument (a call with
     disp=False, as clean-fid's, is a TypeError there: seen on the H100 image) and return the matrix alone."""
+    from scipy import linalg      # here, not at module level: `flowsteer status` need not pay for scipy
+
     out = linalg.sqrtm(a)
     return out[0] if isinstance(out, tuple) else out
 

@@ -77,7 +77,8 @@ def test_a_registered_method_takes_its_ladder_place_in_the_report(make_toy_confi
     rows = pd.DataFrame([{"checkpoint": r.name, "fingerprint": "f", "run": r.name, "train_seed": 0,
                           "schedule": "fixed", "nfe": 1, "metric": "fid", "value": float(i), "n": 8, "seed": 0,
                           "guidance": 1.0, "features": "pixels", "reference": "", "sampling_seconds": 0.0,
-                          "scoring_seconds": 0.0, "unit": r.name} for i, r in enumerate(runs)])
+                          "scoring_seconds": 0.0, "unit": r.name, "prompt_set": "train prompts", "prompt_hash": "h",
+                          "step": 4} for i, r in enumerate(runs)])
     table = ladder_table(cfg, rows, runs, "fid")
     order = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
     assert [o.split(",")[0] for o in order] == ["perflow", "ota", "toy-chord", "flowsteer"]

@@ -55,8 +55,9 @@ def checkpoint_student(cfg, run, teacher, path: Path, device):
     method_cls = get_method(run.method)
     sched = cfg.schedule
     edges = fixed_sigmas(sched.teacher_steps, sched.shift)[::sched.teacher_steps // sched.windows]
-    ctx = MethodContext(cfg=cfg, teacher=teacher, data=None, edges=edges.to(device), device=torch.device(device),
-                        generator=torch.Generator().manual_seed(0), options=dict(run.options))
+    ctx = MethodContext(cfg=cfg, teacher=teacher, rows=None, solves=None, edges=edges.to(device),
+                        device=torch.device(device), step_rng=torch.Generator().manual_seed(0),
+                        options=dict(run.options))
     net = method_cls(ctx).make_student(teacher.transformer).float()
     lora = cfg.train.student.kind == "lora"
     if lora:                              # the student's adapters on a copy of the teacher (pipeline/lora.py)

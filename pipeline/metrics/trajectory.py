@@ -51,21 +51,22 @@ def modes_of(ctx: EvalContext, x: torch.Tensor, images: torch.Tensor, prompts: l
 def clip_nearest_prompt(ctx: EvalContext, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Index (into the unit's distinct prompts, in first-seen order) of the prompt whose CLIP text embedding is
     nearest each image's: a prompt-set "class" for teachers without a classifier."""
-    from pipeline.metrics.alignment import ClipScorer, _embeds
+    from pipeline.metrics.alignment import ClipScorer
+    from pipeline.metrics.base import clip_embeds
 
     scorer = ctx.shared("clip", lambda: ClipScorer(ctx.cfg.evaluate.clip_path, ctx.device))
     distinct = list(dict.fromkeys(prompts))
     text = scorer.processor(text=distinct, return_tensors="pt", padding=True, truncation=True)
-    txt = _embeds(scorer.model.get_text_features(input_ids=text["input_ids"].to(ctx.device),
-                                                 attention_mask=text["attention_mask"].to(ctx.device)))
+    txt = clip_embeds(scorer.model.get_text_features(input_ids=text["input_ids"].to(ctx.device),
+                                                     attention_mask=text["attention_mask"].to(ctx.device)))
     txt = torch.nn.functional.normalize(txt, dim=-1)
     out = []
     for i in range(0, len(images), 64):
         imgs = images[i:i + 64].float().clamp(0, 1)
         imgs = imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs
         pix = scorer.processor(images=list(imgs.cpu()), return_tensors="pt", do_rescale=False)["pixel_values"]
-        img = torch.nn.functional.normalize(_embeds(scorer.model.get_image_features(pixel_values=pix.to(ctx.device))),
-                                            dim=-1)
+        img = clip_embeds(scorer.model.get_image_features(pixel_values=pix.to(ctx.device)))
+        img = torch.nn.functional.normalize(img, dim=-1)
         out.append((img @ txt.T).argmax(1).cpu())
     return torch.cat(out).long()
 

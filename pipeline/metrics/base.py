@@ -127,6 +127,7 @@ class Metric:
     when: ClassVar[str] = "always"                # when it applies, in words (for `applies`)
     order: ClassVar[int] = 100                    # position in the report's tables
     digits: ClassVar[int] = 2                     # decimals in the report
+    exponent_below: ClassVar[float] = 0.0         # nonzero values smaller than this print as 1.2e-04
     min_samples: ClassVar[int] = 2                # fewer samples per unit: the report warns the value means little
 
     def __init__(self, ctx: EvalContext):
@@ -169,6 +170,8 @@ class Metric:
 
     @classmethod
     def format(cls, value: float) -> str:
+        if 0 < abs(value) < cls.exponent_below:
+            return f"{value:.1e}"
         return f"{value:.{cls.digits}f}"
 
     @classmethod

@@ -17,14 +17,13 @@ no switch metrics. The per-sample errors and modes of every unit are kept in <ev
 from __future__ import annotations
 
 import io
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from pipeline.files import atomic_write_bytes
-from pipeline.metrics.base import EvalContext, Metric, Samples, register
-from pipeline.metrics.fidelity import per_sample_mse
+from pipeline.metrics.base import EvalContext, Samples, register
+from pipeline.metrics.fidelity import TargetError, per_sample_mse
 
 UPPER_QUANTILE = 0.9
 
@@ -123,20 +122,8 @@ def _keep(ctx, samples, target, err, mine, theirs) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-class _Robust(Metric):
+class _Robust(TargetError):
     """One statistic of a unit's per-sample errors against a target."""
-    target: ClassVar[str] = "teacher"
-    needs = ("teacher_outputs",)
-    digits = 4
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
-
-    @classmethod
-    def teacher_note(cls, cfg) -> str:
-        return ("the teacher's outputs are this metric's target (0 by construction)" if cls.target == "teacher"
-                else super().teacher_note(cfg))
 
     def stat(self, err: torch.Tensor, switched: torch.Tensor | None) -> float | None:
         raise NotImplementedError
@@ -157,13 +144,9 @@ class _Upper(_Robust):
 
 
 class _Switch(_Robust):
-    digits = 3
+    digits, exponent_below = 3, 0.0
     when = "a mode per sample: the exact or embedded teacher, or evaluate.clip_path"
     min_samples = 100
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return f"{value:.3f}"
 
     @classmethod
     def applies(cls, cfg) -> bool:
@@ -174,11 +157,7 @@ class _Switch(_Robust):
 
 
 class _Kept(_Switch):
-    digits = 4
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return _Robust.format(value)
+    digits, exponent_below = 4, 1e-3
 
     def stat(self, err, switched):
         if switched is None or bool(switched.all()):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, local_dir
 from pipeline.metrics.base import (BatchedScorer, EvalContext, Metric, PromptScoreMetric, Samples, clip_embeds,
                                    register)
 
@@ -36,10 +36,7 @@ def check_clip_dir(path: str | Path, key: str = "evaluate.clip_path") -> Path:
     load report."""
     import json
 
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"{key} {p} is not a directory (expected a transformers CLIP model dir "
-                        f"with config.json, weights and the processor files)")
+    p = local_dir(path, key, "a transformers CLIP model dir with config.json, weights and the processor files")
     try:
         model_type = json.loads((p / "config.json").read_text()).get("model_type", "")
     except (OSError, ValueError, AttributeError):

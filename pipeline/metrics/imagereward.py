@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, local_dir
 from pipeline.metrics.base import BatchedScorer, EvalContext, PromptScoreMetric, metric_dtype, pil_images, register
 
 CHECKPOINT, MED_CONFIG, VOCAB = "ImageReward.pt", "med_config.json", "vocab.txt"
@@ -174,10 +174,8 @@ class ImageReward(PromptScoreMetric):
         path = cfg.evaluate.imagereward_path
         if not path:
             return
-        d = Path(path).expanduser()
-        if not d.is_dir():
-            raise UserError(f"{cls.weights} {d} is not a directory (expected {CHECKPOINT}, {MED_CONFIG} and "
-                            f"bert-base-uncased's {VOCAB}; docs/metrics.md)")
+        d = local_dir(path, cls.weights, f"{CHECKPOINT}, {MED_CONFIG} and bert-base-uncased's {VOCAB}; "
+                      f"docs/metrics.md")
         missing = [f for f in (CHECKPOINT, MED_CONFIG, VOCAB) if not (d / f).is_file()]
         if missing:
             raise UserError(f"{cls.weights} {d} has no {', '.join(missing)} (docs/metrics.md says where each comes from)")

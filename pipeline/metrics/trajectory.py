@@ -138,6 +138,11 @@ class _Median(_Robust):
         return float(err.median())
 
 
+class _Mean(_Robust):
+    def stat(self, err, switched):
+        return float(err.mean())
+
+
 class _Upper(_Robust):
     def stat(self, err, switched):
         return float(torch.quantile(err.double(), UPPER_QUANTILE))
@@ -165,30 +170,11 @@ class _Kept(_Switch):
         return float(err[~switched].mean())
 
 
-@register
-class FidelityMedian(_Median):
-    name, title, order = "fidelity_median", "Trajectory fidelity, median squared error", 41
-    description = ("Median over samples of the mean squared distance between the student's output and the "
-                   "teacher's from the same noise and prompt: how closely a typical sample follows the trajectory.")
-
-
-@register
-class FidelityUpper(_Upper):
-    name, title, order = "fidelity_p90", "Trajectory fidelity, 90th percentile", 42
-    description = "90th percentile over samples of that squared distance: the tail a mean folds in."
-
-
-@register
-class ModeSwitch(_Switch):
-    name, title, order = "mode_switch", "Mode switches vs the teacher", 43
-    description = ("Share of samples whose mode (class, digit, or CLIP-nearest prompt) differs from the "
-                   "teacher's output from the same noise and prompt.")
-
-
-@register
-class FidelityKept(_Kept):
-    name, title, order = "fidelity_kept", "Trajectory fidelity without switches (mean)", 44
-    description = "Mean squared distance to the teacher's output over the samples that stay in the teacher's mode."
+def _declare(stat: tuple[type, ...], name: str, title: str, order: int, description: str) -> type:
+    """Register the metric `name`: the statistic (and target) of the classes `stat`, with the report's title,
+    position and one-line description."""
+    facts = {"name": name, "title": title, "order": order, "description": description, "__module__": __name__}
+    return register(type("".join(word.title() for word in name.split("_")), stat, facts))
 
 
 class _Exact:
@@ -201,35 +187,36 @@ class _Exact:
         return cfg.teacher.kind == "exact"
 
 
-@register
-class ExactMean(_Exact, _Robust):
-    name, title, order = "exact_mean", "Error to the exact ODE, mean", 45
-    description = ("Mean squared distance between the output and the exact ODE endpoint (fine RK4 of the exact "
-                   "teacher's guided field) from the same noise and prompt.")
+# Against the teacher's output from the same noise and prompt (the mean is fidelity.FidelityMSE).
+FidelityMedian = _declare(
+    (_Median,), "fidelity_median", "Trajectory fidelity, median squared error", 41,
+    "Median over samples of the mean squared distance between the student's output and the teacher's from the "
+    "same noise and prompt: how closely a typical sample follows the trajectory.")
+FidelityUpper = _declare(
+    (_Upper,), "fidelity_p90", "Trajectory fidelity, 90th percentile", 42,
+    "90th percentile over samples of that squared distance: the tail a mean folds in.")
+ModeSwitch = _declare(
+    (_Switch,), "mode_switch", "Mode switches vs the teacher", 43,
+    "Share of samples whose mode (class, digit, or CLIP-nearest prompt) differs from the teacher's output from "
+    "the same noise and prompt.")
+FidelityKept = _declare(
+    (_Kept,), "fidelity_kept", "Trajectory fidelity without switches (mean)", 44,
+    "Mean squared distance to the teacher's output over the samples that stay in the teacher's mode.")
 
-    def stat(self, err, switched):
-        return float(err.mean())
-
-
-@register
-class ExactMedian(_Exact, _Median):
-    name, title, order = "exact_median", "Error to the exact ODE, median", 46
-    description = "Median over samples of the squared distance to the exact ODE endpoint."
-
-
-@register
-class ExactUpper(_Exact, _Upper):
-    name, title, order = "exact_p90", "Error to the exact ODE, 90th percentile", 47
-    description = "90th percentile over samples of the squared distance to the exact ODE endpoint."
-
-
-@register
-class ExactSwitch(_Exact, _Switch):
-    name, title, order = "exact_switch", "Mode switches vs the exact ODE", 48
-    description = "Share of samples whose nearest mixture mode differs from the exact ODE endpoint's."
-
-
-@register
-class ExactKept(_Exact, _Kept):
-    name, title, order = "exact_kept", "Error to the exact ODE without switches (mean)", 49
-    description = "Mean squared distance to the exact ODE endpoint over the samples in its mode."
+# Against the exact ODE endpoint (the exact teacher only).
+ExactMean = _declare(
+    (_Exact, _Mean), "exact_mean", "Error to the exact ODE, mean", 45,
+    "Mean squared distance between the output and the exact ODE endpoint (fine RK4 of the exact teacher's guided "
+    "field) from the same noise and prompt.")
+ExactMedian = _declare(
+    (_Exact, _Median), "exact_median", "Error to the exact ODE, median", 46,
+    "Median over samples of the squared distance to the exact ODE endpoint.")
+ExactUpper = _declare(
+    (_Exact, _Upper), "exact_p90", "Error to the exact ODE, 90th percentile", 47,
+    "90th percentile over samples of the squared distance to the exact ODE endpoint.")
+ExactSwitch = _declare(
+    (_Exact, _Switch), "exact_switch", "Mode switches vs the exact ODE", 48,
+    "Share of samples whose nearest mixture mode differs from the exact ODE endpoint's.")
+ExactKept = _declare(
+    (_Exact, _Kept), "exact_kept", "Error to the exact ODE without switches (mean)", 49,
+    "Mean squared distance to the exact ODE endpoint over the samples in its mode.")

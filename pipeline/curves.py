@@ -47,13 +47,9 @@ def write_tensorboard(cfg, rows: pd.DataFrame) -> Path:
 
 def plot_curves(rows: pd.DataFrame, metrics: list[str], titles: dict[str, str], nfe: int, out: Path) -> Path | None:
     """One panel per metric: value vs training step per run (fixed grid, `nfe` steps), mean over seeds."""
-    import io
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pipeline.files import atomic_write_bytes
 
     m = means(rows[(rows.schedule == "fixed") & (rows.nfe == nfe)])
     metrics = [x for x in metrics if (m.metric == x).any()]
@@ -69,6 +65,17 @@ def plot_curves(rows: pd.DataFrame, metrics: list[str], titles: dict[str, str], 
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """A matplotlib figure laid out and written as a PNG, atomically (pipeline/files.py), then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from pipeline.files import atomic_write_bytes
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")

@@ -38,6 +38,26 @@ def tuner_layers(module: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
+def _set_each(items, read, write, value):
+    """`write(item, value)` for every item inside; each item's own `read(item)` written back after."""
+    items = list(items)
+    before = [read(item) for item in items]
+    for item in items:
+        write(item, value)
+    try:
+        yield
+    finally:
+        for item, own in zip(items, before):
+            write(item, own)
+
+
+def frozen(params):
+    """`params` record no gradients inside; each one's requires_grad flag is restored after. (The trainer's
+    generator step runs THROUGH the discriminator this way, never OF it; a method never freezes it.)"""
+    return _set_each(params, lambda p: p.requires_grad, lambda p, flag: p.requires_grad_(flag), False)
+
+
+@contextlib.contextmanager
 def adapters_off(*modules: torch.nn.Module):
     """Run `modules` as the frozen base: every LoRA adapter inside disabled, and restored after (with the
     adapters' requires_grad flags, which peft's toggle changes)."""
@@ -48,17 +68,10 @@ def adapters_off(*modules: torch.nn.Module):
             return
         params = [p for layer in layers for name in layer.adapter_layer_names
                   for p in getattr(layer, name).parameters()]
-        grads = [p.requires_grad for p in params]
-        was_off = [layer.disable_adapters for layer in layers]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
+        # peft's toggle sets the adapters' requires_grad flags: each one's own comes back after (outer context)
+        with frozen(params), _set_each(layers, lambda layer: not layer.disable_adapters,
+                                       lambda layer, on: layer.enable_adapters(on), False):
             yield
-        finally:
-            for layer, off in zip(layers, was_off):
-                layer.enable_adapters(not off)
-            for p, flag in zip(params, grads):
-                p.requires_grad_(flag)
 
 
 def lora_config(spec):

@@ -34,17 +34,15 @@ for pid, created in known.items():
             procs.append(p)
     except psutil.Error:
         pass
-for p in procs:
-    try:
-        p.terminate()
-    except psutil.Error:
-        pass
+def each(procs, action):                        # a process may end between the listing and the signal
+    for p in procs:
+        try:
+            getattr(p, action)()
+        except psutil.Error:
+            pass
+each(procs, "terminate")
 _, alive = psutil.wait_procs(procs, timeout=5)
-for p in alive:
-    try:
-        p.kill()
-    except psutil.Error:
-        pass
+each(alive, "kill")
 """
 
 _watchdog: subprocess.Popen | None = None

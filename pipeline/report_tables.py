@@ -110,6 +110,23 @@ def d_cells(stats: dict | None) -> str:
     return f" {loss} | {acc} | {pair} |"
 
 
+def arrowed_cells(found: dict, above: dict) -> list[str]:
+    """A ladder row's cells, one per column of `found` (column -> summary row, None where missing: "–"):
+    mean ± std, with ↓ / ↑ where the value is separated from the row above in that column (`above`, which
+    this updates to this row)."""
+    cells = []
+    for col, r in found.items():
+        if r is None:
+            cells.append("–")
+            continue
+        text, prev = cell(r["metric"], r), above.get(col)
+        if prev is not None and separated(r, prev):
+            text += " ↓" if r["mean"] < prev["mean"] else " ↑"
+        cells.append(text)
+        above[col] = r
+    return cells
+
+
 def ladder_table(cfg, rows: pd.DataFrame, runs: list[RunInfo], metric: str) -> str:
     """Table-5 style: a row per ladder step, 1 / 2 / 4 NFE (those evaluated), mean ± std, an arrow where a
     step moves the value by more than the spread, the discriminator's final accuracy beside adversarial rows."""
@@ -122,17 +139,7 @@ def ladder_table(cfg, rows: pd.DataFrame, runs: list[RunInfo], metric: str) -> s
              "|---|" + "---:|" * len(nfes) + ("---:|" * 3 if with_d else "")]
     above: dict[int, object] = {}
     for run, schedule, label in steps:
-        cells = []
-        for n in nfes:
-            r = _row(summary, run.name, schedule, n, metric)
-            if r is None:
-                cells.append("–")
-                continue
-            text, prev = cell(metric, r), above.get(n)
-            if prev is not None and separated(r, prev):
-                text += " ↓" if r["mean"] < prev["mean"] else " ↑"
-            cells.append(text)
-            above[n] = r
+        cells = arrowed_cells({n: _row(summary, run.name, schedule, n, metric) for n in nfes}, above)
         d = d_cells(run.d_stats)
         lines.append(f"| {label} | " + " | ".join(cells) + " |" + (d if with_d else ""))
     lines += ["", teacher_line(cfg, summary, metric), "",

@@ -18,9 +18,8 @@ import contextlib
 import copy
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -29,6 +28,7 @@ from pipeline.data import RowSource
 from pipeline.errors import UserError
 from pipeline.fast_step import adamw, prepare_student
 from pipeline.loader import BatchLoader
+from pipeline.lora import frozen
 from pipeline.loss_log import LossLog
 from pipeline.methods import get_method
 from pipeline.methods.base import MethodContext
@@ -101,21 +101,6 @@ class EMA:
                 ema_sq += float((self.shadow[n].float() - origin.float()).pow(2).sum())
                 raw_sq += float((p.detach().float() - origin.float()).pow(2).sum())
         return math.sqrt(ema_sq / raw_sq) if raw_sq > 0 else float("nan")
-
-
-@contextmanager
-def frozen(params: Iterable[torch.nn.Parameter]):
-    """The generator step needs gradients THROUGH the discriminator, not OF it: its parameters record none
-    inside (restored after). The trainer alone freezes the discriminator; a method never does."""
-    params = list(params)
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
 
 
 class Trainer:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline.metrics import registered
-from pipeline.scores import cell, separated, summarize
-from pipeline.report_tables import LADDER_NFES, _row, ladder_rows, ladder_table, spread_note
+from pipeline.scores import separated, summarize
+from pipeline.report_tables import LADDER_NFES, _row, arrowed_cells, ladder_rows, ladder_table, spread_note
 
 FAMILIES = {   # target -> (median, upper quantile, switch rate, error without switches, mean)
     "exact": ("exact_median", "exact_p90", "exact_switch", "exact_kept", "exact_mean"),
@@ -37,17 +37,7 @@ def robust_table(cfg, summary: pd.DataFrame, runs, family: str, nfe: int, schedu
     lines = ["| ladder step | " + " | ".join(_short(m) for m in names) + " |", "|---|" + "---:|" * len(names)]
     above: dict[str, object] = {}
     for run, schedule, label in ladder_rows(runs, schedules):
-        cells = []
-        for m in names:
-            r = _row(summary, run.name, schedule, nfe, m)
-            if r is None:
-                cells.append("–")
-                continue
-            text, prev = cell(m, r), above.get(m)
-            if prev is not None and separated(r, prev):
-                text += " ↓" if r["mean"] < prev["mean"] else " ↑"
-            cells.append(text)
-            above[m] = r
+        cells = arrowed_cells({m: _row(summary, run.name, schedule, nfe, m) for m in names}, above)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

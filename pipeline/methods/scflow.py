@@ -99,7 +99,12 @@ class SCFlow(Method):
         if self.target is None or list(self.target) != names:
             params = dict(student.named_parameters())
             self.target = {n: params[n].detach().clone() for n in names}
-        if self._pending_target is not None and self._pending_target.keys() == self.target.keys():
+        self._apply_pending_target()
+
+    def _apply_pending_target(self):
+        """Copy a loaded target (load_state_dict) into the live one once both exist with the same names."""
+        if (self.target is not None and self._pending_target is not None
+                and self._pending_target.keys() == self.target.keys()):
             for n, t in self._pending_target.items():
                 self.target[n].copy_(t)
             self._pending_target = None
@@ -138,10 +143,7 @@ class SCFlow(Method):
         if "target" not in state:
             return
         self._pending_target = dict(state["target"])
-        if self.target is not None and self._pending_target.keys() == self.target.keys():
-            for n, t in self._pending_target.items():
-                self.target[n].copy_(t)
-            self._pending_target = None
+        self._apply_pending_target()
 
     # --- GAN on the one-step output: the shared discriminator and hinge losses (pipeline/methods/discriminator.py)
     def discriminator(self):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
-from pipeline.metrics.base import EvalContext, Metric, Samples, register
+from pipeline.errors import UserError, local_dir
+from pipeline.metrics.base import (BatchedScorer, EvalContext, Metric, PromptScoreMetric, Samples, clip_embeds,
+                                   register)
 
 
 def digit_labels(prompts: list[str]) -> list[int] | None:
@@ -35,10 +36,7 @@ def check_clip_dir(path: str | Path, key: str = "evaluate.clip_path") -> Path:
     load report."""
     import json
 
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"{key} {p} is not a directory (expected a transformers CLIP model dir "
-                        f"with config.json, weights and the processor files)")
+    p = local_dir(path, key, "a transformers CLIP model dir with config.json, weights and the processor files")
     try:
         model_type = json.loads((p / "config.json").read_text()).get("model_type", "")
     except (OSError, ValueError, AttributeError):
@@ -52,7 +50,7 @@ def check_clip_dir(path: str | Path, key: str = "evaluate.clip_path") -> Path:
     return p
 
 
-class ClipScorer:
+class ClipScorer(BatchedScorer):
     """CLIP score per (image, prompt) pair from a local transformers CLIP directory."""
 
     def __init__(self, path: str | Path, device="cpu"):
@@ -67,27 +65,17 @@ class ClipScorer:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(prompts), batch):
-            imgs = images01[i:i + batch].float().clamp(0, 1)
-            if imgs.shape[1] == 1:
-                imgs = imgs.expand(-1, 3, -1, -1)   # grey samples: CLIP wants RGB
-            inputs = self.processor(text=prompts[i:i + batch], images=list(imgs.cpu()), return_tensors="pt",
-                                    padding=True, truncation=True, do_rescale=False)
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            txt = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                               attention_mask=inputs.get("attention_mask"))
-            img, txt = _embeds(img), _embeds(txt)
-            cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-            out.append(100 * cos.clamp_min(0).cpu())
-        return torch.cat(out)
-
-
-def _embeds(x) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers < 5) or an output object with pooler_output (>= 5)."""
-    return x if isinstance(x, torch.Tensor) else x.pooler_output
+    def batch_scores(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        imgs = images01.float().clamp(0, 1)
+        if imgs.shape[1] == 1:
+            imgs = imgs.expand(-1, 3, -1, -1)   # grey samples: CLIP wants RGB
+        inputs = self.processor(text=prompts, images=list(imgs.cpu()), return_tensors="pt",
+                                padding=True, truncation=True, do_rescale=False)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        img = clip_embeds(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        txt = clip_embeds(self.model.get_text_features(input_ids=inputs["input_ids"],
+                                                       attention_mask=inputs.get("attention_mask")))
+        return 100 * torch.nn.functional.cosine_similarity(img, txt, dim=-1).clamp_min(0)
 
 
 @register
@@ -111,25 +99,18 @@ class PromptAccuracy(Metric):
 
 
 @register
-class ClipScore(Metric):
-    name, title, better, order = "clip_score", "CLIP score", "higher", 30
+class ClipScore(PromptScoreMetric):
+    name, title, order = "clip_score", "CLIP score", 30
     description = "100 x cosine(CLIP image, CLIP prompt), clipped at 0 (Hessel et al. 2021). Prompt alignment."
     weights = "evaluate.clip_path"
-    when = "evaluate.clip_path is set"
-    min_samples = 100
-
-    @classmethod
-    def applies(cls, cfg) -> bool:
-        return bool(cfg.evaluate.clip_path)
+    scorer_name = "clip"                 # the CLIP trajectory statistics load the same model
+    batch_from_config = False
 
     @classmethod
     def check(cls, cfg) -> None:
         if cfg.evaluate.clip_path:
             check_clip_dir(cfg.evaluate.clip_path)
 
-    def __init__(self, ctx: EvalContext):
-        super().__init__(ctx)
-        self.scorer = ClipScorer(ctx.cfg.evaluate.clip_path, ctx.device)
-
-    def score(self, samples: Samples) -> float | None:
-        return float(self.scorer(samples.images, samples.prompts).mean())
+    @classmethod
+    def build_scorer(cls, ctx: EvalContext) -> ClipScorer:
+        return ClipScorer(ctx.cfg.evaluate.clip_path, ctx.device)

@@ -46,6 +46,23 @@ def pil_images(images01: torch.Tensor) -> list:
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).convert("RGB") for a in to_uint8(images01)]
 
 
+def clip_embeds(x) -> torch.Tensor:
+    """get_*_features returns a tensor (transformers < 5) or an output object with pooler_output (>= 5)."""
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+
+
+class BatchedScorer:
+    """A per-(image, prompt) scorer: `batch_scores(images01, prompts)` -> [B] for one chunk; calling it scores
+    all pairs in chunks of `batch`, joined on the CPU."""
+
+    def batch_scores(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
+        return torch.cat([self.batch_scores(images01[i:i + batch], prompts[i:i + batch]).cpu()
+                          for i in range(0, len(prompts), batch)])
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,6 +127,7 @@ class Metric:
     when: ClassVar[str] = "always"                # when it applies, in words (for `applies`)
     order: ClassVar[int] = 100                    # position in the report's tables
     digits: ClassVar[int] = 2                     # decimals in the report
+    exponent_below: ClassVar[float] = 0.0         # nonzero values smaller than this print as 1.2e-04
     min_samples: ClassVar[int] = 2                # fewer samples per unit: the report warns the value means little
 
     def __init__(self, ctx: EvalContext):
@@ -152,6 +170,8 @@ class Metric:
 
     @classmethod
     def format(cls, value: float) -> str:
+        if 0 < abs(value) < cls.exponent_below:
+            return f"{value:.1e}"
         return f"{value:.{cls.digits}f}"
 
     @classmethod
@@ -161,3 +181,36 @@ class Metric:
 
     def score(self, samples: Samples) -> float | None:
         raise NotImplementedError
+
+
+class PromptScoreMetric(Metric):
+    """A per-(image, prompt) score from a model whose local weights path is the config key `weights`: computed
+    when that key is set, its scorer built once per worker (`build_scorer`, shared under `scorer_name`), the
+    unit's value the mean over samples."""
+    better: ClassVar[str] = "higher"
+    min_samples: ClassVar[int] = 100            # the standard error of a mean still matters below ~100 samples
+    scorer_name: ClassVar[str] = ""             # EvalContext.shared key (default: the metric's name)
+    batch_from_config: ClassVar[bool] = True    # score in `evaluate.batch_size` chunks (else the scorer's default)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.weights and "when" not in cls.__dict__:
+            cls.when = f"{cls.weights} is set"
+
+    @classmethod
+    def applies(cls, cfg) -> bool:
+        return bool(config_value(cfg, cls.weights))
+
+    @classmethod
+    def build_scorer(cls, ctx: EvalContext) -> Callable[..., torch.Tensor]:
+        """The scorer: (images01 [N, C, H, W], prompts, batch) -> [N] scores."""
+        raise NotImplementedError
+
+    def __init__(self, ctx: EvalContext):
+        super().__init__(ctx)
+        self.scorer = ctx.shared(self.scorer_name or self.name, lambda: self.build_scorer(ctx))
+
+    def score(self, samples: Samples) -> float | None:
+        if not self.batch_from_config:
+            return float(self.scorer(samples.images, samples.prompts).mean())
+        return float(self.scorer(samples.images, samples.prompts, self.ctx.cfg.evaluate.batch_size).mean())

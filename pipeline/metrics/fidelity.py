@@ -4,6 +4,8 @@ sample quality). Measured in the space the ODE runs in (pixels for the embedded 
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from pipeline.metrics.base import Metric, Samples, register
@@ -17,21 +19,25 @@ def per_sample_mse(student_x: torch.Tensor, teacher_x: torch.Tensor) -> torch.Te
     return (student_x.float().cpu() - teacher_x.float().cpu()).pow(2).flatten(1).mean(1)
 
 
+class TargetError(Metric):
+    """A statistic of each sample's squared distance to a target output from the same noise and prompt: the
+    teacher's (then the teacher itself has no value) or, for the exact teacher, the exact ODE endpoint's."""
+    target: ClassVar[str] = "teacher"
+    needs = ("teacher_outputs",)
+    digits, exponent_below = 4, 1e-3
+
+    @classmethod
+    def teacher_note(cls, cfg) -> str:
+        return ("the teacher's outputs are this metric's target (0 by construction)" if cls.target == "teacher"
+                else super().teacher_note(cfg))
+
+
 @register
-class FidelityMSE(Metric):
+class FidelityMSE(TargetError):
     name, title, better, order = "fidelity_mse", "Trajectory fidelity, mean MSE", "lower", 40
     description = ("Mean over samples of the squared distance between the student's output and the teacher's "
                    "output from the same noise and prompt, in the ODE's space (0 = identical); dominated by "
                    "the samples that switch mode: see its median, 90th percentile and mode-switch rate.")
-    needs = ("teacher_outputs",)
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
-
-    @classmethod
-    def teacher_note(cls, cfg) -> str:
-        return "the teacher's outputs are this metric's target (0 by construction)"
 
     def score(self, samples: Samples) -> float | None:
         if samples.kind == "teacher":

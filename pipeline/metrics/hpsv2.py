@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.metrics.base import EvalContext, Metric, Samples, metric_dtype, pil_images, register
+from pipeline.metrics.base import BatchedScorer, EvalContext, PromptScoreMetric, metric_dtype, pil_images, register
 
 ARCH = "ViT-H-14"          # the architecture of every released HPS checkpoint
 
@@ -47,7 +47,7 @@ def preprocess(image_size: int):
                       lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
 
 
-class HPSScorer:
+class HPSScorer(BatchedScorer):
     """HPSv2 per (image, prompt) pair from a local checkpoint file, loaded once."""
 
     def __init__(self, path: str | Path, arch: str = ARCH, device="cpu", dtype=torch.float32,
@@ -84,26 +84,17 @@ class HPSScorer:
         return img, txt
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
-        out = []
-        for i in range(0, len(prompts), batch):
-            img, txt = self.features(images01[i:i + batch], prompts[i:i + batch])
-            out.append(100 * (img * txt).sum(-1).cpu())
-        return torch.cat(out)
+    def batch_scores(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img, txt = self.features(images01, prompts)
+        return 100 * (img * txt).sum(-1)
 
 
 @register
-class HPSv2(Metric):
-    name, title, better, order = "hpsv2", "HPSv2", "higher", 34
+class HPSv2(PromptScoreMetric):
+    name, title, order = "hpsv2", "HPSv2", 34
     description = ("100 x cosine of the HPS v2 / v2.1 OpenCLIP ViT-H/14 image and prompt features (Wu et al. 2023): "
                    "human preference, as the FlowSteer paper's tables print it.")
     weights = "evaluate.hpsv2_path"
-    when = "evaluate.hpsv2_path is set"
-    min_samples = 100
-
-    @classmethod
-    def applies(cls, cfg) -> bool:
-        return bool(cfg.evaluate.hpsv2_path)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -114,11 +105,7 @@ class HPSv2(Metric):
         if path:
             model_name(cfg.evaluate.hpsv2_model)
 
-    def __init__(self, ctx: EvalContext):
-        super().__init__(ctx)
+    @classmethod
+    def build_scorer(cls, ctx: EvalContext) -> HPSScorer:
         ev = ctx.cfg.evaluate
-        self.scorer = ctx.shared("hpsv2", lambda: HPSScorer(ev.hpsv2_path, ev.hpsv2_model, ctx.device,
-                                                            metric_dtype(ctx.cfg)))
-
-    def score(self, samples: Samples) -> float | None:
-        return float(self.scorer(samples.images, samples.prompts, self.ctx.cfg.evaluate.batch_size).mean())
+        return HPSScorer(ev.hpsv2_path, ev.hpsv2_model, ctx.device, metric_dtype(ctx.cfg))

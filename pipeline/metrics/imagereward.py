@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
-from pipeline.metrics.base import EvalContext, Metric, Samples, metric_dtype, pil_images, register
+from pipeline.errors import UserError, local_dir
+from pipeline.metrics.base import BatchedScorer, EvalContext, PromptScoreMetric, metric_dtype, pil_images, register
 
 CHECKPOINT, MED_CONFIG, VOCAB = "ImageReward.pt", "med_config.json", "vocab.txt"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072     # ImageReward.__init__: the reward's standardisation
@@ -139,7 +139,7 @@ def load_tokenizer(directory: Path):
     return tok
 
 
-class ImageRewardScorer:
+class ImageRewardScorer(BatchedScorer):
     def __init__(self, path: str | Path, device="cpu", dtype=torch.float32, key: str = "evaluate.imagereward_path"):
         d = Path(path).expanduser()
         self.model = load_model(d, key).to(device)
@@ -158,41 +158,28 @@ class ImageRewardScorer:
                                        text["attention_mask"].to(self.device))
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
-        return torch.cat([self.model.reward(self.features(images01[i:i + batch], prompts[i:i + batch])).cpu()
-                          for i in range(0, len(prompts), batch)])
+    def batch_scores(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.model.reward(self.features(images01, prompts))
 
 
 @register
-class ImageReward(Metric):
-    name, title, better, order = "imagereward", "ImageReward", "higher", 36
+class ImageReward(PromptScoreMetric):
+    name, title, order = "imagereward", "ImageReward", 36
     description = ("BLIP-based reward model trained on human rankings (Xu et al. 2023), standardised over its "
                    "training prompts: 0 = an average image there, higher is preferred.")
     weights = "evaluate.imagereward_path"
-    when = "evaluate.imagereward_path is set"
-    min_samples = 100
-
-    @classmethod
-    def applies(cls, cfg) -> bool:
-        return bool(cfg.evaluate.imagereward_path)
 
     @classmethod
     def check(cls, cfg) -> None:
         path = cfg.evaluate.imagereward_path
         if not path:
             return
-        d = Path(path).expanduser()
-        if not d.is_dir():
-            raise UserError(f"{cls.weights} {d} is not a directory (expected {CHECKPOINT}, {MED_CONFIG} and "
-                            f"bert-base-uncased's {VOCAB}; docs/metrics.md)")
+        d = local_dir(path, cls.weights, f"{CHECKPOINT}, {MED_CONFIG} and bert-base-uncased's {VOCAB}; "
+                      f"docs/metrics.md")
         missing = [f for f in (CHECKPOINT, MED_CONFIG, VOCAB) if not (d / f).is_file()]
         if missing:
             raise UserError(f"{cls.weights} {d} has no {', '.join(missing)} (docs/metrics.md says where each comes from)")
 
-    def __init__(self, ctx: EvalContext):
-        super().__init__(ctx)
-        self.scorer = ctx.shared("imagereward", lambda: ImageRewardScorer(ctx.cfg.evaluate.imagereward_path,
-                                                                          ctx.device, metric_dtype(ctx.cfg)))
-
-    def score(self, samples: Samples) -> float | None:
-        return float(self.scorer(samples.images, samples.prompts, self.ctx.cfg.evaluate.batch_size).mean())
+    @classmethod
+    def build_scorer(cls, ctx: EvalContext) -> ImageRewardScorer:
+        return ImageRewardScorer(ctx.cfg.evaluate.imagereward_path, ctx.device, metric_dtype(ctx.cfg))

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
-from pipeline.metrics.base import EvalContext, Metric, Samples, metric_dtype, pil_images, register
+from pipeline.metrics.base import (BatchedScorer, EvalContext, PromptScoreMetric, clip_embeds, metric_dtype,
+                                   pil_images, register)
 
 MAX_TOKENS = 77
 
 
-class PickScorer:
+class PickScorer(BatchedScorer):
     """PickScore per (image, prompt) pair, from a local directory (model + processor), loaded once."""
 
     def __init__(self, path: str | Path, device="cpu", dtype=torch.float32, key: str = "evaluate.pickscore_path"):
@@ -43,38 +44,23 @@ class PickScorer:
         """L2-normalised (image, text) embeddings [B, D] in float32."""
         pixels = self.image_processor(images=pil_images(images01), return_tensors="pt")["pixel_values"]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-        img = _embeds(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
-        txt = _embeds(self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
+        img = clip_embeds(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))).float()
+        txt = clip_embeds(self.model.get_text_features(input_ids=text["input_ids"].to(self.device),
                                                    attention_mask=text["attention_mask"].to(self.device))).float()
         return img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
-    def __call__(self, images01: torch.Tensor, prompts: list[str], batch: int = 64) -> torch.Tensor:
-        out = []
-        scale = self.model.logit_scale.float().exp()
-        for i in range(0, len(prompts), batch):
-            img, txt = self.embeddings(images01[i:i + batch], prompts[i:i + batch])
-            out.append((scale * (img * txt).sum(-1)).cpu())
-        return torch.cat(out)
-
-
-def _embeds(x) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers < 5) or an output object with pooler_output (>= 5)."""
-    return x if isinstance(x, torch.Tensor) else x.pooler_output
+    def batch_scores(self, images01: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img, txt = self.embeddings(images01, prompts)
+        return self.model.logit_scale.float().exp() * (img * txt).sum(-1)
 
 
 @register
-class PickScore(Metric):
-    name, title, better, order = "pickscore", "PickScore", "higher", 32
+class PickScore(PromptScoreMetric):
+    name, title, order = "pickscore", "PickScore", 32
     description = ("exp(logit scale) x cosine of PickScore's CLIP-H image and prompt embeddings (Kirstain et al. "
                    "2023): human preference.")
     weights = "evaluate.pickscore_path"
-    when = "evaluate.pickscore_path is set"
-    min_samples = 100
-
-    @classmethod
-    def applies(cls, cfg) -> bool:
-        return bool(cfg.evaluate.pickscore_path)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -86,10 +72,6 @@ class PickScore(Metric):
                 raise UserError(f"{cls.weights} {p} has no preprocessor_config.json: copy the CLIP-H processor "
                                 f"files (laion/CLIP-ViT-H-14-laion2B-s32B-b79K) into it (docs/metrics.md)")
 
-    def __init__(self, ctx: EvalContext):
-        super().__init__(ctx)
-        self.scorer = ctx.shared("pickscore", lambda: PickScorer(ctx.cfg.evaluate.pickscore_path, ctx.device,
-                                                                 metric_dtype(ctx.cfg)))
-
-    def score(self, samples: Samples) -> float | None:
-        return float(self.scorer(samples.images, samples.prompts, self.ctx.cfg.evaluate.batch_size).mean())
+    @classmethod
+    def build_scorer(cls, ctx: EvalContext) -> PickScorer:
+        return PickScorer(ctx.cfg.evaluate.pickscore_path, ctx.device, metric_dtype(ctx.cfg))

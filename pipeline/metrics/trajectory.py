@@ -17,14 +17,13 @@ no switch metrics. The per-sample errors and modes of every unit are kept in <ev
 from __future__ import annotations
 
 import io
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from pipeline.files import atomic_write_bytes
-from pipeline.metrics.base import EvalContext, Metric, Samples, register
-from pipeline.metrics.fidelity import per_sample_mse
+from pipeline.metrics.base import EvalContext, Samples, register
+from pipeline.metrics.fidelity import TargetError, per_sample_mse
 
 UPPER_QUANTILE = 0.9
 
@@ -51,21 +50,22 @@ def modes_of(ctx: EvalContext, x: torch.Tensor, images: torch.Tensor, prompts: l
 def clip_nearest_prompt(ctx: EvalContext, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Index (into the unit's distinct prompts, in first-seen order) of the prompt whose CLIP text embedding is
     nearest each image's: a prompt-set "class" for teachers without a classifier."""
-    from pipeline.metrics.alignment import ClipScorer, _embeds
+    from pipeline.metrics.alignment import ClipScorer
+    from pipeline.metrics.base import clip_embeds
 
     scorer = ctx.shared("clip", lambda: ClipScorer(ctx.cfg.evaluate.clip_path, ctx.device))
     distinct = list(dict.fromkeys(prompts))
     text = scorer.processor(text=distinct, return_tensors="pt", padding=True, truncation=True)
-    txt = _embeds(scorer.model.get_text_features(input_ids=text["input_ids"].to(ctx.device),
-                                                 attention_mask=text["attention_mask"].to(ctx.device)))
+    txt = clip_embeds(scorer.model.get_text_features(input_ids=text["input_ids"].to(ctx.device),
+                                                     attention_mask=text["attention_mask"].to(ctx.device)))
     txt = torch.nn.functional.normalize(txt, dim=-1)
     out = []
     for i in range(0, len(images), 64):
         imgs = images[i:i + 64].float().clamp(0, 1)
         imgs = imgs.expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else imgs
         pix = scorer.processor(images=list(imgs.cpu()), return_tensors="pt", do_rescale=False)["pixel_values"]
-        img = torch.nn.functional.normalize(_embeds(scorer.model.get_image_features(pixel_values=pix.to(ctx.device))),
-                                            dim=-1)
+        img = clip_embeds(scorer.model.get_image_features(pixel_values=pix.to(ctx.device)))
+        img = torch.nn.functional.normalize(img, dim=-1)
         out.append((img @ txt.T).argmax(1).cpu())
     return torch.cat(out).long()
 
@@ -122,20 +122,8 @@ def _keep(ctx, samples, target, err, mine, theirs) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-class _Robust(Metric):
+class _Robust(TargetError):
     """One statistic of a unit's per-sample errors against a target."""
-    target: ClassVar[str] = "teacher"
-    needs = ("teacher_outputs",)
-    digits = 4
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
-
-    @classmethod
-    def teacher_note(cls, cfg) -> str:
-        return ("the teacher's outputs are this metric's target (0 by construction)" if cls.target == "teacher"
-                else super().teacher_note(cfg))
 
     def stat(self, err: torch.Tensor, switched: torch.Tensor | None) -> float | None:
         raise NotImplementedError
@@ -150,19 +138,20 @@ class _Median(_Robust):
         return float(err.median())
 
 
+class _Mean(_Robust):
+    def stat(self, err, switched):
+        return float(err.mean())
+
+
 class _Upper(_Robust):
     def stat(self, err, switched):
         return float(torch.quantile(err.double(), UPPER_QUANTILE))
 
 
 class _Switch(_Robust):
-    digits = 3
+    digits, exponent_below = 3, 0.0
     when = "a mode per sample: the exact or embedded teacher, or evaluate.clip_path"
     min_samples = 100
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return f"{value:.3f}"
 
     @classmethod
     def applies(cls, cfg) -> bool:
@@ -173,11 +162,7 @@ class _Switch(_Robust):
 
 
 class _Kept(_Switch):
-    digits = 4
-
-    @classmethod
-    def format(cls, value: float) -> str:
-        return _Robust.format(value)
+    digits, exponent_below = 4, 1e-3
 
     def stat(self, err, switched):
         if switched is None or bool(switched.all()):
@@ -185,30 +170,11 @@ class _Kept(_Switch):
         return float(err[~switched].mean())
 
 
-@register
-class FidelityMedian(_Median):
-    name, title, order = "fidelity_median", "Trajectory fidelity, median squared error", 41
-    description = ("Median over samples of the mean squared distance between the student's output and the "
-                   "teacher's from the same noise and prompt: how closely a typical sample follows the trajectory.")
-
-
-@register
-class FidelityUpper(_Upper):
-    name, title, order = "fidelity_p90", "Trajectory fidelity, 90th percentile", 42
-    description = "90th percentile over samples of that squared distance: the tail a mean folds in."
-
-
-@register
-class ModeSwitch(_Switch):
-    name, title, order = "mode_switch", "Mode switches vs the teacher", 43
-    description = ("Share of samples whose mode (class, digit, or CLIP-nearest prompt) differs from the "
-                   "teacher's output from the same noise and prompt.")
-
-
-@register
-class FidelityKept(_Kept):
-    name, title, order = "fidelity_kept", "Trajectory fidelity without switches (mean)", 44
-    description = "Mean squared distance to the teacher's output over the samples that stay in the teacher's mode."
+def _declare(stat: tuple[type, ...], name: str, title: str, order: int, description: str) -> type:
+    """Register the metric `name`: the statistic (and target) of the classes `stat`, with the report's title,
+    position and one-line description."""
+    facts = {"name": name, "title": title, "order": order, "description": description, "__module__": __name__}
+    return register(type("".join(word.title() for word in name.split("_")), stat, facts))
 
 
 class _Exact:
@@ -221,35 +187,36 @@ class _Exact:
         return cfg.teacher.kind == "exact"
 
 
-@register
-class ExactMean(_Exact, _Robust):
-    name, title, order = "exact_mean", "Error to the exact ODE, mean", 45
-    description = ("Mean squared distance between the output and the exact ODE endpoint (fine RK4 of the exact "
-                   "teacher's guided field) from the same noise and prompt.")
+# Against the teacher's output from the same noise and prompt (the mean is fidelity.FidelityMSE).
+FidelityMedian = _declare(
+    (_Median,), "fidelity_median", "Trajectory fidelity, median squared error", 41,
+    "Median over samples of the mean squared distance between the student's output and the teacher's from the "
+    "same noise and prompt: how closely a typical sample follows the trajectory.")
+FidelityUpper = _declare(
+    (_Upper,), "fidelity_p90", "Trajectory fidelity, 90th percentile", 42,
+    "90th percentile over samples of that squared distance: the tail a mean folds in.")
+ModeSwitch = _declare(
+    (_Switch,), "mode_switch", "Mode switches vs the teacher", 43,
+    "Share of samples whose mode (class, digit, or CLIP-nearest prompt) differs from the teacher's output from "
+    "the same noise and prompt.")
+FidelityKept = _declare(
+    (_Kept,), "fidelity_kept", "Trajectory fidelity without switches (mean)", 44,
+    "Mean squared distance to the teacher's output over the samples that stay in the teacher's mode.")
 
-    def stat(self, err, switched):
-        return float(err.mean())
-
-
-@register
-class ExactMedian(_Exact, _Median):
-    name, title, order = "exact_median", "Error to the exact ODE, median", 46
-    description = "Median over samples of the squared distance to the exact ODE endpoint."
-
-
-@register
-class ExactUpper(_Exact, _Upper):
-    name, title, order = "exact_p90", "Error to the exact ODE, 90th percentile", 47
-    description = "90th percentile over samples of the squared distance to the exact ODE endpoint."
-
-
-@register
-class ExactSwitch(_Exact, _Switch):
-    name, title, order = "exact_switch", "Mode switches vs the exact ODE", 48
-    description = "Share of samples whose nearest mixture mode differs from the exact ODE endpoint's."
-
-
-@register
-class ExactKept(_Exact, _Kept):
-    name, title, order = "exact_kept", "Error to the exact ODE without switches (mean)", 49
-    description = "Mean squared distance to the exact ODE endpoint over the samples in its mode."
+# Against the exact ODE endpoint (the exact teacher only).
+ExactMean = _declare(
+    (_Exact, _Mean), "exact_mean", "Error to the exact ODE, mean", 45,
+    "Mean squared distance between the output and the exact ODE endpoint (fine RK4 of the exact teacher's guided "
+    "field) from the same noise and prompt.")
+ExactMedian = _declare(
+    (_Exact, _Median), "exact_median", "Error to the exact ODE, median", 46,
+    "Median over samples of the squared distance to the exact ODE endpoint.")
+ExactUpper = _declare(
+    (_Exact, _Upper), "exact_p90", "Error to the exact ODE, 90th percentile", 47,
+    "90th percentile over samples of the squared distance to the exact ODE endpoint.")
+ExactSwitch = _declare(
+    (_Exact, _Switch), "exact_switch", "Mode switches vs the exact ODE", 48,
+    "Share of samples whose nearest mixture mode differs from the exact ODE endpoint's.")
+ExactKept = _declare(
+    (_Exact, _Kept), "exact_kept", "Error to the exact ODE without switches (mean)", 49,
+    "Mean squared distance to the exact ODE endpoint over the samples in its mode.")

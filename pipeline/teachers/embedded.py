@@ -86,17 +86,23 @@ def save_model_dir(model, directory: Path) -> None:
         model.save_pretrained(str(tmp))
 
 
-def load_embedded_teacher(teacher_dir, ecfg, device="cpu") -> TransformerTeacher:
-    """The trained teacher (EMA weights) and its weak early snapshot, frozen, on `device`."""
+def load_trained(teacher_dir, device, missing: str):
+    """The pre-trained transformer (EMA weights) saved by `flowsteer teacher` and its weak early snapshot (None
+    if it was not saved), on `device`; `missing` starts the error when the teacher stage has not run."""
     from diffusers import SD3Transformer2DModel
 
     teacher_dir = Path(teacher_dir)
     if not (teacher_dir / TRANSFORMER / "config.json").is_file():
-        raise UserError(f"no embedded teacher in {teacher_dir}: run `flowsteer teacher` first")
+        raise UserError(f"{missing} in {teacher_dir}: run `flowsteer teacher` first")
     net = SD3Transformer2DModel.from_pretrained(str(teacher_dir / TRANSFORMER)).to(device)
-    weak = None
-    if (teacher_dir / WEAK / "config.json").is_file():
-        weak = SD3Transformer2DModel.from_pretrained(str(teacher_dir / WEAK)).to(device)
+    weak = (SD3Transformer2DModel.from_pretrained(str(teacher_dir / WEAK)).to(device)
+            if (teacher_dir / WEAK / "config.json").is_file() else None)
+    return net, weak
+
+
+def load_embedded_teacher(teacher_dir, ecfg, device="cpu") -> TransformerTeacher:
+    """The trained teacher (EMA weights) and its weak early snapshot, frozen, on `device`."""
+    net, weak = load_trained(teacher_dir, device, "no embedded teacher")
     return TransformerTeacher(net, lambda prompts: encode_prompts(prompts, ecfg.max_tokens), decode_digits,
                               (1, ecfg.sample_size, ecfg.sample_size), weak_transformer=weak,
                               encode_images=lambda images: images)   # pixel space: the "VAE" is the identity
@@ -113,6 +119,20 @@ def describe_embedded(ecfg):
 
 # ---------------------------------------------------------------- training
 TRAIN_SHIFT = 3.0   # = the default schedule.shift: train densest where the shift-3 sampling grid steps
+
+
+def pretrain_step(net, ema, opt, sched, loss: torch.Tensor, step: int, ema_decay: float) -> None:
+    """One teacher pre-training update: clipped gradient step, LR schedule, then the EMA copy, with a warm-up
+    (decay grows as (1+t)/(10+t)) so the random init does not linger in short runs."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), net.parameters()):
+            pe.lerp_(p, 1 - decay)
 
 
 def sample_sigmas(n: int, gen: torch.Generator, shift: float | None = None) -> torch.Tensor:
@@ -195,16 +215,7 @@ def train_embedded_teacher(out_dir, ecfg, seed: int = 0, device="cpu", stop_at: 
         v = sd3_velocity(net, (1 - s) * x0 + s * eps, sigma, {"encoder_hidden_states": ctx[c],
                                                                 "pooled_projections": pooled[c]})
         loss = F.mse_loss(v.float(), (eps - x0).float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        # EMA with a warm-up (decay grows as (1+t)/(10+t)) so the random init does not linger in short runs.
-        decay = min(ecfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        pretrain_step(net, ema, opt, sched, loss, step, ecfg.ema_decay)
         losses.append(loss.item())
         done = step + 1
         if done == weak_step:

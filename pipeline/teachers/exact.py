@@ -31,7 +31,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from pipeline.teachers.base import TeacherLayout, sd3_velocity
 
 COND_DIM, TOKENS = 32, 2          # condition layout: one-hot class in pooled and token 0, a class code in token 1
@@ -207,7 +206,7 @@ def pretrain_init(out_dir, ecfg, seed: int = 0, device="cpu", log: Callable[[str
     (pipeline/teachers/embedded.sample_sigmas), the class dropped for `prompt_dropout` of the rows (the
     unconditional field), MSE to v_exact; EMA saved as `transformer/`, the EMA at `weak_checkpoint_step`
     as `weak_transformer/`. Short (minutes on a CPU), cached by the teacher stage's record."""
-    from pipeline.teachers.embedded import _lr_factor, sample_sigmas, save_model_dir
+    from pipeline.teachers.embedded import _lr_factor, pretrain_step, sample_sigmas, save_model_dir
 
     out_dir, device = Path(out_dir), torch.device(device)
     mixture = GaussianMixture(ecfg, device)
@@ -230,15 +229,7 @@ def pretrain_init(out_dir, ecfg, seed: int = 0, device="cpu", log: Callable[[str
         cond = {k: v.to(device) for k, v in mixture.encode_classes([None if c < 0 else int(c) for c in rows]).items()}
         target = mixture.velocity(x_t, sigma, rows)
         loss = F.mse_loss(sd3_velocity(net, x_t, sigma, cond), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(ecfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1 - decay)
+        pretrain_step(net, ema, opt, sched, loss, step, ecfg.ema_decay)
         losses.append(loss.item())
         if step + 1 == min(ecfg.weak_checkpoint_step, total):
             save_model_dir(ema, out_dir / WEAK)
@@ -252,14 +243,9 @@ def pretrain_init(out_dir, ecfg, seed: int = 0, device="cpu", log: Callable[[str
 
 
 def load_exact_teacher(teacher_dir, ecfg, device="cpu") -> ExactTeacher:
-    from diffusers import SD3Transformer2DModel
+    from pipeline.teachers.embedded import load_trained
 
-    teacher_dir = Path(teacher_dir)
-    if not (teacher_dir / TRANSFORMER / "config.json").is_file():
-        raise UserError(f"no pretrained init for the exact teacher in {teacher_dir}: run `flowsteer teacher` first")
-    net = SD3Transformer2DModel.from_pretrained(str(teacher_dir / TRANSFORMER)).to(device)
-    weak = (SD3Transformer2DModel.from_pretrained(str(teacher_dir / WEAK)).to(device)
-            if (teacher_dir / WEAK / "config.json").is_file() else None)
+    net, weak = load_trained(teacher_dir, device, "no pretrained init for the exact teacher")
     return ExactTeacher(ecfg, net, weak, device)
 
 

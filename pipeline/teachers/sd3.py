@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, local_dir
 from pipeline.teachers.base import DTYPES, TransformerTeacher
 
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -22,10 +22,8 @@ def check_sd3_dir(path) -> Path:
     """The directory must be a saved SD3 pipeline: model_index.json and every component folder it needs."""
     if not path:
         raise UserError("teacher.path is empty: point it at a local diffusers SD3 pipeline directory")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserError(f"teacher.path {p} does not exist (expected a local diffusers SD3 pipeline directory, "
-                        f"e.g. one written by StableDiffusion3Pipeline.save_pretrained)")
+    p = local_dir(path, "teacher.path", "a local diffusers SD3 pipeline directory, e.g. one written by "
+                  "StableDiffusion3Pipeline.save_pretrained", problem="does not exist")
     if not (p / "model_index.json").is_file():
         raise UserError(f"teacher.path {p} has no model_index.json: not a diffusers pipeline directory")
     missing = [c for c in REQUIRED if not (p / c).is_dir()]

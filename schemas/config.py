@@ -266,6 +266,8 @@ class TrainConfig(Section):
     log_every: Count = 10
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    # workers > 1: ddp = a whole student per rank; fsdp = full student sharded per block (FSDP2, docs/students.md)
+    sharding: Literal["ddp", "fsdp"] = "ddp"
     # per-GPU memory budget: `train` refuses a run whose plan (`flowsteer plan`) exceeds it; None = on CUDA,
     # the device's own memory, else no check
     gpu_memory_gb: float | None = Field(None, gt=0, le=1e5)
@@ -300,6 +302,8 @@ class TrainConfig(Section):
                 raise ValueError(f"train run name '{name}' may hold only letters, digits and _ . + -")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("train.methods lists a run name twice")
+        if self.sharding == "fsdp" and (self.student.kind == "lora" or self.workers == 1):
+            raise ValueError("train.sharding fsdp shards a full student over ranks: set train.student.kind full and train.workers > 1")
         problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
         for name, variant in self.variants.items():
             problem = problem or method_problem([variant.method], {variant.method: variant.options},

@@ -411,7 +411,7 @@ class RunConfig(Section):
         if stage == "train":
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
-            for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
+            for k in ("methods", "variants", "seeds", "method_options", "workers", "sharding", "log_every", "checkpoint_every",
                       "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
                 tr.pop(k)
             if tr["student"]["kind"] == "full":

@@ -122,7 +122,7 @@ def frozen(params: Iterable[torch.nn.Parameter]):
 
 
 class Trainer:
-    """One method's training state on one rank; `world > 1`: DDP over the process group (pipeline/sharding.py)."""
+    """One method's training state on one rank; `world > 1`: DDP or FSDP2 (train.sharding) over the process group."""
 
     def __init__(self, cfg, run, teacher, store, device, rank: int = 0, world: int = 1,
                  log_path: Path | None = None):

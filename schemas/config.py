@@ -303,7 +303,8 @@ class TrainConfig(Section):
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("train.methods lists a run name twice")
         if self.sharding == "fsdp" and (self.student.kind == "lora" or self.workers == 1):
-            raise ValueError("train.sharding fsdp shards a full student over ranks: set train.student.kind full and train.workers > 1")
+            raise ValueError("train.sharding fsdp shards a full student over ranks: "
+                             "set train.student.kind full and train.workers > 1")
         problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
         for name, variant in self.variants.items():
             problem = problem or method_problem([variant.method], {variant.method: variant.options},
@@ -411,8 +412,8 @@ class RunConfig(Section):
         if stage == "train":
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
-            for k in ("methods", "variants", "seeds", "method_options", "workers", "sharding", "log_every", "checkpoint_every",
-                      "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
+            for k in ("methods", "variants", "seeds", "method_options", "workers", "sharding", "log_every",
+                      "checkpoint_every", "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
                 tr.pop(k)
             if tr["student"]["kind"] == "full":
                 tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student

@@ -1,7 +1,7 @@
-"""What sharded students would rest on, checked on this machine: torch 2.14's FSDP2 (`fully_shard` per SD3
-block) runs on the CPU with gloo, two ranks. `train` does not shard yet (docs/students.md); this test shows the
-pieces it needs work here: per-block sharding of flowsteer's SD3 student, a sharded checkpoint through
-`torch.distributed.checkpoint` that resumes exactly, and a full state dict gathered into a plain diffusers model."""
+"""Sharded full students (train.sharding: fsdp, docs/students.md): torch 2.14's FSDP2 (`fully_shard` per SD3
+block) on the CPU with gloo, two ranks. First the pieces alone (per-block sharding, a sharded
+`torch.distributed.checkpoint` save that resumes exactly, a full state dict gathered into a plain diffusers
+model), then the Trainer under fsdp against DDP on the same rows, exact resume and the gathered export."""
 from __future__ import annotations
 
 import os

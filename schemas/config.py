@@ -305,6 +305,15 @@ class TrainConfig(Section):
         if self.sharding == "fsdp" and (self.student.kind == "lora" or self.workers == 1):
             raise ValueError("train.sharding fsdp shards a full student over ranks: "
                              "set train.student.kind full and train.workers > 1")
+        if self.sharding == "fsdp":
+            from pipeline.methods import METHODS
+
+            runs = {**{m: m for m in self.methods if m not in self.variants},
+                    **{n: v.method for n, v in self.variants.items()}}
+            bad = [n for n, m in runs.items() if m in METHODS and not METHODS[m].shards]
+            if bad:
+                raise ValueError(f"train.sharding fsdp: run '{bad[0]}' cannot train sharded (its method swaps the "
+                                 f"student's weights through torch.func); use train.sharding ddp")
         problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
         for name, variant in self.variants.items():
             problem = problem or method_problem([variant.method], {variant.method: variant.options},

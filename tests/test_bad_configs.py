@@ -62,6 +62,8 @@ CASES = [
     ("fsdp-on-one-worker", "train", {"train": {"sharding": "fsdp"}}, "train.sharding"),
     ("fsdp-with-lora", "train", {"train": {"sharding": "fsdp", "workers": 2, "student": {"kind": "lora"}}},
      "train.sharding"),
+    ("fsdp-with-scflow", "train", {"train": {"sharding": "fsdp", "workers": 2, "methods": ["scflow"]}},
+     "train.sharding fsdp: run 'scflow'"),
     ("negative-lora-rank", "train", {"train": {"student": {"kind": "lora", "rank": -1}}}, "train.student.rank"),
     ("renamed-lora-rank", "train", {"train": {"lora_rank": 4}}, "train.lora_rank is now train.student"),
     ("lora-on-bf16-base-without-autocast", "train", {"teacher": {"dtype": "bfloat16"},

@@ -187,3 +187,54 @@ def test_train_sharding_fsdp_matches_ddp_resumes_exactly_and_exports_one_directo
     loaded = load_student(path)
     for k, v in loaded.module.state_dict().items():
         assert torch.equal(v, net.state_dict()[k]), k
+
+
+def _methods_rank(rank: int, world: int, store_dir: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pipeline.store import TrajectoryStore
+    from pipeline.teachers.toy import make_toy_teacher
+    from pipeline.trainer import Trainer
+    from test_scflow import toy_cfg
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        states = {}
+        for method in ("perflow", "ota", "ayf-emd"):
+            cfg = toy_cfg(lr=1e-2, prefetch=0, batch_size=4, workers=world, sharding="fsdp", methods=[method],
+                          method_options={"perflow": {"x0": "teacher_samples"}} if method == "perflow" else {})
+            t = Trainer(cfg, method, make_toy_teacher("cpu"), TrajectoryStore.open(store_dir, check_complete=False),
+                        "cpu", rank=rank, world=world)
+            for _ in range(2):
+                t.train_step()
+            states[method] = {"finite": t.weights_finite(), "student": t.state_dict()["student"]}
+            t.close()
+        torch.save(states, f"{out}/methods{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_other_sharding_methods_train_under_fsdp(tmp_path):
+    """perflow, ota and Align Your Flow (flowsteer: above) train sharded; scflow is refused at load
+    (tests/test_bad_configs.py)."""
+    import torch.multiprocessing as mp
+
+    from pipeline.teachers.toy import make_toy_teacher
+    from test_scflow import build_store, toy_cfg
+
+    build_store(tmp_path, toy_cfg(), make_toy_teacher("cpu"))
+    mp.spawn(_methods_rank, args=(2, str(tmp_path / "store.zarr"), 29500 + os.getpid() % 100, str(tmp_path)),
+             nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"methods{r}.pt", weights_only=False) for r in (0, 1))
+    initial = make_toy_teacher("cpu").transformer.state_dict()
+    for method, state in r0.items():
+        assert state["finite"], method
+        pairs = [(v, initial[ik]) for k, v in state["student"].items() for ik in initial
+                 if k == ik or k.endswith("." + ik)]                # AYF: the teacher's weights inside a wrapper
+        assert len(pairs) >= len(initial), method
+        moved = [1 for v, v0 in pairs if not torch.equal(v, v0)]
+        assert moved, f"{method}: the student trained"
+        for k, v in state["student"].items():                        # the gathered weights: one model
+            assert torch.equal(v, r1[method]["student"][k]), (method, k)

@@ -32,7 +32,8 @@ from pipeline.lora import frozen
 from pipeline.loss_log import LossLog
 from pipeline.methods import get_method
 from pipeline.methods.base import MethodContext
-from pipeline.sharding import average_gradients, replicate_student
+from pipeline.sharding import (all_ranks, average_gradients, distribute_student, full_optimizer_state, gather_full,
+                               local, shard_like, shard_optimizer_state, sum_over_ranks)
 from pipeline.teacher_solves import TeacherSolves
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +74,8 @@ class EMA:
         self.decay, self.warmup, self.images_per_step, self.rampup = decay, warmup, images_per_step, rampup
         ema_beta(0, decay, warmup, images_per_step, rampup)          # an unknown warm-up fails here
         self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        self.origin = {n: p.detach().to("cpu", copy=True) for n, p in self.shadow.items()}
+        self.origin = {n: local(p).detach().to("cpu", copy=True) for n, p in self.shadow.items()}
+        self.world = 1                         # > 1 when the shadow is sharded (its sums add over ranks)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> float:
@@ -88,7 +90,7 @@ class EMA:
     def copy_to(self, module: torch.nn.Module) -> None:
         for n, p in module.named_parameters():
             if n in self.shadow:
-                p.copy_(self.shadow[n])
+                p.copy_(gather_full({n: self.shadow[n]})[n])
 
     @torch.no_grad()
     def relative_distance(self, module: torch.nn.Module) -> float:
@@ -97,14 +99,15 @@ class EMA:
         ema_sq = raw_sq = 0.0
         for n, p in module.named_parameters():
             if n in self.shadow:
-                origin = self.origin[n].to(p.device)
-                ema_sq += float((self.shadow[n].float() - origin.float()).pow(2).sum())
-                raw_sq += float((p.detach().float() - origin.float()).pow(2).sum())
+                origin = self.origin[n].to(p.device).float()
+                ema_sq += float((local(self.shadow[n]).float() - origin).pow(2).sum())
+                raw_sq += float((local(p.detach()).float() - origin).pow(2).sum())
+        ema_sq, raw_sq = sum_over_ranks([ema_sq, raw_sq], self.world)
         return math.sqrt(ema_sq / raw_sq) if raw_sq > 0 else float("nan")
 
 
 class Trainer:
-    """One method's training state on one rank; `world > 1`: DDP over the process group (pipeline/sharding.py)."""
+    """One method's training state on one rank; `world > 1`: DDP or FSDP2 (train.sharding) over the process group."""
 
     def __init__(self, cfg, run, teacher, store, device, rank: int = 0, world: int = 1,
                  log_path: Path | None = None):
@@ -148,7 +151,7 @@ class Trainer:
         self.student = build_student(self.method, teacher, tc.student, self.device, owner=self)
         self.param_names = trainable_names(self.student)
         prepare_student(self.student, tc, self.device)   # gradient checkpointing, compile, TF32
-        replicate_student(self.student, world)    # DDP over the ranks (pipeline/sharding.py)
+        self.fsdp = distribute_student(self.student, world, tc)   # DDP or FSDP2 over the ranks (pipeline/sharding.py)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = adamw(self.params, tc.lr, tc.weight_decay, self.device)
         self.disc = self.method.discriminator()
@@ -158,6 +161,7 @@ class Trainer:
         self.disc_opt = (adamw(self.disc_params, tc.adversarial.disc_lr, tc.weight_decay, self.device)
                          if self.disc is not None else None)
         self.ema = EMA(self.student, tc.ema_decay, tc.ema_warmup, tc.batch_size, tc.ema_rampup)
+        self.ema.world = world if self.fsdp else 1
         self.autocast_dtype = AUTOCAST_DTYPES.get(tc.mixed_precision)
         fp16 = tc.mixed_precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
@@ -201,7 +205,7 @@ class Trainer:
             ranks = [None] * self.world
             dist.all_gather_object(ranks, own)
         return {"method_name": self.method_name, "world": self.world, "student": self.student_state(),
-                "ema": self.ema.shadow, "opt": self.opt.state_dict(),
+                "ema": gather_full(self.ema.shadow), "opt": full_optimizer_state(self.opt),
                 "disc": self.disc.state_dict() if self.disc is not None else None,
                 "disc_opt": self.disc_opt.state_dict() if self.disc_opt is not None else None, "ranks": ranks,
                 "scalers": [self.scaler.state_dict(), self.disc_scaler.state_dict()]}
@@ -210,7 +214,7 @@ class Trainer:
         """The student's weights a checkpoint keeps: all of them, or with LoRA the trainable ones only."""
         from pipeline.lora import trainable_state
 
-        return trainable_state(self.student, self.param_names) if self.lora else self.student.state_dict()
+        return trainable_state(self.student, self.param_names) if self.lora else gather_full(self.student.state_dict())
 
     def base_lock(self):
         """Held for a whole step with LoRA: the prefetch thread's teacher calls turn the shared adapters off."""
@@ -235,9 +239,10 @@ class Trainer:
 
             load_trainable_state(self.student, state["student"], self.param_names)
         else:
-            self.student.load_state_dict(state["student"])
-        self.ema.shadow = {n: t.to(self.device) for n, t in state["ema"].items()}
-        self.opt.load_state_dict(state["opt"])
+            self.student.load_state_dict(shard_like(state["student"], self.student.state_dict()))
+        self.ema.shadow = shard_like({n: t.to(self.device) for n, t in state["ema"].items()},
+                                     dict(self.student.named_parameters()))
+        self.opt.load_state_dict(shard_optimizer_state(state["opt"], self.params))
         if self.disc is not None:
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
@@ -258,10 +263,12 @@ class Trainer:
         self.trim_log()
 
     def weights_finite(self) -> bool:
-        tensors = [*self.student_state().values(), *self.ema.shadow.values()]
+        # FSDP: each rank checks its own shards, and all must agree (a rank alone must not skip a commit)
+        student = self.student.state_dict().values() if self.fsdp else self.student_state().values()
+        tensors = [*map(local, student), *map(local, self.ema.shadow.values())]
         if self.disc is not None:
             tensors += list(self.disc.state_dict().values())
-        return all_finite(tensors)
+        return all_ranks(all_finite(tensors), self.world if self.fsdp else 1)
 
     # ------------------------------------------------------------ one step
     def _check(self, losses: dict[str, torch.Tensor], step: int, prefix: str = "") -> dict[str, float]:
@@ -278,7 +285,8 @@ class Trainer:
         if params is self.disc_params:           # gradients inside backward (pipeline/sharding.py)
             average_gradients(params, self.world)
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))  # FSDP: over all shards
+        norm = gather_full({"n": norm})["n"]
         if not torch.isfinite(norm) and not scaler.is_enabled():
             raise NonFiniteLoss(f"{self.method_name} step {step}: gradient norm of '{name}' is {float(norm)}; "
                                 f"training stopped, the last good checkpoint is kept")
@@ -367,7 +375,7 @@ class Trainer:
             return merged_copy(self.student, self.ema.shadow)
         # a fresh copy of the student's structure (DDP's replicated module refuses deepcopy), its weights loaded
         net = self.method.wrap_student(copy.deepcopy(self.teacher.transformer).float())
-        net.load_state_dict(self.student.state_dict())
+        net.load_state_dict(self.student_state())          # FSDP: gathered (every rank calls this)
         self.ema.copy_to(net)
         return net.eval().requires_grad_(False)
 

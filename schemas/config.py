@@ -266,6 +266,8 @@ class TrainConfig(Section):
     log_every: Count = 10
     workers: int = Field(1, ge=1, le=1024)   # >1: Ray Train TorchTrainer (DDP, gloo on CPU)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    # workers > 1: ddp = a whole student per rank; fsdp = full student sharded per block (FSDP2, docs/students.md)
+    sharding: Literal["ddp", "fsdp"] = "ddp"
     # per-GPU memory budget: `train` refuses a run whose plan (`flowsteer plan`) exceeds it; None = on CUDA,
     # the device's own memory, else no check
     gpu_memory_gb: float | None = Field(None, gt=0, le=1e5)
@@ -300,6 +302,18 @@ class TrainConfig(Section):
                 raise ValueError(f"train run name '{name}' may hold only letters, digits and _ . + -")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError("train.methods lists a run name twice")
+        if self.sharding == "fsdp" and (self.student.kind == "lora" or self.workers == 1):
+            raise ValueError("train.sharding fsdp shards a full student over ranks: "
+                             "set train.student.kind full and train.workers > 1")
+        if self.sharding == "fsdp":
+            from pipeline.methods import METHODS
+
+            runs = {**{m: m for m in self.methods if m not in self.variants},
+                    **{n: v.method for n, v in self.variants.items()}}
+            bad = [n for n, m in runs.items() if m in METHODS and not METHODS[m].shards]
+            if bad:
+                raise ValueError(f"train.sharding fsdp: run '{bad[0]}' cannot train sharded (its method swaps the "
+                                 f"student's weights through torch.func); use train.sharding ddp")
         problem = method_problem([n for n in self.methods if n not in self.variants], self.method_options)
         for name, variant in self.variants.items():
             problem = problem or method_problem([variant.method], {variant.method: variant.options},
@@ -407,8 +421,8 @@ class RunConfig(Section):
         if stage == "train":
             tr = self.train.model_dump(mode="json")
             # which runs exist is not part of one run: adding a seed or a variant keeps the others' dirs
-            for k in ("methods", "variants", "seeds", "method_options", "workers", "log_every", "checkpoint_every",
-                      "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
+            for k in ("methods", "variants", "seeds", "method_options", "workers", "sharding", "log_every",
+                      "checkpoint_every", "store", "prefetch", "loader_workers", "tensorboard", "gpu_memory_gb"):
                 tr.pop(k)
             if tr["student"]["kind"] == "full":
                 tr.pop("student")        # the rank, alpha, ... of an unused LoRA do not touch a full student

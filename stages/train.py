@@ -107,7 +107,8 @@ def train_segment(trainer, out_dir: Path, until: int) -> dict[str, Any]:
     state = trainer.state_dict()          # collective under several ranks: every rank calls it
     if trainer.rank == 0:
         save_checkpoint(out_dir, trainer.step, state)
-        if trainer.tensorboard is not None:
+        # FSDP: the EMA copy is gathered by all ranks together, so rank 0 alone cannot sample it (no grids)
+        if trainer.tensorboard is not None and not trainer.fsdp:
             from pipeline.tensorboard import sample_grid
 
             sample_grid(trainer.tensorboard, trainer, trainer.step)

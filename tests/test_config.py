@@ -109,6 +109,9 @@ def test_stage_dirs_follow_the_sections_that_decide_them(tmp_path):
     # How work is spread (workers, methods list) does not change what a method's run produces.
     more_workers = base.model_copy(update={"train": base.train.model_copy(update={"workers": 4})})
     assert perflow(more_workers) == perflow(base)
+    # nor does sharding it (a checkpoint's format is the same under ddp and fsdp: docs/students.md)
+    sharded = base.model_copy(update={"train": base.train.model_copy(update={"workers": 4, "sharding": "fsdp"})})
+    assert perflow(sharded) == perflow(base)
 
     teacher = base.teacher.model_copy(update={"seed": 1})
     new_teacher = base.model_copy(update={"teacher": teacher})

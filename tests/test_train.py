@@ -224,11 +224,13 @@ def test_train_stage_rejects_store_of_another_teacher(toy_store):
         jobs(cfg, methods=["nope"])
 
 
-def test_ray_train_two_workers_average_gradients(toy_store):
-    """train.workers=2: Ray Train runs the loop on 2 gloo ranks, each with its own seeds and batch share."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_ray_train_two_workers_average_gradients(toy_store, sharding):
+    """train.workers=2: Ray Train runs the loop on 2 gloo ranks, each with its own seeds and batch share; under
+    fsdp the student is sharded and the checkpoint and export are the same gathered ones."""
     import ray
 
-    cfg = config_at(toy_store, "ray", workers=2, steps=2, checkpoint_every=2)
+    cfg = config_at(toy_store, f"ray-{sharding}", workers=2, steps=2, checkpoint_every=2, sharding=sharding)
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         run_job(train_job(cfg, "ota"), progress=False)

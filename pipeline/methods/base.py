@@ -63,6 +63,9 @@ class Method:
     # Student forwards a step keeps a graph for, in units of one batch-sized call (`flowsteer plan` scales the
     # activations by it): the distillation call, plus e.g. the GAN's fake and the discriminator blocks it feeds
     graph_calls: ClassVar[float] = 1.0
+    # False when the method calls the student with weights of its own (torch.func.functional_call): FSDP2's
+    # sharded parameters cannot be swapped so, and train.sharding fsdp refuses the method at load
+    shards: ClassVar[bool] = True
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx

@@ -76,6 +76,7 @@ class SCFlow(Method):
                    "truncated below tau, plus a bidirectional term, reflow of its own one-step output and a hinge GAN.")
     uses_adversarial = True               # its optional GAN term builds flowsteer's discriminator
     graph_calls = 2.0                     # f(z_t, t) and the one-step output (reflow, GAN) keep a graph
+    shards = False                        # its target runs as the student with other weights (torch.func)
     Options = SCFlowOptions
     ladder_rank = 40                      # after FlowSteer's own rows, under the same CFG target
 

@@ -159,3 +159,20 @@ def tiny_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)])
+
+
+def kill_training_after(monkeypatch, step: int):
+    """Make `Trainer.train_step` raise "simulated kill" once the trainer has finished `step` steps (a kill -9
+    between steps, checkpoints as they were); returns a function that puts the real step back."""
+    from pipeline.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def killed(self):
+        if self.step == step:
+            raise RuntimeError("simulated kill")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    return lambda: monkeypatch.setattr(Trainer, "train_step", original)
+

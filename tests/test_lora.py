@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deep_merge, toy_sections, write_config
+from conftest import deep_merge, kill_training_after, toy_sections, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
 from pipeline.lora import BASE_LOCK, footprint
 from pipeline.cli import run_stage
 from pipeline.runner import JobFailed, run_job
 from schemas.config import load_config
+from test_train import config_at, train_job
 
 METHODS = ["perflow", "ota", "flowsteer", "scflow", "ayf-emd"]
 LORA = {"kind": "lora", "rank": 2, "alpha": 4}
@@ -33,19 +34,6 @@ def toy_store(tmp_path_factory):
     cfg = load_config(write_config(base / "gen.yaml", **sections))
     run_stage("generate", cfg, "local")
     return base, sections, cfg
-
-
-def config_at(toy_store, name: str, **train):
-    base, sections, gen_cfg = toy_store
-    over = {"root": str(base / name), "train": {**train, "store": str(gen_cfg.stage_dir("generate"))}}
-    return load_config(write_config(base / f"{name}.yaml", **deep_merge(sections, over)))
-
-
-def train_job(cfg, method):
-    from stages.train import jobs
-
-    (job,) = jobs(cfg, methods=[method])
-    return job
 
 
 def trainer_for(cfg, method):
@@ -104,25 +92,16 @@ def losses(cfg, method):
 def test_every_method_trains_a_lora_student_and_resumes_exactly(toy_store, monkeypatch, method):
     """Killed after step 3 (checkpoint at 2), resumed in the same process (the shared teacher is reused): the
     same losses and adapter weights as one uninterrupted run; the checkpoint holds the adapters only."""
-    from pipeline.trainer import Trainer
-
     whole = config_at(toy_store, f"whole-{method}")
     run_job(train_job(whole, method), progress=False)
     cut = config_at(toy_store, f"cut-{method}")
     job = train_job(cut, method)
     run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)
-    original = Trainer.train_step
-
-    def killed_after_three(self):
-        if self.step == 3:
-            raise RuntimeError("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_after_three)
+    restore = kill_training_after(monkeypatch, 3)
     with pytest.raises(JobFailed, match="simulated kill"):
         run_job(train_job(cut, method), progress=False)
     assert latest_step(cut.train_dir(cut.train_run(method))) == 2
-    monkeypatch.setattr(Trainer, "train_step", original)
+    restore()
     torch.manual_seed(1234)
     np.random.seed(1234)
     run_job(train_job(cut, method), progress=False)

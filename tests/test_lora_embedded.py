@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import deep_merge, embedded_sections, write_config
+from conftest import deep_merge, embedded_sections, kill_training_after, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
 from pipeline.cli import run_stage
 from pipeline.runner import JobFailed, run_job
@@ -44,26 +44,17 @@ def embedded_lora(embedded_tiny):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_a_lora_student_on_the_embedded_teacher_and_resumes_exactly(embedded_lora, monkeypatch,
                                                                                      method):
-    from pipeline.trainer import Trainer
-
     cfg = embedded_lora
     run_job(train_job(cfg, method), progress=False)
     out = cfg.train_dir(cfg.train_run(method))
     sa = load_checkpoint(out)                 # the uninterrupted run's last state; then the same run, killed
     shutil.rmtree(out)
     cut = train_job(cfg, method)
-    original = Trainer.train_step
-
-    def killed_after_three(self):
-        if self.step == 3:
-            raise RuntimeError("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_after_three)
+    restore = kill_training_after(monkeypatch, 3)
     with pytest.raises(JobFailed, match="simulated kill"):
         run_job(cut, progress=False)
     assert latest_step(out) == 2
-    monkeypatch.setattr(Trainer, "train_step", original)
+    restore()
     run_job(train_job(cfg, method), progress=False)
     sb = load_checkpoint(out)
     assert sa["step"] == sb["step"] == 4 and sa["student"].keys() == sb["student"].keys()

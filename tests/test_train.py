@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deep_merge, toy_sections, write_config
+from conftest import deep_merge, kill_training_after, toy_sections, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
 from pipeline.cli import run_stage
 from pipeline.runner import JobFailed, read_record, run_job
@@ -60,8 +60,6 @@ def test_resume_is_exact(toy_store, monkeypatch, method, train):
     """Killed mid-segment after step 3 (checkpoint at 2), resumed: the same losses and weights as one run
     (also with bf16 autocast, batches drawn two steps ahead by a thread or by two loader worker processes (the
     pending ones are redrawn on resume), and with the student's blocks compiled)."""
-    from pipeline.trainer import Trainer
-
     name = "-".join([method, *(f"{k}{v}" for k, v in train.items())])
     whole = config_at(toy_store, f"whole-{name}", **train)
     run_job(train_job(whole, method), progress=False)
@@ -69,19 +67,12 @@ def test_resume_is_exact(toy_store, monkeypatch, method, train):
     cut = config_at(toy_store, f"cut-{name}", **train)
     job = train_job(cut, method)
     run_job(dataclasses.replace(job, units=job.units[:1]), progress=False)     # steps 1, 2 committed
-    original = Trainer.train_step
-
-    def killed_after_three(self):
-        if self.step == 3:
-            raise RuntimeError("simulated kill")
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", killed_after_three)
+    restore = kill_training_after(monkeypatch, 3)
     with pytest.raises(JobFailed, match="simulated kill"):
         run_job(train_job(cut, method), progress=False)
     assert latest_step(cut.train_dir(cut.train_run(method))) == 2
     assert [r["step"] for r in losses(cut, method)] == [1, 2, 3]          # step 3 was logged, not committed
-    monkeypatch.setattr(Trainer, "train_step", original)
+    restore()
     torch.manual_seed(1234)                                                 # a fresh process's RNG
     np.random.seed(1234)
     run_job(train_job(cut, method), progress=False)

@@ -8,9 +8,11 @@ disabled (`adapters_off`: peft's `enable_adapters(False)` on every tuner layer, 
 (pipeline/methods/discriminator.py). Only adapter parameters, plus modules a method adds around the
 transformer (AYF's gap embedding), train, are averaged by the EMA, checkpointed and exported.
 
-Threads: the batch prefetcher (pipeline/prefetch.py) calls the teacher on a background thread while the
-trainer runs the student on the same modules, so every adapter toggle and every training step holds
-BASE_LOCK (re-entrant: the teacher and discriminator calls inside a step run on the step's thread).
+Threads: the batch loader's thread and workers (pipeline/loader.py) only draw rows and never run the
+transformer (`Method.draw`); the teacher solves run in `Method.complete`, on the step's thread. Every adapter
+toggle and every training step still holds BASE_LOCK, so any other thread of the process that calls the shared
+modules (another trainer on the same teacher) never sees them half-switched (re-entrant: the teacher and
+discriminator calls inside a step run on the step's thread).
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ class SharedBaseTeacher:
 
 def trainable_names(student: torch.nn.Module) -> list[str]:
     """The trainable parameters' names, read once when the student is built: peft's adapter toggle flips
-    requires_grad while the teacher runs (on the prefetch thread), so it is no record of what trains."""
+    requires_grad while the teacher runs, so it is no record of what trains."""
     return [n for n, p in student.named_parameters() if p.requires_grad]
 
 

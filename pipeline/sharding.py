@@ -4,8 +4,8 @@ The student is replicated with `torch.distributed._composable.replicate`, DDP's 
 module in place: it stays the same module with the same parameter names, so a method calls it as it is
 (plain forward, `torch.func.functional_call`, `jvp`), several forwards may share one backward, and
 gradients are averaged by DDP's bucketed all-reduce during backward. `broadcast_buffers=False`: a LoRA
-student is the teacher's own module, which the prefetch thread calls at times that differ per rank, so a
-forward must never start a collective.
+student is the teacher's own module, also called (adapters off) for the teacher solves outside the student's
+forward and backward, so a forward must never start a collective.
 
 The discriminator's heads are not wrapped: the trainer switches their requires_grad off for the generator
 step (trainer.frozen), and DDP's reducer expects a gradient for every parameter it registered in every

@@ -217,7 +217,7 @@ class Trainer:
         return trainable_state(self.student, self.param_names) if self.lora else gather_full(self.student.state_dict())
 
     def base_lock(self):
-        """Held for a whole step with LoRA: the prefetch thread's teacher calls turn the shared adapters off."""
+        """Held for a whole step with LoRA: teacher calls turn the shared adapters off (pipeline/lora.py)."""
         from pipeline.lora import BASE_LOCK
 
         if not self.lora:

@@ -6,8 +6,10 @@ of N draws steps first + w, first + w + N, ...; torch's DataLoader hands their o
 step order. Batch s is bit-identical with 0, 1 or 4 workers, and a resumed run restarts the loader at its step
 with the saved cursor (tests/test_loader.py). With no workers, `train.prefetch` > 0 draws on one thread instead.
 
-On CUDA the rows come back in pinned memory and are copied to the device on a side stream, so the copy of the
-next batch overlaps the step; the teacher solves a batch needs then run in the training process
+Workers hand their rows over through one shared-memory arena mapped before they fork (pipeline/batch_arena.py):
+only offsets cross the queue, so taking a batch costs the step ~no time. The first batch after a (re)start is
+drawn in the training process and sizes the arena. On CUDA the arena is page-locked and rows are copied to the
+device on a side stream, so the copy of the next batch overlaps the step; the teacher solves a batch needs then run in the training process
 (`Method.complete`, pipeline/teacher_solves.py). A worker that dies or fails is an error naming the step, never a
 hang (torch checks its workers every few seconds while the step waits).
 """
@@ -21,6 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.batch_arena import BatchArena
 from pipeline.errors import UserError
 
 
@@ -29,11 +32,11 @@ class LoaderError(RuntimeError):
 
 
 class StepRange(IterableDataset):
-    """(s, draw(s)) for steps first..last-1, the steps split round-robin over the DataLoader's workers, each
-    worker `depth` batches ahead (its rows read into a shared-memory ring of depth + 2 batches)."""
+    """(s, draw(s) packed into `arena`) for steps first..last-1, the steps split round-robin over the
+    DataLoader's workers, each worker `depth` batches ahead (its rows read into its arena slots)."""
 
-    def __init__(self, draw: Callable[[int], dict], first: int, last: int, depth: int):
-        self.draw, self.first, self.last, self.depth = draw, first, last, depth
+    def __init__(self, draw: Callable[[int], dict], first: int, last: int, arena: BatchArena):
+        self.draw, self.first, self.last, self.arena = draw, first, last, arena
 
     def __iter__(self):
         from pipeline import shard_reader
@@ -42,18 +45,19 @@ class StepRange(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         torch.set_num_threads(1)          # a worker reads rows; the training process keeps the cores' math
         if info is not None:
-            shard_reader.RING = shard_reader.SharedRing(self.depth + 2)
+            self.arena.enter(worker)
+            shard_reader.ARENA = self.arena
         for step in range(self.first + worker, self.last, workers):
-            if shard_reader.RING is not None:
-                shard_reader.RING.next_batch()
+            self.arena.next_batch()
             with torch.no_grad():
-                yield step, self.draw(step)
+                rows = self.draw(step)
+            yield step, self.arena.pack(rows)
 
 
 def to_device(tree: Any, device: torch.device, stream=None) -> Any:
     """Tensors of a (nested) batch on `device`, floating ones as float32 (rows may come in the store's float16);
     on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it). A CPU tensor
-    in shared memory (a worker's ring buffer, reused a few batches later) is copied."""
+    in shared memory (a view of the batch arena, whose slot is reused a few batches later) is copied."""
     if isinstance(tree, dict):
         return {k: to_device(v, device, stream) for k, v in tree.items()}
     if not isinstance(tree, torch.Tensor):
@@ -93,6 +97,9 @@ class BatchLoader:
         self._next_step: int | None = None          # the step the running pipeline hands out next
         self._first = 0                             # the step it started at (worker w draws first + w + kN)
         self._iter = None                           # workers: the DataLoader's iterator
+        self._arena: BatchArena | None = None       # workers: the shared memory their batches arrive in
+        self._first_rows: tuple[int, dict] | None = None    # workers: the batch drawn here at a (re)start
+        self._copied = None                         # CUDA: the event of the last copy out of the arena
         self._pending: deque[tuple[int, Future]] = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if workers == 0 and depth > 0 else None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -100,15 +107,23 @@ class BatchLoader:
     # ------------------------------------------------------------ the pipeline
     def _start(self, step: int) -> None:
         self.discard()
+        self._next_step, self._first = step, step
         if self.workers > 0:
             depth = max(1, self.depth)
-            loader = DataLoader(StepRange(self.draw, step, max(step + 1, self.last_step), depth), batch_size=None,
-                                num_workers=self.workers, prefetch_factor=depth,
-                                pin_memory=self.device.type == "cuda", multiprocessing_context="fork",
-                                timeout=self.timeout_s, generator=torch.Generator().manual_seed(0))
-            # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
-            self._iter = iter(loader)
-        self._next_step, self._first = step, step
+            rows = self._drawn(step)                # drawn here: its size sizes the arena
+            self._first_rows, self._first = (step, rows), step + 1
+            if self._arena is None or not self._arena.fits(rows):
+                self._release_arena()
+                self._arena = BatchArena.for_batch(rows, depth + 2, self.workers)
+            if self.device.type == "cuda":
+                self._arena.pin()
+            if step + 1 < self.last_step:
+                loader = DataLoader(StepRange(self.draw, step + 1, self.last_step, self._arena), batch_size=None,
+                                    num_workers=self.workers, prefetch_factor=depth,
+                                    multiprocessing_context="fork", timeout=self.timeout_s,
+                                    generator=torch.Generator().manual_seed(0))
+                # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
+                self._iter = iter(loader)
 
     def _fill(self, upto: int) -> None:
         nxt = self._next_step + len(self._pending)
@@ -121,6 +136,9 @@ class BatchLoader:
             return self.draw(step)
 
     def _rows(self, step: int) -> dict:
+        if self._first_rows is not None and self._first_rows[0] == step:
+            rows, self._first_rows = self._first_rows[1], None
+            return rows
         if self._iter is not None:
             try:
                 got, rows = next(self._iter)
@@ -134,7 +152,7 @@ class BatchLoader:
                                   f"{self._owed_step(step) + 1} ({type(exc).__name__}: {worker_message(exc)})") from exc
             if got != step:
                 raise LoaderError(f"batch loader handed out step {got + 1} for step {step + 1}")
-            return rows
+            return self._arena.unpack(rows)
         if self._pool is not None:
             self._fill(step + self.depth)
             got, future = self._pending.popleft()
@@ -145,11 +163,11 @@ class BatchLoader:
 
     def rows(self, step: int) -> dict:
         """Step `step`'s rows as drawn (CPU, in the store's dtypes), the wait for them counted in wait_seconds; a
-        step out of sequence restarts the pipeline there. From workers they may sit in a ring buffer, valid until
-        rows of a later step are asked for (`next` copies them)."""
+        step out of sequence restarts the pipeline there. From workers they are views of the batch arena, valid
+        until rows of a later step are asked for (`next` copies them)."""
+        t0 = time.perf_counter()
         if self._next_step != step:
             self._start(step)
-        t0 = time.perf_counter()
         rows = self._rows(step)
         self._next_step = step + 1
         self.wait_seconds += time.perf_counter() - t0
@@ -174,10 +192,15 @@ class BatchLoader:
     def next(self, step: int) -> dict:
         """Step `step`'s rows on the device, float32. Rows cross processes in the store's dtype (float16: half of
         float32's bytes); the copy and the cast are the device's work (on the CPU, the step's), not waiting."""
+        if self._copied is not None:        # the last copy out of the arena is done before its slot can refill
+            self._copied.synchronize()
+            self._copied = None
         rows = self.rows(step)
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
                 out = to_device(rows, self.device, self._stream)
+                self._copied = torch.cuda.Event()
+                self._copied.record(self._stream)
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         else:
             out = to_device(rows, self.device)
@@ -195,9 +218,18 @@ class BatchLoader:
         if self._iter is not None:
             self._iter._shutdown_workers()
             self._iter = None
-        self._next_step = None
+        self._next_step, self._first_rows = None, None
+
+    def _release_arena(self) -> None:
+        if self._arena is not None:
+            if self._copied is not None:
+                self._copied.synchronize()
+                self._copied = None
+            self._arena.release()
+            self._arena = None
 
     def close(self) -> None:
         self.discard()
+        self._release_arena()
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -1,6 +1,6 @@
 """Rows as stored, for the batch loader: tensors in the store's own dtype to read them into (`empty_stored`: in
-a loader worker, in shared memory), and whole rows of an uncompressed sharded Zarr v3 array read straight from the
-shard files (`ShardRows`: one `preadv` per row into the caller's buffer), the zarr-python format unchanged.
+a loader worker, in the shared batch arena), and whole rows of an uncompressed sharded Zarr v3 array read straight
+from the shard files (`ShardRows`: one `preadv` per row into the caller's buffer), zarr-python's format unchanged.
 
 Why: zarr-python decodes each inner chunk through its codec pipeline (buffers, copies, an event loop), ~4x the
 time of the file read itself for SD3's 2.7 MB condition rows (bench/loader_bench.py). Only the layout the stores
@@ -21,46 +21,18 @@ import torch
 EMPTY = np.uint64(2 ** 64 - 1)
 
 
-class SharedRing:
-    """A loader worker's shared-memory buffers, reused every `slots` batches: handing a fresh shared tensor to the
-    training process costs its allocation and page faults on both sides, ~5x the copy itself (bench/
-    loader_bench.py). Batch j gets its own buffers (one per request of a shape in that batch).
-
-    Safe when `slots` > the worker's batches in flight + 1 (pipeline/loader.py: prefetch + 2): a worker draws its
-    batch j only once the training process has taken its batch j - prefetch, i.e. has finished every step before
-    that one, so the buffers of batch j - prefetch - 1 are no longer read (rows in shared memory are copied when
-    moved to the device, pipeline/loader.py `to_device`)."""
-
-    def __init__(self, slots: int):
-        self.slots, self.batch = slots, -1
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._uses: dict[tuple, int] = {}
-
-    def next_batch(self) -> None:
-        self.batch += 1
-        self._uses = {}
-
-    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        kind = (tuple(shape), dtype)
-        use = self._uses.get(kind, 0)
-        self._uses[kind] = use + 1
-        key = (kind, use, self.batch % self.slots)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(kind[0], dtype=dtype).share_memory_()
-        return self._buffers[key]
-
-
-RING: SharedRing | None = None      # set in a loader worker (pipeline/loader.py StepRange)
+ARENA = None      # in a loader worker: its pipeline/batch_arena.py BatchArena (set by pipeline/loader.py StepRange)
 
 
 def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A tensor to fill with a batch's rows: a `RING` buffer in a loader worker, else a fresh one."""
-    return RING.take(tuple(shape), dtype) if RING is not None else torch.empty(tuple(shape), dtype=dtype)
+    """A tensor to fill with a batch's rows: in a loader worker, in its slot of the shared batch arena (handing it
+    to the training process then copies nothing); else, or when the slot is full, a fresh one."""
+    t = ARENA.take(tuple(shape), dtype) if ARENA is not None else None
+    return t if t is not None else torch.empty(tuple(shape), dtype=dtype)
 
 
 def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
-    """(tensor in the store dtype, its on-disk-dtype numpy view) to read rows into; in a loader worker process
-    the tensor is in shared memory (a `RING` buffer), so handing it to the training process copies nothing."""
+    """(tensor in the store dtype, its on-disk-dtype numpy view) to read rows into (`empty`)."""
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[store_dtype]
     t = empty(shape, dtype)
     view = t.numpy()

@@ -128,7 +128,7 @@ def test_a_worker_that_dies_is_an_error_naming_the_step_not_a_hang():
     loader = BatchLoader(_dies_at_two, "cpu", workers=2, depth=1, last_step=6)
     t0 = time.monotonic()
     assert float(loader.next(0)["x"][0]) == 0
-    with pytest.raises(LoaderError, match="worker 0 died while drawing the batch of step 3"):
+    with pytest.raises(LoaderError, match="worker 1 died while drawing the batch of step 3"):
         loader.next(1)                  # step 2 may still arrive first; the dead worker's step 3 never does
         loader.next(2)
     assert time.monotonic() - t0 < 60
@@ -150,6 +150,51 @@ def test_a_worker_that_raises_is_an_error_naming_the_step():
         loader.next(1)
     assert str(err.value) == "step 2: latent store /x is incomplete; run `flowsteer encode`"
     loader.close()
+
+
+def _mixed_rows(step):
+    """Rows of every kind a draw returns: read into the arena (`empty`), made fresh, a view, bf16, bool; from
+    step 3 on a tensor bigger than step 0's whole batch (sized the arena), which cannot fit its slot."""
+    from pipeline.shard_reader import empty
+
+    g = torch.Generator().manual_seed(step)
+    read = empty((4, 8), torch.float16)
+    read.copy_(torch.randn(4, 8, generator=g))
+    fresh = torch.randn(6, 3, generator=g)
+    rows = {"read": read, "fresh": fresh, "strided": fresh.t(), "bf16": fresh.bfloat16(), "mask": fresh > 0,
+            "k": torch.arange(step, step + 3), "nested": {"empty": torch.zeros(0, 5), "step": step}}
+    if step >= 3:
+        rows["big"] = torch.randn(300_000, generator=g)
+    return rows
+
+
+def test_worker_batches_arrive_through_the_arena_intact_and_one_too_big_still_arrives(monkeypatch):
+    """What crosses from workers is a few offsets into the shared arena (no tensor but one that cannot fit);
+    every batch equals the one drawn in this process, held all at once after `next`."""
+    from pipeline.batch_arena import ArenaRef, BatchArena
+
+    sent = []
+    unpack = BatchArena.unpack
+    def recorded(self, tree):
+        if isinstance(tree, dict) and "read" in tree:       # a whole batch (unpack recurses into its parts)
+            sent.append(tree)
+        return unpack(self, tree)
+
+    monkeypatch.setattr(BatchArena, "unpack", recorded)
+    loader = BatchLoader(_mixed_rows, "cpu", workers=2, depth=1, last_step=6)
+    got = [loader.next(s) for s in range(6)]
+    loader.close()
+    assert all(same(g, to_cpu(_mixed_rows(s))) for s, g in enumerate(got))
+    assert [tree["nested"]["step"] for tree in sent] == [1, 2, 3, 4, 5]       # step 0: drawn here, sizes the arena
+    assert all(isinstance(tree[k], ArenaRef) for tree in sent for k in ("read", "fresh", "strided", "bf16", "k"))
+    assert all(isinstance(tree["big"], torch.Tensor) for tree in sent[2:])
+
+
+def to_cpu(tree):
+    """A draw's rows as `next` hands them out on the CPU: floating tensors as float32."""
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    return tree.float() if isinstance(tree, torch.Tensor) and tree.is_floating_point() else tree
 
 
 # ---------------------------------------------------------------- reads (pipeline/shard_reader.py)

@@ -1,0 +1,130 @@
+"""One shared-memory arena through which loader workers hand batches to the training process.
+
+Why: torch sends a tensor between processes by passing its shared-memory file descriptor over a fresh socket
+connection (multiprocessing's resource_sharer, with its authentication handshake), ~0.5 ms per tensor on this
+machine's CPU, paid by the training process while it waits: 10 tensors a batch made 4-6 ms of every step, 2-4% of
+an emulated 250 or 100 ms GPU step (bench/loader_bench.py). The arena is one shared buffer made by the training
+process *before* the workers fork, so every worker already has it mapped: a worker reads its rows straight into a
+slot of it (pipeline/shard_reader.py `empty`), copies any other tensor of the batch in, and sends only
+`ArenaRef`s (offset, dtype, shape); the training process turns them back into views of its own mapping. Nothing
+but a few small tuples crosses the queue.
+
+Layout: `workers` x `slots` slots of `slot_bytes`; worker w's batch j lives in slot (w, j mod slots), so a slot is
+reused `slots` batches later. Safe when slots > that worker's batches in flight + 1 (pipeline/loader.py uses
+prefetch + 2): worker w draws its batch j only after the training process took its batch j - prefetch (torch's
+DataLoader hands a worker one new task per batch taken), by which time every step before that one has moved its
+rows out of the arena (`BatchLoader.next`: a CPU clone, or a device copy it waits for before taking more).
+
+A batch larger than its slot still arrives whole: the tensors that do not fit travel torch's usual way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ALIGN = 64          # bytes: every tensor in a slot starts on a cache line (and any dtype's alignment)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def tree_nbytes(tree) -> int:
+    """Slot bytes a batch needs: its tensors, each aligned."""
+    if isinstance(tree, dict):
+        return sum(tree_nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tree_nbytes(v) for v in tree)
+    return _aligned(tree.numel() * tree.element_size()) if isinstance(tree, torch.Tensor) else 0
+
+
+@dataclass(frozen=True)
+class ArenaRef:
+    """A contiguous tensor at byte `offset` of the arena."""
+    offset: int
+    dtype: torch.dtype
+    shape: tuple
+
+
+class BatchArena:
+    """The arena (see the module docstring). Made in the training process; `enter(worker)` in a worker."""
+
+    def __init__(self, slot_bytes: int, slots: int, workers: int):
+        self.slot_bytes, self.slots, self.workers = _aligned(max(ALIGN, slot_bytes)), slots, workers
+        self.buffer = torch.empty(self.slot_bytes * slots * workers, dtype=torch.uint8).share_memory_()
+        self._base = self.buffer.data_ptr()
+        self.worker, self.batch, self.used = -1, -1, 0      # worker side: the slot being filled
+        self.pinned = False
+
+    @classmethod
+    def for_batch(cls, tree, slots: int, workers: int) -> "BatchArena":
+        """An arena whose slots hold `tree`'s tensors with room to spare (1/8, at least 64 KiB)."""
+        need = tree_nbytes(tree)
+        return cls(need + max(need // 8, 64 << 10), slots, workers)
+
+    def fits(self, tree) -> bool:
+        return tree_nbytes(tree) <= self.slot_bytes
+
+    # ------------------------------------------------------------ in a worker
+    def enter(self, worker: int) -> None:
+        self.worker, self.batch, self.used = worker, -1, 0
+
+    def next_batch(self) -> None:
+        """Start filling this worker's next slot."""
+        self.batch += 1
+        self.used = 0
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        """A contiguous tensor in the current slot, or None when the slot is full."""
+        shape = tuple(int(d) for d in shape)
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if self.worker < 0 or self.used + nbytes > self.slot_bytes:
+            return None
+        start = (self.worker * self.slots + self.batch % self.slots) * self.slot_bytes + self.used
+        self.used += _aligned(nbytes)
+        return self.buffer[start:start + nbytes].view(dtype).view(shape)
+
+    def _ref(self, t: torch.Tensor):
+        offset = t.data_ptr() - self._base
+        inside = 0 <= offset < self.buffer.numel() and t.untyped_storage().data_ptr() == self._base
+        if inside and t.is_contiguous():
+            return ArenaRef(offset, t.dtype, tuple(t.shape))
+        into = self.take(t.shape, t.dtype)
+        if into is None:
+            return t                      # no room: torch's usual way
+        into.copy_(t)
+        return ArenaRef(into.data_ptr() - self._base, t.dtype, tuple(t.shape))
+
+    def pack(self, tree):
+        """`tree` with every tensor replaced by its ArenaRef (copied into the current slot if it is not there)."""
+        if isinstance(tree, dict):
+            return {k: self.pack(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.pack(v) for v in tree)
+        return self._ref(tree) if isinstance(tree, torch.Tensor) else tree
+
+    # ------------------------------------------------------------ in the training process
+    def unpack(self, tree):
+        """`tree` with every ArenaRef replaced by the view of the arena it names."""
+        if isinstance(tree, dict):
+            return {k: self.unpack(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.unpack(v) for v in tree)
+        if isinstance(tree, ArenaRef):
+            nbytes = torch.Size(tree.shape).numel() * torch.empty((), dtype=tree.dtype).element_size()
+            return self.buffer[tree.offset:tree.offset + nbytes].view(tree.dtype).view(tree.shape)
+        return tree
+
+    def pin(self) -> bool:
+        """Page-lock the arena for the CUDA driver (cudaHostRegister), so device copies from it are asynchronous
+        DMA; False if the driver refuses (copies then stage through the driver, still correct)."""
+        if not self.pinned and torch.cuda.is_available():
+            err = torch.cuda.cudart().cudaHostRegister(self._base, self.buffer.numel(), 0)
+            self.pinned = int(getattr(err, "value", err)) == 0
+        return self.pinned
+
+    def release(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._base)
+            self.pinned = False

@@ -344,18 +344,28 @@ class RowStore:
         for k, name in self.cond_arrays.items():
             write_shard_rows(self.path, self.group["null_" + name], 0, 0, encode(null[k][:1], self.store_dtype))
 
-    def write_shard_data(self, shard: int, rows: dict[str, Any], cond: dict[str, torch.Tensor] | None = None,
-                         null: dict[str, torch.Tensor] | None = None) -> str:
-        """Write one whole shard (one write per array, never a partial shard): the unit's row arrays and, in a
-        store whose units encode, the rows' conditions (+ the "" condition from shard 0). Returns the checksum
-        of what was written, as stored (what `shard_checksum` reads back)."""
-        arrays = {name: encode(values, self.store_dtype) for name, values in rows.items()}
-        if cond is not None:
-            arrays.update(self.cond_shard(cond, null))
+    def write_cond(self, shard: int, cond: dict[str, torch.Tensor], null: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, np.ndarray]:
+        """Write a shard's condition rows (+ the "" condition, from shard 0), e.g. while its states are still
+        being computed; returns them as stored, for the shard's checksum (`write_shard_data(written_cond=)`)."""
+        arrays = self.cond_shard(cond, null)
         self.write_rows(shard, {k: v for k, v in arrays.items() if not k.startswith("null_")})
-        if cond is not None and null is not None:
+        if null is not None:
             self.write_null(null)
-        return digest(*arrays.values())
+        return arrays
+
+    def write_shard_data(self, shard: int, rows: dict[str, Any], cond: dict[str, torch.Tensor] | None = None,
+                         null: dict[str, torch.Tensor] | None = None,
+                         written_cond: dict[str, np.ndarray] | None = None) -> str:
+        """Write one whole shard (one write per array, never a partial shard): the unit's row arrays and, in a
+        store whose units encode, the rows' conditions (+ the "" condition from shard 0), or take those as
+        `written_cond` (what `write_cond` wrote). Returns the checksum of the shard as stored (what
+        `shard_checksum` reads back)."""
+        arrays = {name: encode(values, self.store_dtype) for name, values in rows.items()}
+        self.write_rows(shard, arrays)
+        if cond is not None:
+            written_cond = self.write_cond(shard, cond, null)
+        return digest(*arrays.values(), *(written_cond or {}).values())
 
     def shard_checksum(self, shard: int) -> str:
         """The checksum of a shard as it reads back from disk (raises if zarr cannot decode it)."""

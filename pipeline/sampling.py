@@ -20,11 +20,24 @@ def rowwise(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))
 
 
+def tensors_key(*conds: dict) -> tuple:
+    """What identifies conditions' values without reading them: each tensor's identity and in-place version."""
+    return tuple((k, id(v), getattr(v, "_version", None)) for c in conds for k, v in c.items())
+
+
 def guided(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> Velocity:
-    """Classifier-free guidance: v = v_u + w (v_c - v_u), w per sample, one batched call."""
+    """Classifier-free guidance: v = v_u + w (v_c - v_u), w per sample, one batched call.
+
+    The [cond; null] batch is concatenated once per set of conditions, not at every step: a sampler passes the
+    same conditions each step, and SD3's 333 x 4096 text rows made that copy a real share of a CPU step."""
+    both: dict = {}
+
     def velocity(x, sigma, cond):
+        key = tensors_key(cond, null_cond)
+        if both.get("key") != key:
+            both.update(key=key, cond=cond, value=cat_cond(cond, null_cond))   # cond kept: its ids stay unique
         w = rowwise(torch.as_tensor(guidance, dtype=x.dtype, device=x.device), x)
-        v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, null_cond))
+        v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), both["value"])
         v_c, v_u = v.chunk(2)
         return v_u + w * (v_c - v_u)
     return velocity

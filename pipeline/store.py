@@ -148,11 +148,12 @@ class TrajectoryStore(RowStore):
 
     # ------------------------------------------------------------ shards
     def write_shard(self, shard: int, states, steps=None, cond: dict[str, torch.Tensor] | None = None,
-                    null: dict[str, torch.Tensor] | None = None) -> str:
+                    null: dict[str, torch.Tensor] | None = None, written_cond: dict | None = None) -> str:
         """Write one whole shard: states (+ steps) and, in a store whose units encode, the rows' conditions
-        (+ the "" condition from shard 0); returns its checksum (RowStore.write_shard_data)."""
+        (+ the "" condition from shard 0) unless already `written_cond`; returns its checksum
+        (RowStore.write_shard_data)."""
         rows = {"states": states, **({"steps": steps} if self.steps is not None else {})}
-        checksum = self.write_shard_data(shard, rows, cond, null)
+        checksum = self.write_shard_data(shard, rows, cond, null, written_cond)
         self._cache.pop(shard, None)
         return checksum
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # generate keys that say how the work is run, not what it produces: left out of the generate fingerprint and of
 # the trajectory store's meta (pipeline/store.py), so changing them reuses the store
-GENERATE_RUN_ONLY_KEYS = ("batch_size", "cpus_per_worker", "gpus_per_worker", "max_retries")
+GENERATE_RUN_ONLY_KEYS = ("batch_size", "compile", "cpus_per_worker", "gpus_per_worker", "max_retries")
 
 
 class ConfigError(Exception):
@@ -150,6 +150,7 @@ class GenerateConfig(Section):
     guidance: tuple[float, float] = (3.0, 5.0)   # w ~ U[lo, hi] drawn per sample from its seed (paper: 7..13 on SD3)
     shard_size: Count = 64              # samples per unit = per Zarr shard
     batch_size: Batch = 64
+    compile: bool = False               # torch.compile each teacher transformer block (regional; not part of the fingerprint)
     record_every_step: bool = False
     seed: Seed = 0
     cpus_per_worker: int = Field(1, ge=1, le=1024)

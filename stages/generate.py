@@ -16,6 +16,7 @@ import functools
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -94,19 +95,28 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool
     TrajectoryStore.create(path, meta, n_prompts, layout.sample_shape, g.shard_size, cfg.schedule.teacher_steps,
                            cfg.schedule.windows, plan, record_every_step=g.record_every_step,
                            store_dtype=g.store_dtype, compressor=g.compressor, cond_shapes=layout.cond_shapes,
-                           run_attrs={"batch_size": g.batch_size})
+                           run_attrs={"batch_size": g.batch_size, "compile": g.compile})
 
 
 def _check_resume(cfg, store: TrajectoryStore, out_dir: Path, keys: list[str]) -> None:
-    """generate.batch_size is outside the fingerprint (a memory knob; a finished store reads the same to
-    training whatever it was), but the teacher's batched kernels round differently per batch size (~1e-5):
-    a half-made store is only resumed with the batch size it was started with (kept in its attrs)."""
-    started = store.group.attrs.get("run", {}).get("batch_size")
+    """generate.batch_size and generate.compile are outside the fingerprint (how the work runs; a finished store
+    reads the same to training whatever they were), but the teacher's kernels round differently per batch size
+    and compiled (~1e-5): a half-made store is only resumed with the values it was started with (its attrs)."""
+    run = store.group.attrs.get("run", {})
     done = sum(is_done(out_dir, k) for k in keys)
-    if started is not None and started != cfg.generate.batch_size and 0 < done < len(keys):
-        raise UserError(f"generate.batch_size is {cfg.generate.batch_size} but the store {store.path} was started "
-                        f"with batch_size {started} ({done} of {len(keys)} shards done); resume with batch_size "
-                        f"{started} (results depend on it at ~1e-5) or pass --rebuild to start over")
+    for key in ("batch_size", "compile"):
+        started, now = run.get(key), getattr(cfg.generate, key)
+        if key == "compile" and started is None:
+            started = False if "batch_size" in run else None      # a store from before generate.compile
+        if started is not None and started != now and 0 < done < len(keys):
+            raise UserError(f"generate.{key} is {json_value(now)} but the store {store.path} was started with "
+                            f"{key} {json_value(started)} ({done} of {len(keys)} shards done); resume with {key} "
+                            f"{json_value(started)} (results depend on it at ~1e-5) or pass --rebuild to start over")
+
+
+def json_value(value) -> str:
+    """A config value as the user writes it in YAML (true/false, numbers)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def delete_store(out_dir: Path, keys: list[str]) -> None:
@@ -143,6 +153,7 @@ class GenerateWorker(ShardWorker):
     """Solves the teacher ODE for whole shards of the trajectory store."""
 
     store_cls = TrajectoryStore
+    overlap_writes = True       # False: conditions written after the solves (bench/generate_overlap.py's baseline)
 
     def __init__(self, cfg, meta: dict):
         from pipeline.schedule import fixed_sigmas
@@ -151,6 +162,12 @@ class GenerateWorker(ShardWorker):
         self.teacher_seconds = 0.0
         self.grid = fixed_sigmas(cfg.schedule.teacher_steps, cfg.schedule.shift)
         self.per_window = cfg.schedule.teacher_steps // cfg.schedule.windows
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="cond-write")
+        if cfg.generate.compile:
+            from pipeline.fast_step import compile_blocks
+
+            if not compile_blocks(getattr(self.teacher, "transformer", None) or torch.nn.Module()):
+                raise UserError("generate.compile: this teacher has no `transformer.transformer_blocks` to compile")
 
     def velocity(self, x, sigma, cond):
         """The teacher (float32 in and out: load_teacher casts to teacher.dtype itself), timed."""
@@ -173,41 +190,59 @@ class GenerateWorker(ShardWorker):
         return cond, {k: round_trip(v[:1], kind) for k, v in null.items()}
 
     def run(self, unit: Unit) -> dict[str, Any]:
-        from pipeline.sampling import sample
-
         lo, hi = unit.params["start"], unit.params["stop"]
         st = self.store
-        dev = self.teacher.device
         states = np.empty((hi - lo, *st.states.shape[1:]), dtype=np.float32)
         steps = np.empty((hi - lo, *st.steps.shape[1:]), dtype=np.float32) if st.steps is not None else None
         self.teacher_seconds, t0 = 0.0, time.perf_counter()
+        shard = unit.params["shard"]
         with torch_threads(self.threads):
             shard_cond, shard_null = self.encode_shard(lo, hi)
             encode_seconds = time.perf_counter() - t0
-            for b in range(lo, hi, self.cfg.generate.batch_size):
-                rows = slice(b - lo, min(b + self.cfg.generate.batch_size, hi) - lo)
-                n = rows.stop - rows.start
-                noise = noise_for(st.seed[b:b + n], st.sample_shape).to(dev)
-                # float32 states and conditions: the teacher casts to teacher.dtype itself (load_teacher)
-                cond = {k: v[rows].to(dev) for k, v in shard_cond.items()}
-                null = {k: v.expand(n, *v.shape[1:]).to(dev) for k, v in shard_null.items()}
-                w = torch.from_numpy(st.guidance[b:b + n]).to(dev)
-
-                def record(i, x, sigma, v, rows=rows):
-                    if i % self.per_window == 0:
-                        states[rows, i // self.per_window] = x.float().cpu().numpy()
-                    if steps is not None:
-                        steps[rows, i] = x.float().cpu().numpy()
-
-                sample(self.velocity, noise, self.grid, cond, null, w, record)
+            # The conditions (most of a shard's bytes at SD3 shapes) are written while the states are solved.
+            cond_args = (shard, shard_cond, shard_null if shard == 0 else None)
+            cond_written = self.writer.submit(self.write_cond, *cond_args) if self.overlap_writes else None
+            try:
+                self.solve(lo, hi, states, steps, shard_cond, shard_null)
+            finally:
+                if cond_written is not None:
+                    wait([cond_written])      # never left writing behind a failed unit
         t1 = time.perf_counter()
-        shard = unit.params["shard"]
-        digest = st.write_shard(shard, states, steps, shard_cond, shard_null if shard == 0 else None)
+        written_cond, cond_write_seconds = cond_written.result() if cond_written else self.write_cond(*cond_args)
+        digest = st.write_shard(shard, states, steps, written_cond=written_cond)
         from pipeline.shard_check import shard_files
 
         return {"checksum": digest, "files": shard_files(st, shard), "samples": hi - lo, "worker_pid": os.getpid(),
                 "encode_seconds": round(encode_seconds, 4), "teacher_seconds": round(self.teacher_seconds, 4),
+                "cond_write_seconds": round(cond_write_seconds, 4),      # overlapped with the solves
                 "write_seconds": round(time.perf_counter() - t1, 4)}
+
+    def write_cond(self, shard: int, cond: dict, null: dict | None) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        return self.store.write_cond(shard, cond, null), time.perf_counter() - t0
+
+    def solve(self, lo: int, hi: int, states: np.ndarray, steps: np.ndarray | None, shard_cond: dict,
+              shard_null: dict) -> None:
+        """The teacher ODE of rows lo..hi, in batches; window-edge states (+ every step's) into the arrays."""
+        from pipeline.sampling import sample
+
+        st, dev = self.store, self.teacher.device
+        for b in range(lo, hi, self.cfg.generate.batch_size):
+            rows = slice(b - lo, min(b + self.cfg.generate.batch_size, hi) - lo)
+            n = rows.stop - rows.start
+            noise = noise_for(st.seed[b:b + n], st.sample_shape).to(dev)
+            # float32 states and conditions: the teacher casts to teacher.dtype itself (load_teacher)
+            cond = {k: v[rows].to(dev) for k, v in shard_cond.items()}
+            null = {k: v.expand(n, *v.shape[1:]).to(dev) for k, v in shard_null.items()}
+            w = torch.from_numpy(st.guidance[b:b + n]).to(dev)
+
+            def record(i, x, sigma, v, rows=rows):
+                if i % self.per_window == 0:
+                    states[rows, i // self.per_window] = x.float().cpu().numpy()
+                if steps is not None:
+                    steps[rows, i] = x.float().cpu().numpy()
+
+            sample(self.velocity, noise, self.grid, cond, null, w, record)
 
 
 def verify_job(job: Job) -> str | None:

@@ -165,6 +165,29 @@ def test_application_error_recorded_as_failed(make_toy_config, tests_on_path):
     assert "failed shard-00000: RuntimeError: teacher exploded on purpose" in res.output
 
 
+@pytest.mark.timeout(300)
+def test_compiled_teacher_writes_the_eager_store_and_a_half_made_one_resumes_only_as_started(make_toy_config):
+    """generate.compile: the teacher's blocks compiled (regional), run-only (the same store), its states within
+    float tolerance of the eager ones; a store started eager is not finished compiled (nor the reverse)."""
+    from pipeline.runner import drop_record
+    from stages.generate import jobs
+
+    eager = gen_config(make_toy_config, "eager.yaml")
+    generate(eager)
+    full = states_of(eager)
+    compiled = gen_config(make_toy_config, "compiled.yaml", compile=True)
+    assert compiled.stage_dir("generate") == eager.stage_dir("generate")
+    drop_record(eager.stage_dir("generate"), "shard-00001")          # as if killed after the first shard
+    with pytest.raises(UserError, match="generate.compile is true but the store .* started with compile false"):
+        generate(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    [job] = jobs(compiled, rebuild=True)
+    run_job(job, "local", progress=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1         # the blocks ran compiled
+    np.testing.assert_allclose(states_of(compiled), full, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.timeout(240)
 def test_killed_cli_resumes_without_redoing_units(make_toy_config, tests_on_path):
     """kill -9 the real CLI after its first unit record; the rerun finishes the rest, bit-identical."""

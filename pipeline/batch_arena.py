@@ -78,7 +78,7 @@ class BatchArena:
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """A contiguous tensor in the current slot, or None when the slot is full."""
         shape = tuple(int(d) for d in shape)
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
         if self.worker < 0 or self.used + nbytes > self.slot_bytes:
             return None
         start = (self.worker * self.slots + self.batch % self.slots) * self.slot_bytes + self.used
@@ -112,7 +112,7 @@ class BatchArena:
         if isinstance(tree, (list, tuple)):
             return type(tree)(self.unpack(v) for v in tree)
         if isinstance(tree, ArenaRef):
-            nbytes = torch.Size(tree.shape).numel() * torch.empty((), dtype=tree.dtype).element_size()
+            nbytes = torch.Size(tree.shape).numel() * tree.dtype.itemsize
             return self.buffer[tree.offset:tree.offset + nbytes].view(tree.dtype).view(tree.shape)
         return tree
 

@@ -68,8 +68,8 @@ def test_batch_of_each_step_is_identical_with_0_1_and_4_workers(toy_run, method)
     trainer.close()
 
 
-def test_real_rows_from_worker_ring_buffers_stay_intact_while_held(toy_run, tmp_path):
-    """PeRFlow's x0 and conditions read by 2 workers into their shared-memory rings (3 batches each, reused over
+def test_real_rows_from_worker_arena_slots_stay_intact_while_held(toy_run, tmp_path):
+    """PeRFlow's x0 and conditions read by 2 workers into their batch-arena slots (3 batches each, reused over
     8 steps) are, held all at once after `next`, the rows drawn in this process."""
     from conftest import deep_merge, toy_sections
     from test_precision import _write_latents

@@ -19,6 +19,7 @@ A batch larger than its slot still arrives whole: the tensors that do not fit tr
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,10 @@ class BatchArena:
 
     def __init__(self, slot_bytes: int, slots: int, workers: int):
         self.slot_bytes, self.slots, self.workers = _aligned(max(ALIGN, slot_bytes)), slots, workers
-        self.buffer = torch.empty(self.slot_bytes * slots * workers, dtype=torch.uint8).share_memory_()
+        # Anonymous shared memory, inherited by the forked workers: not a file in /dev/shm, whose size a container
+        # caps (64 MiB by default in Docker) below one SD3 batch.
+        self._map = mmap.mmap(-1, self.slot_bytes * slots * workers, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         self._base = self.buffer.data_ptr()
         self.worker, self.batch, self.used = -1, -1, 0      # worker side: the slot being filled
         self.pinned = False

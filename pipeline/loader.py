@@ -54,17 +54,17 @@ class StepRange(IterableDataset):
             yield step, self.arena.pack(rows)
 
 
-def to_device(tree: Any, device: torch.device, stream=None) -> Any:
+def to_device(tree: Any, device: torch.device, stream=None, copy: bool = False) -> Any:
     """Tensors of a (nested) batch on `device`, floating ones as float32 (rows may come in the store's float16);
-    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it). A CPU tensor
-    in shared memory (a view of the batch arena, whose slot is reused a few batches later) is copied."""
+    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it). With `copy`
+    no output is its input tensor (rows viewing the batch arena, whose slot is refilled a few batches later)."""
     if isinstance(tree, dict):
-        return {k: to_device(v, device, stream) for k, v in tree.items()}
+        return {k: to_device(v, device, stream, copy) for k, v in tree.items()}
     if not isinstance(tree, torch.Tensor):
         return tree
     t = tree.to(device, non_blocking=device.type == "cuda")
     t = t.float() if t.is_floating_point() else t
-    if t.device.type == "cpu" and t.is_shared():
+    if copy and t is tree:
         t = t.clone()
     if stream is not None:                # allocated on the side stream, used on the step's
         t.record_stream(torch.cuda.current_stream(device))
@@ -198,12 +198,12 @@ class BatchLoader:
         rows = self.rows(step)
         if self._stream is not None:
             with torch.cuda.stream(self._stream):
-                out = to_device(rows, self.device, self._stream)
+                out = to_device(rows, self.device, self._stream, copy=self.workers > 0)
                 self._copied = torch.cuda.Event()
                 self._copied.record(self._stream)
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         else:
-            out = to_device(rows, self.device)
+            out = to_device(rows, self.device, copy=self.workers > 0)
         return out
 
     def discard(self) -> None:

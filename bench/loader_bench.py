@@ -2,6 +2,7 @@
 and 2 worker processes, and an emulated GPU step fed by the real loader.
 
     python bench/loader_bench.py [--samples 512] [--batch 16] [--steps 24] [--workers 0 1 2] [--sleep-ms 250 100]
+                                 [--no-t5]     # conditions as SD3 without T5: the store keeps their non-zero chunks
 
 The store: `flowsteer generate` with bench/train_scale.py's byo teacher (SD3-Medium *shapes*, tiny compute):
 16x64x64 latents, K = 4 windows, 333 x 4096 text conditions + 2048 pooled, float16 on disk, 64 samples per
@@ -119,13 +120,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sleep-ms", type=float, nargs="+", default=[250.0, 100.0])
     ap.add_argument("--compressor", default="none", choices=["none", "zstd", "blosc"])
+    ap.add_argument("--no-t5", action="store_true",
+                    help="conditions as SD3 without T5 (zero past 77 tokens x 2048 features): the store keeps "
+                         "only their non-zero chunks")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     from pipeline.cli import run_stage
 
-    root = Path(tempfile.gettempdir()) / f"flowsteer-bench-loader-{args.samples}-{args.compressor}"
-    cfg = scale_config(root, prompts=args.samples // 2, per_prompt=2)
+    root = Path(tempfile.gettempdir()) / (f"flowsteer-bench-loader-{args.samples}-{args.compressor}"
+                                          + ("-not5" if args.no_t5 else ""))
+    cfg = scale_config(root, prompts=args.samples // 2, per_prompt=2, no_t5=args.no_t5)
     cfg = cfg.model_copy(update={
         "generate": cfg.generate.model_copy(update={"shard_size": 64, "batch_size": 16,
                                                     "compressor": args.compressor}),
@@ -134,7 +139,8 @@ def main() -> None:
     run_stage("generate", cfg, "local")
     store_dir = cfg.stage_dir("generate")
     disk = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
-    print(f"store: {args.samples} trajectories x 5 edges x 16x64x64, conditions 333x4096 + 2048, float16, "
+    print(f"store: {args.samples} trajectories x 5 edges x 16x64x64, conditions 333x4096 + 2048"
+          f"{' (no T5: non-zero 77x2048)' if args.no_t5 else ''}, float16, "
           f"compressor {args.compressor}, {disk / 1e9:.2f} GB on disk ({time.perf_counter() - t0:.0f} s to make or "
           f"find); batch {args.batch}, OTA rows (online_fraction 0.25)")
 

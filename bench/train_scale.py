@@ -40,17 +40,32 @@ LATENT = (16, 64, 64)            # SD3 latents of a 512 px image
 TOKENS, TEXT_DIM, POOLED_DIM = 333, 4096, 2048     # 77 CLIP + 256 T5 tokens; T5-XXL width; CLIP-L + CLIP-G pooled
 
 
-def _text(prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Deterministic stand-in text encoder at SD3's condition shapes ("" -> zeros, as CFG's null)."""
+CLIP_TOKENS, CLIP_DIM = 77, 2048                   # SD3 without T5: only this block of a text condition is not zero
+
+
+def _text(prompts: list[str], no_t5: bool = False) -> dict[str, torch.Tensor]:
+    """Deterministic stand-in text encoder at SD3's condition shapes ("" -> zeros, as CFG's null); `no_t5`: zeros
+    past CLIP's 77 tokens x 2048 features, as SD3's encode_prompt pads without T5."""
     ctx, pooled = [], []
     for p in prompts:
         g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
         ctx.append(torch.randn(TOKENS, TEXT_DIM, generator=g) if p else torch.zeros(TOKENS, TEXT_DIM))
+        if no_t5:
+            ctx[-1][CLIP_TOKENS:] = 0
+            ctx[-1][:, CLIP_DIM:] = 0
         pooled.append(torch.randn(POOLED_DIM, generator=g) if p else torch.zeros(POOLED_DIM))
     return {"encoder_hidden_states": torch.stack(ctx), "pooled_projections": torch.stack(pooled)}
 
 
-def make_scale_teacher(device="cpu", width: int = 16, layers: int = 1, seed: int = 0):
+def describe_scale_teacher(no_t5: bool = False, **_):
+    """byo describe: the scale teacher's layout without building it (and, `no_t5`, its conditions' extent)."""
+    from pipeline.teachers.base import TeacherLayout
+
+    return TeacherLayout.of(LATENT, {"encoder_hidden_states": (TOKENS, TEXT_DIM), "pooled_projections": (POOLED_DIM,)},
+                            LATENT, {"encoder_hidden_states": (CLIP_TOKENS, CLIP_DIM)} if no_t5 else None)
+
+
+def make_scale_teacher(device="cpu", width: int = 16, layers: int = 1, seed: int = 0, no_t5: bool = False):
     """byo factory: an SD3Transformer2DModel with SD3-Medium's input/condition shapes and tiny compute."""
     from diffusers import SD3Transformer2DModel
 
@@ -61,17 +76,20 @@ def make_scale_teacher(device="cpu", width: int = 16, layers: int = 1, seed: int
                                      joint_attention_dim=TEXT_DIM, caption_projection_dim=width,
                                      pooled_projection_dim=POOLED_DIM, pos_embed_max_size=LATENT[1] // 2).to(device)
 
-    return TransformerTeacher(net(seed), _text, lambda x: (x[:, :3].clamp(-1, 1) + 1) / 2, LATENT,
-                              weak_transformer=net(seed + 1))
+    return TransformerTeacher(net(seed), lambda prompts: _text(prompts, no_t5), lambda x: (x[:, :3].clamp(-1, 1) + 1) / 2,
+                              LATENT, weak_transformer=net(seed + 1))
 
 
-def scale_config(root: Path, prompts: int, per_prompt: int) -> RunConfig:
+def scale_config(root: Path, prompts: int, per_prompt: int, no_t5: bool = False) -> RunConfig:
     prompt_file = root / "prompts.txt"
     root.mkdir(parents=True, exist_ok=True)
     prompt_file.write_text("".join(f"scale prompt {i}\n" for i in range(prompts)))
+    teacher = {"kind": "byo", "factory": "bench.train_scale:make_scale_teacher", "dtype": "bfloat16"}
+    if no_t5:
+        teacher.update(describe="bench.train_scale:describe_scale_teacher", kwargs={"no_t5": True})
     return RunConfig.model_validate({
         "root": str(root / "runs"), "device": "cpu",
-        "teacher": {"kind": "byo", "factory": "bench.train_scale:make_scale_teacher", "dtype": "bfloat16"},
+        "teacher": teacher,
         "schedule": {"shift": 3.0, "teacher_steps": 8, "windows": 4},
         "generate": {"prompts": str(prompt_file), "samples_per_prompt": per_prompt, "shard_size": 16,
                      "batch_size": 8, "store_dtype": "float16"},

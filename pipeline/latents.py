@@ -50,7 +50,7 @@ class LatentStore(RowStore):
     @classmethod
     def create(cls, path: Path, meta: dict, num_rows: int, sample_shape: Sequence[int],
                cond_shapes: dict[str, Sequence[int]], shard_size: int, store_dtype: str = "float32",
-               compressor: str = "none") -> "LatentStore":
+               compressor: str = "none", cond_extents: dict | None = None) -> "LatentStore":
         """Allocate every array; `meta` is written last (a store without it is an interrupted creation)."""
         import zarr
 
@@ -59,7 +59,7 @@ class LatentStore(RowStore):
         with cls.build_aside(path) as tmp:  # built aside and renamed: an existing latents.zarr is whole
             g = zarr.open_group(str(tmp), mode="w")
             create_rows(g, "latents", num_rows, sample_shape, shard, store_dtype, compressor)
-            names = cls.create_cond_arrays(g, num_rows, cond_shapes, shard, store_dtype, compressor)
+            names = cls.create_cond_arrays(g, num_rows, cond_shapes, shard, store_dtype, compressor, cond_extents)
             g.attrs.update({"sample_shape": [int(s) for s in sample_shape], "shard_size": shard,
                             "cond_arrays": names, "store_dtype": store_dtype, "num_rows": int(num_rows)})
             g.attrs["meta"] = meta

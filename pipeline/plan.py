@@ -295,7 +295,8 @@ def plan(cfg, teacher: Teacher, method: str = "flowsteer", gpus: int = 1, batch_
 
 def generate_cost(cfg, teacher_rows_per_s: float | None = None) -> dict[str, Any]:
     """What `flowsteer generate` writes and costs: the store's states (window edges, and every teacher step with
-    generate.record_every_step) and per-row conditions, uncompressed; teacher forward rows (CFG: 2 per step)."""
+    generate.record_every_step) and per-row conditions (their non-zero extent's chunks), uncompressed; teacher
+    forward rows (CFG: 2 per step)."""
     from pipeline.datasets import generate_prompts
     from pipeline.teachers import describe_teacher
 
@@ -307,13 +308,23 @@ def generate_cost(cfg, teacher_rows_per_s: float | None = None) -> dict[str, Any
     sbytes = DTYPE_BYTES[cfg.generate.store_dtype]
     per_row = math.prod(layout.sample_shape) * sbytes
     state_bytes = samples * per_row * (sch.windows + 1 + (sch.teacher_steps + 1 if cfg.generate.record_every_step else 0))
-    cond_bytes = (samples + 1) * sum(math.prod(s) for s in layout.cond_shapes.values()) * sbytes   # per row + null
+    cond_bytes = (samples + 1) * sbytes * sum(_written(s, layout.cond_extents.get(k))    # per row + null
+                                              for k, s in layout.cond_shapes.items())
     forwards = samples * sch.teacher_steps * 2
     out = {"prompts": n_prompts, "samples": samples, "store_bytes": state_bytes + cond_bytes,
            "teacher_forward_rows": forwards}
     if teacher_rows_per_s:
         out["gpu_hours"] = forwards / teacher_rows_per_s / 3600
     return out
+
+
+def _written(row_shape, extent) -> int:
+    """Elements of a condition row the store writes: the chunks covering its non-zero extent (rowstore.row_chunk)."""
+    from pipeline.rowstore import row_chunk
+
+    chunk = row_chunk(row_shape, extent)
+    return math.prod(-(-min(int(e), n) // c) * c for n, e, c in zip(row_shape, extent, chunk)) if extent else \
+        math.prod(row_shape)
 
 
 def check_fits(cfg, methods: list[str]) -> None:

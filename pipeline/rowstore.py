@@ -76,11 +76,25 @@ def compressors(name: str):
     raise ValueError(f"compressor '{name}' is not one of {', '.join(COMPRESSORS)}")
 
 
-def create_rows(group, name: str, rows: int, row_shape: Sequence[int], shard: int, store_dtype: str,
-                compressor: str = "none"):
-    """An empty row array [rows, *row_shape]: one chunk per row, `shard` rows per shard file."""
+def row_chunk(row_shape: Sequence[int], extent: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The inner chunk of one row: the whole row, or, for a row whose non-zero part is its leading `extent` (a
+    condition's padding: SD3 without T5 pads CLIP's 77 tokens x 2048 features to 333 x 4096 with zeros), per axis
+    the smallest divisor of the row's size that covers the extent. The chunks past the extent are then all
+    zeros, which Zarr never writes (a chunk equal to the fill value) and the loader never reads
+    (pipeline/shard_reader.py): lossless whatever the data, since a chunk that is not all zeros is written."""
     row_shape = tuple(int(s) for s in row_shape)
-    return group.create_array(name, shape=(rows, *row_shape), chunks=(1, *row_shape),
+    if extent is None or len(extent) != len(row_shape):
+        return row_shape
+    return tuple(next(d for d in range(1, n + 1) if n % d == 0 and d >= min(int(e), n))
+                 for n, e in zip(row_shape, extent))
+
+
+def create_rows(group, name: str, rows: int, row_shape: Sequence[int], shard: int, store_dtype: str,
+                compressor: str = "none", extent: Sequence[int] | None = None):
+    """An empty row array [rows, *row_shape]: one chunk per row (`extent`: several, see `row_chunk`), `shard`
+    rows per shard file."""
+    row_shape = tuple(int(s) for s in row_shape)
+    return group.create_array(name, shape=(rows, *row_shape), chunks=(1, *row_chunk(row_shape, extent)),
                               shards=(max(1, min(shard, rows)), *row_shape), dtype=on_disk_dtype(store_dtype),
                               fill_value=0, compressors=compressors(compressor))
 
@@ -292,12 +306,14 @@ class RowStore:
 
     @staticmethod
     def create_cond_arrays(group, rows: int, cond_shapes: dict[str, Sequence[int]], shard: int,
-                           store_dtype: str, compressor: str) -> dict[str, str]:
-        """Per-row condition arrays and their one-row "" (null_) twins; returns key -> array name."""
+                           store_dtype: str, compressor: str, extents: dict | None = None) -> dict[str, str]:
+        """Per-row condition arrays and their one-row "" (null_) twins; returns key -> array name. `extents`:
+        the teacher's non-zero part of a condition (TeacherLayout.cond_extents), chunked apart (`row_chunk`)."""
         names = {k: COND_ARRAYS.get(k, k) for k in cond_shapes}
         for key, name in names.items():
-            create_rows(group, name, rows, cond_shapes[key], shard, store_dtype, compressor)
-            create_rows(group, "null_" + name, 1, cond_shapes[key], 1, store_dtype, compressor)
+            extent = (extents or {}).get(key)
+            create_rows(group, name, rows, cond_shapes[key], shard, store_dtype, compressor, extent)
+            create_rows(group, "null_" + name, 1, cond_shapes[key], 1, store_dtype, compressor, extent)
         return names
 
     # ------------------------------------------------------------ shards

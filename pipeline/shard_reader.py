@@ -42,12 +42,22 @@ def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
 
 
 class ShardRows:
-    """Row reader of one array; `of(arr)` is None when the array's layout is not the plain one."""
+    """Row reader of one array; `of(arr)` is None when the array's layout is not the plain one.
 
-    def __init__(self, directory: Path, shard_rows: int, row_nbytes: int, ndim: int, fill_value, dtype):
-        self.directory, self.shard_rows, self.row_nbytes = directory, shard_rows, row_nbytes
-        self.ndim, self.fill_value, self.dtype = ndim, fill_value, np.dtype(dtype)
-        self._index: dict[int, np.ndarray] = {}     # per shard read: [shard_rows, 2] (offset, nbytes)
+    A row is one inner chunk, or (a condition chunked past its non-zero extent, pipeline/rowstore.py
+    `row_chunk`) a 2-D row of [gT x gD] chunks in C order: each written chunk is read whole and placed, each
+    never-written one is filled with the fill value (zeros) without touching the disk."""
+
+    def __init__(self, directory: Path, shard_rows: int, row_shape: tuple, chunk: tuple, ndim: int, fill_value,
+                 dtype):
+        self.directory, self.shard_rows, self.ndim = directory, shard_rows, ndim
+        self.fill_value, self.dtype = fill_value, np.dtype(dtype)
+        self.row_shape, self.chunk = tuple(row_shape), tuple(chunk)
+        self.grid = tuple(n // c for n, c in zip(self.row_shape, self.chunk))
+        self.per_row = int(np.prod(self.grid)) if self.grid else 1
+        self.row_nbytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.chunk_nbytes = int(np.prod(self.chunk)) * self.dtype.itemsize
+        self._index: dict[int, np.ndarray] = {}     # per shard read: [shard_rows * per_row, 2] (offset, nbytes)
 
     @classmethod
     def of(cls, arr) -> "ShardRows | None":
@@ -57,19 +67,20 @@ class ShardRows:
 
             meta = arr.metadata
             (codec,) = meta.codecs
+            row_shape, chunk = tuple(arr.shape[1:]), tuple(codec.chunk_shape[1:])
             ok = (isinstance(arr.store, LocalStore) and isinstance(codec, ShardingCodec)
                   and len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec)
                   and str(codec.codecs[0].endian.value) == "little" and codec.index_location.value == "end"
-                  and tuple(codec.chunk_shape) == (1, *arr.shape[1:])
-                  and tuple(meta.chunk_grid.chunk_shape[1:]) == tuple(arr.shape[1:])
+                  and codec.chunk_shape[0] == 1
+                  and (chunk == row_shape or (len(row_shape) == 2 and all(n % c == 0 for n, c in zip(row_shape, chunk))))
+                  and tuple(meta.chunk_grid.chunk_shape[1:]) == row_shape
                   and np.dtype(arr.dtype).byteorder in "<=|" and getattr(meta.chunk_key_encoding, "separator", "") == "/"
                   and meta.chunk_key_encoding.name == "default")
         except (AttributeError, ValueError, TypeError, ImportError):
             return None
         if not ok:
             return None
-        row_nbytes = int(np.prod(arr.shape[1:])) * np.dtype(arr.dtype).itemsize
-        return cls(Path(arr.store.root) / arr.path, int(meta.chunk_grid.chunk_shape[0]), row_nbytes, arr.ndim,
+        return cls(Path(arr.store.root) / arr.path, int(meta.chunk_grid.chunk_shape[0]), row_shape, chunk, arr.ndim,
                    meta.fill_value, arr.dtype)
 
     def _path(self, shard: int) -> Path:
@@ -78,22 +89,20 @@ class ShardRows:
     def _shard_index(self, shard: int, fd: int) -> np.ndarray:
         if shard not in self._index:
             size = os.fstat(fd).st_size
-            n = self.shard_rows * 16
+            n = self.shard_rows * self.per_row * 16
             raw = os.pread(fd, n, size - n - 4)
             if len(raw) != n:
                 raise OSError(f"{self._path(shard)}: shard index cut short")
-            self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(self.shard_rows, 2)
+            self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(self.shard_rows * self.per_row, 2)
         return self._index[shard]
 
     def read_into(self, rows, out: np.ndarray, first=None, count: int | None = None) -> None:
         """out[j] = row rows[j] for every j (rows in any order, repeats allowed; reads sorted: shard files in
-        order); with `first` and `count`: out[j] = row rows[j][first[j]:first[j] + count] (its axis 1)."""
+        order); with `first` and `count`: out[j] = row rows[j][first[j]:first[j] + count] (its axis 1; rows of
+        one chunk only)."""
         rows = np.asarray(rows, dtype=np.int64)
-        flat = out.reshape(len(rows), -1).view(np.uint8)
-        want = flat.shape[1]
-        skip = np.zeros(len(rows), dtype=np.int64)
-        if first is not None:
-            skip = np.asarray(first, dtype=np.int64) * (want // count)
+        if self.per_row > 1 and first is not None:
+            raise ValueError("partial rows are read from arrays of one chunk per row")
         order = np.argsort(rows, kind="stable")
         shards = rows[order] // self.shard_rows
         for shard in np.unique(shards):
@@ -105,15 +114,46 @@ class ShardRows:
                 continue
             try:
                 index = self._shard_index(int(shard), fd)
-                for j in at:
-                    offset, nbytes = index[rows[j] % self.shard_rows]
-                    if offset == EMPTY:
-                        out[j] = self.fill_value
-                        continue
-                    if nbytes != self.row_nbytes:
-                        raise OSError(f"{self._path(int(shard))}: row {rows[j]} holds {nbytes} bytes, "
-                                      f"expected {self.row_nbytes}")
-                    if os.preadv(fd, [flat[j]], int(offset) + int(skip[j])) != want:
-                        raise OSError(f"{self._path(int(shard))}: row {rows[j]} cut short")
+                if self.per_row == 1:
+                    self._whole_rows(fd, int(shard), index, rows, at, out, first, count)
+                else:
+                    self._chunked_rows(fd, int(shard), index, rows, at, out)
             finally:
                 os.close(fd)
+
+    def _whole_rows(self, fd, shard, index, rows, at, out, first, count) -> None:
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        want = flat.shape[1]
+        skip = np.zeros(len(rows), dtype=np.int64)
+        if first is not None:
+            skip = np.asarray(first, dtype=np.int64) * (want // count)
+        for j in at:
+            offset, nbytes = index[rows[j] % self.shard_rows]
+            if offset == EMPTY:
+                out[j] = self.fill_value
+                continue
+            if nbytes != self.row_nbytes:
+                raise OSError(f"{self._path(shard)}: row {rows[j]} holds {nbytes} bytes, expected {self.row_nbytes}")
+            if os.preadv(fd, [flat[j]], int(offset) + int(skip[j])) != want:
+                raise OSError(f"{self._path(shard)}: row {rows[j]} cut short")
+
+    def _chunked_rows(self, fd, shard, index, rows, at, out) -> None:
+        (ct, cd), (gt, gd) = self.chunk, self.grid
+        scratch = np.empty((ct, cd), dtype=out.dtype)
+        for j in at:
+            base = (rows[j] % self.shard_rows) * self.per_row
+            for t in range(gt):
+                for d in range(gd):
+                    region = out[j, t * ct:(t + 1) * ct, d * cd:(d + 1) * cd]
+                    offset, nbytes = index[base + t * gd + d]
+                    if offset == EMPTY:             # never written: all zeros (the padding past the extent)
+                        region[...] = self.fill_value
+                        continue
+                    if nbytes != self.chunk_nbytes:
+                        raise OSError(f"{self._path(shard)}: row {rows[j]} chunk ({t}, {d}) holds {nbytes} "
+                                      f"bytes, expected {self.chunk_nbytes}")
+                    into = region if region.flags.c_contiguous else scratch
+                    if os.preadv(fd, [into.reshape(-1).view(np.uint8)], int(offset)) != self.chunk_nbytes:
+                        raise OSError(f"{self._path(shard)}: row {rows[j]} cut short")
+                    if into is scratch:
+                        region[...] = scratch

@@ -86,7 +86,7 @@ class TrajectoryStore(RowStore):
                shard_size: int, teacher_steps: int, num_windows: int, plan: dict[str, np.ndarray],
                cond: dict[str, torch.Tensor] | None = None, null_cond: dict[str, torch.Tensor] | None = None,
                record_every_step: bool = False, store_dtype: str = "float32", compressor: str = "none",
-               cond_shapes: dict[str, Sequence[int]] | None = None,
+               cond_shapes: dict[str, Sequence[int]] | None = None, cond_extents: dict | None = None,
                run_attrs: dict | None = None) -> "TrajectoryStore":
         """Allocate every array (shards of `shard_size` samples), write the plan, mark created.
 
@@ -109,7 +109,7 @@ class TrajectoryStore(RowStore):
         with cls.build_aside(path) as tmp:  # built aside, fsynced, renamed: an existing store.zarr is whole
             g = zarr.open_group(str(tmp), mode="w")
             cls._allocate(g, meta, S, C, shard, teacher_steps, num_windows, plan, cond, record_every_step,
-                          store_dtype, compressor, cond_shapes, int(prompts), run_attrs or {})
+                          store_dtype, compressor, cond_shapes, int(prompts), run_attrs or {}, cond_extents)
             if cond is not None:            # per-prompt conditions given now: fill every row's
                 store = cls.open(tmp, meta, mode="r+", check_complete=False)
                 rows = np.asarray(plan["prompt_index"], dtype=np.int64)
@@ -121,13 +121,14 @@ class TrajectoryStore(RowStore):
 
     @classmethod
     def _allocate(cls, g, meta, S, C, shard, teacher_steps, num_windows, plan, cond, record_every_step,
-                  store_dtype, compressor, cond_shapes, num_prompts: int, run_attrs: dict) -> None:
+                  store_dtype, compressor, cond_shapes, num_prompts: int, run_attrs: dict,
+                  cond_extents: dict | None = None) -> None:
         for name, edges in [("states", num_windows + 1)] + ([("steps", teacher_steps + 1)] if record_every_step else []):
             create_rows(g, name, S, (edges, *C), shard, store_dtype, compressor)
         for name, dtype in (("guidance", "float32"), ("prompt_index", "int64"), ("seed", "int64")):
             g.create_array(name, data=np.asarray(plan[name], dtype=dtype), chunks=(max(S, 1),))
         shapes = cond_shapes or {k: tuple(v.shape[1:]) for k, v in (cond or {}).items()}
-        names = cls.create_cond_arrays(g, S, shapes, shard, store_dtype, compressor)
+        names = cls.create_cond_arrays(g, S, shapes, shard, store_dtype, compressor, cond_extents)
         g.attrs.update({"sample_shape": list(C), "shard_size": shard, "cond_arrays": names,
                         "teacher_steps": teacher_steps, "store_dtype": store_dtype, "num_rows": S,
                         "num_prompts": num_prompts, "cond_in_shards": cond is None, "run": dict(run_attrs)})

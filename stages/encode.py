@@ -108,7 +108,7 @@ def prepare_latents(cfg, meta: dict, out_dir: Path, keys: list[str], rows: int) 
         out_dir.mkdir(parents=True, exist_ok=True)
         copy_image_set(cfg.data, out_dir / CAPTIONS, out_dir / IMAGE_PATHS)
     LatentStore.create(path, meta, rows, layout.sample_shape, layout.cond_shapes, cfg.data.shard_size,
-                       cfg.encode.store_dtype, cfg.encode.compressor)
+                       cfg.encode.store_dtype, cfg.encode.compressor, layout.cond_extents)
 
 
 def _plan_digits(out_dir: Path, rows: int) -> None:

@@ -95,6 +95,7 @@ def prepare_store(cfg, meta: dict, out_dir: Path, keys: list[str], rebuild: bool
     TrajectoryStore.create(path, meta, n_prompts, layout.sample_shape, g.shard_size, cfg.schedule.teacher_steps,
                            cfg.schedule.windows, plan, record_every_step=g.record_every_step,
                            store_dtype=g.store_dtype, compressor=g.compressor, cond_shapes=layout.cond_shapes,
+                           cond_extents=layout.cond_extents,
                            run_attrs={"batch_size": g.batch_size, "compile": g.compile})
 
 

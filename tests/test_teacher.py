@@ -162,3 +162,37 @@ def test_sd3_check_unit_records_the_sample_shape(tiny_sd3_dir, make_toy_config):
     run_stage("teacher", cfg, "local")
     rec = read_record(cfg.stage_dir("teacher"), "check")
     assert rec["status"] == "done" and rec["sample_shape"] == [4, 8, 8] and rec["kind"] == "sd3"
+
+
+def test_sd3_without_t5_stores_only_the_clip_block_of_its_text_conditions(tiny_sd3_dir, make_toy_config):
+    """Without T5, SD3's text condition is zero past CLIP's tokens (the layout says so from the config files);
+    the store chunks its rows there, so the shard files hold the CLIP block alone, and both readers (zarr, the
+    loader's file reader) give back the whole condition the teacher encoded."""
+    import numpy as np
+
+    from pipeline.rowstore import round_trip
+    from pipeline.store import TrajectoryStore, generated_store_path
+    from pipeline.teachers import describe_teacher
+    from schemas.config import load_config
+
+    cfg = load_config(make_toy_config("sd3.yaml", teacher={"kind": "sd3", "path": str(tiny_sd3_dir), "factory": None},
+                                      generate={"samples_per_prompt": 1, "shard_size": 4, "batch_size": 4}))
+    layout = describe_teacher(cfg)
+    (tokens, width), (extent_tokens, extent_width) = layout.cond_shapes["encoder_hidden_states"], \
+        layout.cond_extents["encoder_hidden_states"]
+    assert extent_tokens < tokens
+    run_stage("generate", cfg, "local")
+    store = TrajectoryStore.open(generated_store_path(cfg))
+    arr = store.group["prompt_embeds"]
+    on_disk = sum(f.stat().st_size for f in (store.path / "prompt_embeds" / "c").rglob("*") if f.is_file())
+    assert on_disk < arr.nbytes / 4                                  # the zero T5 tokens are not written
+    rows = np.array([2, 0, 2, 1])
+    from pipeline.shard_reader import ShardRows
+
+    assert ShardRows.of(arr).per_row > 1                             # a row of several chunks, read from the files
+    direct = store.rows("prompt_embeds", rows, stored=True)          # the loader's reader (shard files)
+    via_zarr = np.asarray(arr[:])[rows]
+    assert np.array_equal(direct.numpy(), via_zarr)
+    enc = load_teacher(cfg).encode(list(store.prompts.take(store.prompt_index[rows])))["encoder_hidden_states"]
+    assert not enc[:, extent_tokens:].any() and not enc[:, :, extent_width:].any() and enc.any()
+    assert torch.equal(direct.float(), round_trip(enc, store.store_dtype))

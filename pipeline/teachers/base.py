@@ -34,15 +34,19 @@ class Teacher(Protocol):
 class TeacherLayout:
     """What planning and store creation need to know about a teacher, read without building its networks:
     one sample's shape, each condition's per-row shape (batch dim left out) and the pixel shape its
-    `encode_images` takes (None when it has none)."""
+    `encode_images` takes (None when it has none). `cond_extents`: for a condition whose rows are zero past a
+    leading block (SD3 without T5: 77 CLIP tokens x 2048 features of 333 x 4096), that block; the stores then
+    neither write nor read the zeros (pipeline/rowstore.py `row_chunk`)."""
     sample_shape: tuple[int, ...]
     cond_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     image_shape: tuple[int, ...] | None = None
+    cond_extents: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, sample_shape, cond_shapes, image_shape=None) -> "TeacherLayout":
+    def of(cls, sample_shape, cond_shapes, image_shape=None, cond_extents=None) -> "TeacherLayout":
         return cls(tuple(int(s) for s in sample_shape), {k: tuple(int(s) for s in v) for k, v in cond_shapes.items()},
-                   tuple(int(s) for s in image_shape) if image_shape is not None else None)
+                   tuple(int(s) for s in image_shape) if image_shape is not None else None,
+                   {k: tuple(int(s) for s in v) for k, v in (cond_extents or {}).items()})
 
 
 def sd3_velocity(transformer: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -69,7 +69,7 @@ def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool | None = Non
     from pipeline.teachers.base import TeacherLayout
 
     p = check_sd3_dir(path)
-    check_t5(p, use_t5)
+    t5 = check_t5(p, use_t5)
     tc = json.loads((p / "transformer" / "config.json").read_text())
     vae = json.loads((p / "vae" / "config.json").read_text())
     tok = json.loads((p / "tokenizer" / "tokenizer_config.json").read_text()).get("model_max_length", 77)
@@ -78,7 +78,15 @@ def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool | None = Non
     return TeacherLayout.of((tc["in_channels"], size, size),
                             {"encoder_hidden_states": (tok + max_sequence_length, tc["joint_attention_dim"]),
                              "pooled_projections": (tc["pooled_projection_dim"],)},
-                            (vae.get("in_channels", 3), size * factor, size * factor))
+                            (vae.get("in_channels", 3), size * factor, size * factor),
+                            {} if t5 else {"encoder_hidden_states": (tok, _clip_width(p))})
+
+
+def _clip_width(p: Path) -> int:
+    """The features of SD3's CLIP context: both CLIP encoders' hidden states side by side (768 + 1280), which
+    encode_prompt pads with zeros to the joint width, as it pads the missing T5's tokens."""
+    return sum(json.loads((p / name / "config.json").read_text())["hidden_size"]
+               for name in ("text_encoder", "text_encoder_2"))
 
 
 def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_length: int = 256,

@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.rowstore import RowStore, create_rows
+from pipeline.row_arrays import create_rows
+from pipeline.rowstore import RowStore
 
 FORMAT = 1                        # meta["format"] of a latent store (bumped when its layout changes)
 LATENT_STORE = "latents.zarr"

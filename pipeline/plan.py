@@ -320,7 +320,7 @@ def generate_cost(cfg, teacher_rows_per_s: float | None = None) -> dict[str, Any
 
 def _written(row_shape, extent) -> int:
     """Elements of a condition row the store writes: the chunks covering its non-zero extent (rowstore.row_chunk)."""
-    from pipeline.rowstore import row_chunk
+    from pipeline.row_arrays import row_chunk
 
     chunk = row_chunk(row_shape, extent)
     return math.prod(-(-min(int(e), n) // c) * c for n, e, c in zip(row_shape, extent, chunk)) if extent else \

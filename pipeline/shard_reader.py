@@ -4,8 +4,9 @@ from the shard files (`ShardRows`: one `preadv` per row into the caller's buffer
 
 Why: zarr-python decodes each inner chunk through its codec pipeline (buffers, copies, an event loop), ~4x the
 time of the file read itself for SD3's 2.7 MB condition rows (bench/loader_bench.py). Only the layout the stores
-write is read this way (pipeline/rowstore.py `create_rows`: one row per inner chunk, codec `bytes`, index at
-the shard's end, on a local disk); anything else, e.g. a compressed store, goes through zarr (`of` returns None).
+write is read this way (pipeline/row_arrays.py `create_rows`: one inner chunk per row or per block of a 2-D
+row, codec `bytes`, index at the shard's end, on a local disk); anything else, e.g. a compressed store, goes
+through zarr (`of` returns None).
 
 A shard file ends with its index: per inner chunk (offset, nbytes) as little-endian uint64 (all ones: never
 written, i.e. the fill value), then a crc32c of the index (zarr's sharding_indexed codec).
@@ -44,7 +45,7 @@ def empty_stored(shape, store_dtype: str) -> tuple[torch.Tensor, np.ndarray]:
 class ShardRows:
     """Row reader of one array; `of(arr)` is None when the array's layout is not the plain one.
 
-    A row is one inner chunk, or (a condition chunked past its non-zero extent, pipeline/rowstore.py
+    A row is one inner chunk, or (a condition chunked past its non-zero extent, pipeline/row_arrays.py
     `row_chunk`) a 2-D row of [gT x gD] chunks in C order: each written chunk is read whole and placed, each
     never-written one is filled with the fill value (zeros) without touching the disk."""
 

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.datasets import PROMPTS_FILE, prompt_summary
-from pipeline.rowstore import RowStore, create_rows, decode, read_rows
+from pipeline.row_arrays import create_rows, decode, read_rows
+from pipeline.rowstore import RowStore
 from schemas.config import GENERATE_RUN_ONLY_KEYS
 
 FORMAT = 2

@@ -27,7 +27,7 @@ import torch
 from pipeline.datasets import PROMPTS_FILE, prompt_summary
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_parquet, atomic_write_stream
-from pipeline.rowstore import round_trip
+from pipeline.row_arrays import round_trip
 from pipeline.runner import Job, Unit, drop_record, is_done, torch_threads
 from pipeline.seeds import guidance_for, noise_for, sample_seeds
 from pipeline.shard_stage import ShardWorker, absolute_root, shard_job, shard_units, verify_shard

@@ -206,7 +206,8 @@ def test_rows_read_from_shard_files_equal_zarrs_reads(tmp_path, store_dtype):
     import zarr
 
     from pipeline.shard_reader import ShardRows
-    from pipeline.rowstore import RowStore, create_rows, decode, encode, write_shard_rows
+    from pipeline.row_arrays import create_rows, decode, encode, write_shard_rows
+    from pipeline.rowstore import RowStore
 
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
     create_rows(g, "x", 10, (3, 5), 4, store_dtype, "none")

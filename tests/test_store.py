@@ -7,7 +7,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.runner import write_record
-from pipeline.rowstore import decode, meta_differences, shard_key
+from pipeline.row_arrays import decode
+from pipeline.rowstore import meta_differences, shard_key
 from pipeline.seeds import guidance_for, noise_for, sample_seeds
 from pipeline.store import TrajectoryStore, store_meta
 from schemas.config import load_config

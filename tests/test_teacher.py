@@ -170,7 +170,7 @@ def test_sd3_without_t5_stores_only_the_clip_block_of_its_text_conditions(tiny_s
     loader's file reader) give back the whole condition the teacher encoded."""
     import numpy as np
 
-    from pipeline.rowstore import round_trip
+    from pipeline.row_arrays import round_trip
     from pipeline.store import TrajectoryStore, generated_store_path
     from pipeline.teachers import describe_teacher
     from schemas.config import load_config
@@ -178,8 +178,8 @@ def test_sd3_without_t5_stores_only_the_clip_block_of_its_text_conditions(tiny_s
     cfg = load_config(make_toy_config("sd3.yaml", teacher={"kind": "sd3", "path": str(tiny_sd3_dir), "factory": None},
                                       generate={"samples_per_prompt": 1, "shard_size": 4, "batch_size": 4}))
     layout = describe_teacher(cfg)
-    (tokens, width), (extent_tokens, extent_width) = layout.cond_shapes["encoder_hidden_states"], \
-        layout.cond_extents["encoder_hidden_states"]
+    tokens, _ = layout.cond_shapes["encoder_hidden_states"]
+    extent_tokens, extent_width = layout.cond_extents["encoder_hidden_states"]
     assert extent_tokens < tokens
     run_stage("generate", cfg, "local")
     store = TrajectoryStore.open(generated_store_path(cfg))

@@ -36,7 +36,7 @@ class TeacherLayout:
     one sample's shape, each condition's per-row shape (batch dim left out) and the pixel shape its
     `encode_images` takes (None when it has none). `cond_extents`: for a condition whose rows are zero past a
     leading block (SD3 without T5: 77 CLIP tokens x 2048 features of 333 x 4096), that block; the stores then
-    neither write nor read the zeros (pipeline/rowstore.py `row_chunk`)."""
+    neither write nor read the zeros (pipeline/row_arrays.py `row_chunk`)."""
     sample_shape: tuple[int, ...]
     cond_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     image_shape: tuple[int, ...] | None = None

@@ -15,7 +15,9 @@ prefetch + 2): worker w draws its batch j only after the training process took i
 DataLoader hands a worker one new task per batch taken), by which time every step before that one has moved its
 rows out of the arena (`BatchLoader.next`: a CPU clone, or a device copy it waits for before taking more).
 
-A batch larger than its slot still arrives whole: the tensors that do not fit travel torch's usual way.
+Slots are sized by the first batch, drawn in the training process with a `SlotCounter` counting what the draw
+reads (pipeline/loader.py). A batch larger than its slot still arrives whole: the tensors that do not fit travel
+torch's usual way (a view of the arena is cloned first: sharing it would move this worker's whole arena).
 """
 from __future__ import annotations
 
@@ -62,13 +64,9 @@ class BatchArena:
         self.pinned = False
 
     @classmethod
-    def for_batch(cls, tree, slots: int, workers: int) -> "BatchArena":
-        """An arena whose slots hold `tree`'s tensors with room to spare (1/8, at least 64 KiB)."""
-        need = tree_nbytes(tree)
+    def for_batch(cls, need: int, slots: int, workers: int) -> "BatchArena":
+        """An arena whose slots hold `need` bytes (SlotCounter) with room to spare (1/8, at least 64 KiB)."""
         return cls(need + max(need // 8, 64 << 10), slots, workers)
-
-    def fits(self, tree) -> bool:
-        return tree_nbytes(tree) <= self.slot_bytes
 
     # ------------------------------------------------------------ in a worker
     def enter(self, worker: int) -> None:
@@ -90,18 +88,21 @@ class BatchArena:
         return self.buffer[start:start + nbytes].view(dtype).view(shape)
 
     def _ref(self, t: torch.Tensor):
-        offset = t.data_ptr() - self._base
-        inside = 0 <= offset < self.buffer.numel() and t.untyped_storage().data_ptr() == self._base
+        if t.numel() == 0:                # no bytes: any offset names it
+            return ArenaRef(0, t.dtype, tuple(t.shape))
+        inside = t.untyped_storage().data_ptr() == self._base
         if inside and t.is_contiguous():
-            return ArenaRef(offset, t.dtype, tuple(t.shape))
+            return ArenaRef(t.data_ptr() - self._base, t.dtype, tuple(t.shape))
         into = self.take(t.shape, t.dtype)
-        if into is None:
-            return t                      # no room: torch's usual way
+        if into is None:                  # no room: torch's usual way, never for a view of the arena itself
+            return t.clone() if inside else t     # (torch would move the whole arena into a new shared file)
         into.copy_(t)
         return ArenaRef(into.data_ptr() - self._base, t.dtype, tuple(t.shape))
 
     def pack(self, tree):
         """`tree` with every tensor replaced by its ArenaRef (copied into the current slot if it is not there)."""
+        if self.buffer.data_ptr() != self._base:
+            raise RuntimeError("the batch arena's memory moved in this worker (a view of it was shared)")
         if isinstance(tree, dict):
             return {k: self.pack(v) for k, v in tree.items()}
         if isinstance(tree, (list, tuple)):
@@ -117,18 +118,52 @@ class BatchArena:
             return type(tree)(self.unpack(v) for v in tree)
         if isinstance(tree, ArenaRef):
             nbytes = torch.Size(tree.shape).numel() * tree.dtype.itemsize
+            if not 0 <= tree.offset <= self.buffer.numel() - nbytes:
+                raise RuntimeError(f"a loader worker sent arena offset {tree.offset} (+{nbytes} bytes) outside its "
+                                   f"{self.buffer.numel()} bytes")
             return self.buffer[tree.offset:tree.offset + nbytes].view(tree.dtype).view(tree.shape)
         return tree
 
-    def pin(self) -> bool:
-        """Page-lock the arena for the CUDA driver (cudaHostRegister), so device copies from it are asynchronous
-        DMA; False if the driver refuses (copies then stage through the driver, still correct)."""
+    def pin(self, device) -> bool:
+        """Page-lock the arena for the CUDA driver (cudaHostRegister, portable), so device copies from it are
+        asynchronous DMA; False if the driver refuses (copies then stage through the driver, still correct).
+        Only once the workers have forked: a driver may keep page-locked memory out of a forked child."""
         if not self.pinned and torch.cuda.is_available():
-            err = torch.cuda.cudart().cudaHostRegister(self._base, self.buffer.numel(), 0)
+            with torch.cuda.device(device):
+                err = torch.cuda.cudart().cudaHostRegister(self._base, self.buffer.numel(), 1)
             self.pinned = int(getattr(err, "value", err)) == 0
+            if not self.pinned:
+                _clear_cuda_error()       # else torch's next launch check reports this refusal as its own error
         return self.pinned
 
     def release(self) -> None:
+        """Undo `pin` (before the workers fork again, and before the memory goes)."""
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self._base)
             self.pinned = False
+
+
+class SlotCounter:
+    """Stands in for the arena (pipeline/shard_reader.py `ARENA`) while a batch is drawn in the training process:
+    counts the bytes the draw asks `empty` for (what a worker would read into its slot, intermediates included)
+    and hands out nothing, so the draw allocates as usual."""
+
+    def __init__(self):
+        self.used = 0
+
+    def take(self, shape, dtype: torch.dtype) -> None:
+        self.used += _aligned(torch.Size(tuple(int(d) for d in shape)).numel() * dtype.itemsize)
+        return None
+
+
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error (torch exposes no cudaGetLastError): best effort, via the loaded
+    libcudart."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next(line.split()[-1] for line in maps if "libcudart" in line)
+        ctypes.CDLL(path).cudaGetLastError()
+    except (OSError, StopIteration, AttributeError):
+        pass

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batch_arena import BatchArena
+from pipeline.batch_arena import BatchArena, SlotCounter, tree_nbytes
 from pipeline.errors import UserError
 
 
@@ -54,20 +54,23 @@ class StepRange(IterableDataset):
             yield step, self.arena.pack(rows)
 
 
-def to_device(tree: Any, device: torch.device, stream=None, copy: bool = False) -> Any:
+def to_device(tree: Any, device: torch.device, used_on=None, copy: bool = False) -> Any:
     """Tensors of a (nested) batch on `device`, floating ones as float32 (rows may come in the store's float16);
-    on CUDA from pinned memory, non-blocking, on `stream` (the caller makes its stream wait for it). With `copy`
-    no output is its input tensor (rows viewing the batch arena, whose slot is refilled a few batches later)."""
+    on CUDA non-blocking (from page-locked memory: asynchronous), in the current stream, each recorded as used on
+    stream `used_on` (the step's; the caller makes it wait for the copy). With `copy` no output is its input
+    tensor (rows viewing the batch arena, whose slot is refilled a few batches later)."""
     if isinstance(tree, dict):
-        return {k: to_device(v, device, stream, copy) for k, v in tree.items()}
+        return {k: to_device(v, device, used_on, copy) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device, used_on, copy) for v in tree)
     if not isinstance(tree, torch.Tensor):
         return tree
     t = tree.to(device, non_blocking=device.type == "cuda")
     t = t.float() if t.is_floating_point() else t
     if copy and t is tree:
         t = t.clone()
-    if stream is not None:                # allocated on the side stream, used on the step's
-        t.record_stream(torch.cuda.current_stream(device))
+    if used_on is not None:               # allocated on the side stream, used on the step's
+        t.record_stream(used_on)
     return t
 
 
@@ -107,16 +110,15 @@ class BatchLoader:
     # ------------------------------------------------------------ the pipeline
     def _start(self, step: int) -> None:
         self.discard()
-        self._next_step, self._first = step, step
+        first = step
         if self.workers > 0:
             depth = max(1, self.depth)
-            rows = self._drawn(step)                # drawn here: its size sizes the arena
-            self._first_rows, self._first = (step, rows), step + 1
-            if self._arena is None or not self._arena.fits(rows):
+            rows, need = self._drawn_counted(step)  # drawn here: what it reads and holds sizes the arena
+            self._first_rows, first = (step, rows), step + 1
+            if self._arena is None or need > self._arena.slot_bytes:
                 self._release_arena()
-                self._arena = BatchArena.for_batch(rows, depth + 2, self.workers)
-            if self.device.type == "cuda":
-                self._arena.pin()
+                self._arena = BatchArena.for_batch(need, depth + 2, self.workers)
+            self._arena.release()                   # the workers fork with the arena not page-locked
             if step + 1 < self.last_step:
                 loader = DataLoader(StepRange(self.draw, step + 1, self.last_step, self._arena), batch_size=None,
                                     num_workers=self.workers, prefetch_factor=depth,
@@ -124,6 +126,22 @@ class BatchLoader:
                                     generator=torch.Generator().manual_seed(0))
                 # (an explicit generator: the DataLoader's base seed must not consume the global RNG)
                 self._iter = iter(loader)
+            if self.device.type == "cuda":
+                self._arena.pin(self.device)
+        self._next_step, self._first = step, first     # last: a start that failed is redone by the next call
+
+    def _drawn_counted(self, step: int) -> tuple[dict, int]:
+        """Step `step`'s rows drawn here, and the slot bytes a worker needs for them: what the draw reads into
+        its slot (`shard_reader.empty`, intermediates included) plus the batch's tensors (a bound)."""
+        from pipeline import shard_reader
+
+        counter, before = SlotCounter(), shard_reader.ARENA
+        shard_reader.ARENA = counter
+        try:
+            rows = self._drawn(step)
+        finally:
+            shard_reader.ARENA = before
+        return rows, counter.used + tree_nbytes(rows)
 
     def _fill(self, upto: int) -> None:
         nxt = self._next_step + len(self._pending)
@@ -192,22 +210,27 @@ class BatchLoader:
     def next(self, step: int) -> dict:
         """Step `step`'s rows on the device, float32. Rows cross processes in the store's dtype (float16: half of
         float32's bytes); the copy and the cast are the device's work (on the CPU, the step's), not waiting."""
-        if self._copied is not None:        # the last copy out of the arena is done before its slot can refill
-            self._copied.synchronize()
-            self._copied = None
+        self._wait_copied()                 # the last copy out of the arena is done before its slot can refill
         rows = self.rows(step)
         if self._stream is not None:
+            step_stream = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self._stream):
-                out = to_device(rows, self.device, self._stream, copy=self.workers > 0)
+                out = to_device(rows, self.device, step_stream, copy=self.workers > 0)
                 self._copied = torch.cuda.Event()
                 self._copied.record(self._stream)
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            step_stream.wait_stream(self._stream)
         else:
             out = to_device(rows, self.device, copy=self.workers > 0)
         return out
 
+    def _wait_copied(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+
     def discard(self) -> None:
         """Drop what was drawn ahead and stop the workers (a resume restarts at its own step)."""
+        self._wait_copied()
         while self._pending:
             _, future = self._pending.popleft()
             future.cancel()
@@ -216,15 +239,18 @@ class BatchLoader:
             except BaseException:       # a cancelled or failed draw that will never be used
                 pass
         if self._iter is not None:
+            workers = list(getattr(self._iter, "_workers", []))
             self._iter._shutdown_workers()
+            for w in workers:               # none may still write the arena a restart reuses
+                if w.is_alive():
+                    w.kill()
+                w.join(timeout=5)
             self._iter = None
         self._next_step, self._first_rows = None, None
 
     def _release_arena(self) -> None:
         if self._arena is not None:
-            if self._copied is not None:
-                self._copied.synchronize()
-                self._copied = None
+            self._wait_copied()
             self._arena.release()
             self._arena = None
 

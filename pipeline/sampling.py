@@ -20,9 +20,14 @@ def rowwise(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))
 
 
-def tensors_key(*conds: dict) -> tuple:
-    """What identifies conditions' values without reading them: each tensor's identity and in-place version."""
-    return tuple((k, id(v), getattr(v, "_version", None)) for c in conds for k, v in c.items())
+def tensors_key(*conds: dict) -> tuple | None:
+    """What identifies conditions' values without reading them: each tensor's identity and in-place version
+    (None when a tensor keeps no version, e.g. made under torch.inference_mode: then nothing is known)."""
+    try:
+        return tuple((k, id(v), v._version if isinstance(v, torch.Tensor) else None) for c in conds
+                     for k, v in c.items())
+    except RuntimeError:
+        return None
 
 
 def guided(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> Velocity:
@@ -34,7 +39,7 @@ def guided(model: Velocity, null_cond: dict, guidance: torch.Tensor | float) -> 
 
     def velocity(x, sigma, cond):
         key = tensors_key(cond, null_cond)
-        if both.get("key") != key:
+        if key is None or both.get("key") != key:
             both.update(key=key, cond=cond, value=cat_cond(cond, null_cond))   # cond kept: its ids stay unique
         w = rowwise(torch.as_tensor(guidance, dtype=x.dtype, device=x.device), x)
         v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), both["value"])

@@ -190,6 +190,26 @@ def test_worker_batches_arrive_through_the_arena_intact_and_one_too_big_still_ar
     assert all(isinstance(tree["big"], torch.Tensor) for tree in sent[2:])
 
 
+def _arena_view_outgrowing_its_slot(step):
+    """A non-contiguous view of rows read into the arena; from step 2 on the rows are 1.21x as big, so they still
+    fit the slot step 0 sized but the view's contiguous copy no longer does."""
+    from pipeline.shard_reader import empty
+
+    n = 400 if step < 2 else 440
+    x = empty((n, n))
+    x.copy_(torch.arange(n * n, dtype=torch.float32).reshape(n, n) + step)
+    return {"t": x.t(), "k": torch.full((4,), step)}
+
+
+def test_a_view_of_the_arena_that_cannot_be_copied_into_its_slot_still_arrives_whole():
+    """(Sent torch's usual way, a view of the arena would move the worker's whole arena to new memory: every
+    later batch would read stale rows.) Every batch equals the one drawn in this process."""
+    loader = BatchLoader(_arena_view_outgrowing_its_slot, "cpu", workers=1, depth=1, last_step=7)
+    got = [loader.next(s) for s in range(7)]
+    loader.close()
+    assert all(same(g, _arena_view_outgrowing_its_slot(s)) for s, g in enumerate(got))
+
+
 def to_cpu(tree):
     """A draw's rows as `next` hands them out on the CPU: floating tensors as float32."""
     if isinstance(tree, dict):

@@ -10,14 +10,16 @@
 #      GPU utilisation per method from losses.jsonl and nvidia-smi) -> evaluate -> report
 #   d  bench/generate_throughput.py --device cuda (generate stage vs a bare sampling loop, toy teacher), and
 #      bench/generate_scale.py --device cuda: SD3-Medium-size CFG forwards, generate MFU (eager, compiled)
-# Logs: $OUT/{a,b,c,d}.log, $OUT/summary.txt, $OUT/c_report.md, $OUT/c_losses.jsonl, $OUT/c_scores.csv
+#   e  (run right after a) bench/loader_device_check.py: 4 loader workers through the shared arena, page-locked,
+#      side-stream copies; every batch equal to the in-process draw; data wait at a 100 ms device step
+# Logs: $OUT/{a,b,c,d,e}.log, $OUT/summary.txt, $OUT/c_report.md, $OUT/c_losses.jsonl, $OUT/c_scores.csv
 # Dry run on a CPU machine:
 #   OUT=/tmp/gpucheck_out GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 SKIP_INSTALL=1 bash bench/gpu_check.sh
 set -u
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-5} HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 T0=$(date +%s)
 DEV=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-abcd}          # which parts to run, e.g. "ac"
+PARTS=${GPU_CHECK_PARTS:-abcde}         # which parts to run, e.g. "ac"
 GC_METHODS=${GPU_CHECK_METHODS:-perflow, ota, flowsteer}
 GC_PREFETCH=${GPU_CHECK_PREFETCH:-2}
 GC_LOADER_WORKERS=${GPU_CHECK_LOADER_WORKERS:-4}
@@ -99,6 +101,15 @@ print('bf16 supported:', torch.cuda.is_bf16_supported() if torch.cuda.is_availab
 print('imports ok: diffusers zarr numcodecs pydantic cleanfid pipeline.cli stages.train')
 "
 note "a imports" "$RC" "$DT" "$(grep '^python' "$W/last.log" | tail -1 | cut -c1-110)"
+
+# ------------------------------------------------------------------ e: the loader's device path (arena, page-locked)
+E=$OUT/e.log
+if [[ "$PARTS" != *e* ]]; then
+  note "e" "-" "0" "not asked (GPU_CHECK_PARTS=$PARTS)"
+else
+  run "$E" "$(limit 60 300)" "$PY" bench/loader_device_check.py --device "$DEV" --workers 4 --steps 24 --step-ms 100
+  note "e loader device check" "$RC" "$DT" "$(grep -o 'arena page-locked.*' "$W/last.log" | tail -1 | cut -c1-150)"
+fi
 
 # ------------------------------------------------------------------ b: SD3-Medium-size student step
 B=$OUT/b.log

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -74,17 +75,24 @@ def compressors(name: str):
     raise ValueError(f"compressor '{name}' is not one of {', '.join(COMPRESSORS)}")
 
 
+MAX_CHUNKS_PER_ROW = 64
+
+
 def row_chunk(row_shape: Sequence[int], extent: Sequence[int] | None = None) -> tuple[int, ...]:
     """The inner chunk of one row: the whole row, or, for a row whose non-zero part is its leading `extent` (a
     condition's padding: SD3 without T5 pads CLIP's 77 tokens x 2048 features to 333 x 4096 with zeros), per axis
-    the smallest divisor of the row's size that covers the extent. The chunks past the extent are then all
-    zeros, which Zarr never writes (a chunk equal to the fill value) and the loader never reads
-    (pipeline/shard_reader.py): lossless whatever the data, since a chunk that is not all zeros is written."""
+    the smallest divisor of the row's size that covers the extent (2-D rows; at most MAX_CHUNKS_PER_ROW chunks,
+    else the whole row). The chunks past the extent are then all zeros, which Zarr never writes (a chunk equal to
+    the fill value) and the loader never reads (pipeline/shard_reader.py): lossless whatever the data, since a
+    chunk that is not all zeros is written."""
     row_shape = tuple(int(s) for s in row_shape)
-    if extent is None or len(extent) != len(row_shape):
+    if extent is None or len(extent) != len(row_shape) or len(row_shape) != 2:
         return row_shape
-    return tuple(next(d for d in range(1, n + 1) if n % d == 0 and d >= min(int(e), n))
-                 for n, e in zip(row_shape, extent))
+    chunk = tuple(next(d for d in range(1, n + 1) if n % d == 0 and d >= min(max(int(e), 1), n))
+                  for n, e in zip(row_shape, extent))
+    if math.prod(n // c for n, c in zip(row_shape, chunk)) > MAX_CHUNKS_PER_ROW:
+        return row_shape                # a tiny extent (or an awkward size): many small chunks cost more than zeros
+    return chunk
 
 
 def create_rows(group, name: str, rows: int, row_shape: Sequence[int], shard: int, store_dtype: str,

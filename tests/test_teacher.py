@@ -196,3 +196,25 @@ def test_sd3_without_t5_stores_only_the_clip_block_of_its_text_conditions(tiny_s
     enc = load_teacher(cfg).encode(list(store.prompts.take(store.prompt_index[rows])))["encoder_hidden_states"]
     assert not enc[:, extent_tokens:].any() and not enc[:, :, extent_width:].any() and enc.any()
     assert torch.equal(direct.float(), round_trip(enc, store.store_dtype))
+
+
+def extent_layout(extent=(2, 8), **_):
+    """A byo `teacher.describe` whose text condition is [4, 8] with the given non-zero extent."""
+    from pipeline.teachers.base import TeacherLayout
+
+    return TeacherLayout.of((1, 8, 8), {"encoder_hidden_states": (4, 8)}, None, {"encoder_hidden_states": extent})
+
+
+@pytest.mark.parametrize("extent", [(0, 8), (2, 9), (2,), (-1, 3)])
+def test_a_describe_with_a_condition_extent_outside_its_shape_is_one_user_error(make_toy_config, extent):
+    from pipeline.teachers import describe_teacher
+    from schemas.config import load_config
+
+    cfg = load_config(make_toy_config("ext.yaml", teacher={"describe": "test_teacher:extent_layout",
+                                                           "kwargs": {"extent": list(extent)}}))
+    with pytest.raises(UserError, match=r"teacher.describe 'test_teacher:extent_layout': "
+                                        r"cond_extents\['encoder_hidden_states'\] .* is not a block of its "
+                                        r"condition's shape \[4, 8\]"):
+        describe_teacher(cfg)
+    good = load_config(make_toy_config("ok.yaml", teacher={"describe": "test_teacher:extent_layout"}))
+    assert describe_teacher(good).cond_extents == {"encoder_hidden_states": (2, 8)}

@@ -98,6 +98,11 @@ def describe_teacher(cfg) -> TeacherLayout:
         if not isinstance(layout, TeacherLayout):
             raise UserError(f"teacher.describe '{cfg.teacher.describe}' returned {type(layout).__name__}, "
                             f"not a TeacherLayout")
+        for key, extent in layout.cond_extents.items():
+            shape = layout.cond_shapes.get(key)
+            if shape is None or len(extent) != len(shape) or not all(1 <= e <= n for e, n in zip(extent, shape)):
+                raise UserError(f"teacher.describe '{cfg.teacher.describe}': cond_extents['{key}'] = {list(extent)} "
+                                f"is not a block of its condition's shape {list(shape) if shape else 'none'}")
         return layout
     teacher = load_teacher(cfg, "cpu")
     with torch.no_grad():

@@ -76,8 +76,8 @@ def make_scale_teacher(device="cpu", width: int = 16, layers: int = 1, seed: int
                                      joint_attention_dim=TEXT_DIM, caption_projection_dim=width,
                                      pooled_projection_dim=POOLED_DIM, pos_embed_max_size=LATENT[1] // 2).to(device)
 
-    return TransformerTeacher(net(seed), lambda prompts: _text(prompts, no_t5), lambda x: (x[:, :3].clamp(-1, 1) + 1) / 2,
-                              LATENT, weak_transformer=net(seed + 1))
+    return TransformerTeacher(net(seed), lambda prompts: _text(prompts, no_t5),
+                              lambda x: (x[:, :3].clamp(-1, 1) + 1) / 2, LATENT, weak_transformer=net(seed + 1))
 
 
 def scale_config(root: Path, prompts: int, per_prompt: int, no_t5: bool = False) -> RunConfig:

@@ -9,9 +9,9 @@ with the saved cursor (tests/test_loader.py). With no workers, `train.prefetch` 
 Workers hand their rows over through one shared-memory arena mapped before they fork (pipeline/batch_arena.py):
 only offsets cross the queue, so taking a batch costs the step ~no time. The first batch after a (re)start is
 drawn in the training process and sizes the arena. On CUDA the arena is page-locked and rows are copied to the
-device on a side stream, so the copy of the next batch overlaps the step; the teacher solves a batch needs then run in the training process
-(`Method.complete`, pipeline/teacher_solves.py). A worker that dies or fails is an error naming the step, never a
-hang (torch checks its workers every few seconds while the step waits).
+device on a side stream, so the copy of the next batch overlaps the step; the teacher solves a batch needs then
+run in the training process (`Method.complete`, pipeline/teacher_solves.py). A worker that dies or fails is an
+error naming the step, never a hang (torch checks its workers every few seconds while the step waits).
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class ShardRows:
                   and len(codec.codecs) == 1 and isinstance(codec.codecs[0], BytesCodec)
                   and str(codec.codecs[0].endian.value) == "little" and codec.index_location.value == "end"
                   and codec.chunk_shape[0] == 1
-                  and (chunk == row_shape or (len(row_shape) == 2 and all(n % c == 0 for n, c in zip(row_shape, chunk))))
+                  and (chunk == row_shape
+                       or (len(row_shape) == 2 and all(n % c == 0 for n, c in zip(row_shape, chunk))))
                   and tuple(meta.chunk_grid.chunk_shape[1:]) == row_shape
                   and np.dtype(arr.dtype).byteorder in "<=|" and getattr(meta.chunk_key_encoding, "separator", "") == "/"
                   and meta.chunk_key_encoding.name == "default")

@@ -8,7 +8,7 @@ CPU part: a byo teacher with SD3-Medium *shapes* and tiny compute (16x64x64 late
 tokens, 333 x 4096 text conditions + 2048 pooled, one block of width 16) at teacher.dtype bfloat16, a float16
 trajectory store and a float16 real-image latent store (random latents: timings only), bf16 autocast. Prints
   * step time and data-wait share (the time a step waits for its batch / step time) with train.prefetch 0
-    and 1, for perflow (x0 from the latent store) and ota (cache + train.online_fraction 0.25 online);
+    and 1 and with one loader worker process (train.loader_workers 1), for perflow (x0 from the latent store) and ota (cache + train.online_fraction 0.25 online);
     target with prefetch on: data-wait share <= 2%;
   * the OTA / PeRFlow step ratio (prefetch on); target <= 1.2x;
   * flowsteer's generation (GenerateWorker on a tiny random SD3 pipeline dir) against what a user would write
@@ -146,9 +146,10 @@ def bench_training(args) -> None:
     store = open_store(cfg)
     teacher = load_teacher(cfg)
     trainers = {}
+    variants = {0: {"prefetch": 0}, 1: {"prefetch": 1}, "1 worker": {"prefetch": 1, "loader_workers": 1}}
     for method in ("perflow", "ota"):
-        for depth in (0, 1):
-            c = cfg.model_copy(update={"train": cfg.train.model_copy(update={"prefetch": depth})})
+        for depth, over in variants.items():
+            c = cfg.model_copy(update={"train": cfg.train.model_copy(update=over)})
             trainers[method, depth] = Trainer(c, method, teacher, store, "cpu")
     cached = trainers["ota", 0].rows._cond_cache is not None
     print(f"store: {store.num_samples} trajectories, {store.store_dtype}, 24 prompts' conditions "
@@ -166,7 +167,8 @@ def bench_training(args) -> None:
     med = {}
     for (method, depth), (times, waits, (teach,)) in results.items():
         med[method, depth] = statistics.median(times)
-        print(f"{method:8s} prefetch {depth}: step {med[method, depth]:.3f} s (median of {len(times)}), "
+        name = f"prefetch {depth}" if isinstance(depth, int) else depth
+        print(f"{method:8s} {name}: step {med[method, depth]:.3f} s (median of {len(times)}), "
               f"data wait {100 * sum(waits) / sum(times):.1f}% of the step (teacher solves for the batch "
               f"{100 * teach / sum(times):.1f}%)")
     print(f"OTA (cache + 25% online) / PeRFlow step, prefetch on: {med['ota', 1] / med['perflow', 1]:.2f}x "

@@ -48,7 +48,7 @@ def checkpoint_student(cfg, run, teacher, path: Path, device):
     from pipeline.methods import get_method
     from pipeline.methods.base import MethodContext
     from pipeline.schedule import fixed_sigmas
-    from pipeline.lora import attach_adapters, lora_host
+    from pipeline.lora import attach_adapters, lora_host, merged_copy
     from pipeline.student import Student
 
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -63,13 +63,13 @@ def checkpoint_student(cfg, run, teacher, path: Path, device):
     if lora:                              # the student's adapters on a copy of the teacher (pipeline/lora.py)
         attach_adapters(lora_host(net), cfg.train.student)
     net.load_state_dict(state["student"], strict=not lora)    # a LoRA checkpoint holds the trainable weights only
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name in state["ema"]:
-                p.copy_(state["ema"][name])
-    if lora:
-        lora_host(net).fuse_lora(lora_scale=1.0)
-        lora_host(net).unload_lora()
+    if lora:                              # the EMA adapters fused into the base, as the trainer's export does
+        net = merged_copy(net, state["ema"])
+    else:
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name in state["ema"]:
+                    p.copy_(state["ema"][name])
     meta = {"method": run.method, "windows": sched.windows, "shift": sched.shift, "step": int(state["step"])}
     return Student(net.to(device).eval().requires_grad_(False), method_cls, meta)
 

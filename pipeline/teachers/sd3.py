@@ -79,7 +79,7 @@ def describe_sd3(path, max_sequence_length: int = 256, use_t5: bool | None = Non
                             {"encoder_hidden_states": (tok + max_sequence_length, tc["joint_attention_dim"]),
                              "pooled_projections": (tc["pooled_projection_dim"],)},
                             (vae.get("in_channels", 3), size * factor, size * factor),
-                            {} if t5 else {"encoder_hidden_states": (tok, _clip_width(p))})
+                            {} if t5 else _clip_extent(p, tok))
 
 
 def _clip_width(p: Path) -> int:
@@ -87,6 +87,15 @@ def _clip_width(p: Path) -> int:
     encode_prompt pads with zeros to the joint width, as it pads the missing T5's tokens."""
     return sum(json.loads((p / name / "config.json").read_text())["hidden_size"]
                for name in ("text_encoder", "text_encoder_2"))
+
+
+def _clip_extent(p: Path, tokens: int) -> dict:
+    """The non-zero block of the text condition without T5 (TeacherLayout.cond_extents); none when the CLIP
+    configs do not say their widths (the rows are then stored whole: only space is lost)."""
+    try:
+        return {"encoder_hidden_states": (tokens, _clip_width(p))}
+    except (OSError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def load_sd3_teacher(path, device="cpu", dtype: str = "float32", max_sequence_length: int = 256,

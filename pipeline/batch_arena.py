@@ -2,7 +2,7 @@
 
 Why: torch sends a tensor between processes by passing its shared-memory file descriptor over a fresh socket
 connection (multiprocessing's resource_sharer, with its authentication handshake), ~0.5 ms per tensor on this
-machine's CPU, paid by the training process while it waits: 10 tensors a batch made 4-6 ms of every step, 2-4% of
+machine's CPU, paid by the training process while it waits: 10 tensors a batch made 4-6 ms of every step, 2-5% of
 an emulated 250 or 100 ms GPU step (bench/loader_bench.py). The arena is one shared buffer made by the training
 process *before* the workers fork, so every worker already has it mapped: a worker reads its rows straight into a
 slot of it (pipeline/shard_reader.py `empty`), copies any other tensor of the batch in, and sends only

@@ -33,6 +33,10 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    return torch.Size(tuple(int(d) for d in shape)).numel() * dtype.itemsize
+
+
 def tree_nbytes(tree) -> int:
     """Slot bytes a batch needs: its tensors, each aligned."""
     if isinstance(tree, dict):
@@ -80,7 +84,7 @@ class BatchArena:
     def take(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """A contiguous tensor in the current slot, or None when the slot is full."""
         shape = tuple(int(d) for d in shape)
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = _nbytes(shape, dtype)
         if self.worker < 0 or self.used + nbytes > self.slot_bytes:
             return None
         start = (self.worker * self.slots + self.batch % self.slots) * self.slot_bytes + self.used
@@ -117,7 +121,7 @@ class BatchArena:
         if isinstance(tree, (list, tuple)):
             return type(tree)(self.unpack(v) for v in tree)
         if isinstance(tree, ArenaRef):
-            nbytes = torch.Size(tree.shape).numel() * tree.dtype.itemsize
+            nbytes = _nbytes(tree.shape, tree.dtype)
             if not 0 <= tree.offset <= self.buffer.numel() - nbytes:
                 raise RuntimeError(f"a loader worker sent arena offset {tree.offset} (+{nbytes} bytes) outside its "
                                    f"{self.buffer.numel()} bytes")
@@ -152,7 +156,7 @@ class SlotCounter:
         self.used = 0
 
     def take(self, shape, dtype: torch.dtype) -> None:
-        self.used += _aligned(torch.Size(tuple(int(d) for d in shape)).numel() * dtype.itemsize)
+        self.used += _aligned(_nbytes(shape, dtype))
         return None
 
 

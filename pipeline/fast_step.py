@@ -14,8 +14,8 @@ import copy
 import torch
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of an SD3-style transformer (`transformer_blocks`), or none."""
+def transformer_blocks(model: torch.nn.Module | None) -> list[torch.nn.Module]:
+    """The repeated blocks of an SD3-style transformer (`transformer_blocks`), or none (also for no model)."""
     return list(getattr(model, "transformer_blocks", None) or [])
 
 

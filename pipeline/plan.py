@@ -319,7 +319,7 @@ def generate_cost(cfg, teacher_rows_per_s: float | None = None) -> dict[str, Any
 
 
 def _written(row_shape, extent) -> int:
-    """Elements of a condition row the store writes: the chunks covering its non-zero extent (rowstore.row_chunk)."""
+    """Elements of a condition row the store writes: the chunks covering its non-zero extent (row_arrays.row_chunk)."""
     from pipeline.row_arrays import row_chunk
 
     chunk = row_chunk(row_shape, extent)

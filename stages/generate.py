@@ -13,6 +13,7 @@ encodes its own shard's prompts on its worker's device and writes those conditio
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import time
@@ -110,14 +111,10 @@ def _check_resume(cfg, store: TrajectoryStore, out_dir: Path, keys: list[str]) -
         if key == "compile" and started is None:
             started = False if "batch_size" in run else None      # a store from before generate.compile
         if started is not None and started != now and 0 < done < len(keys):
-            raise UserError(f"generate.{key} is {json_value(now)} but the store {store.path} was started with "
-                            f"{key} {json_value(started)} ({done} of {len(keys)} shards done); resume with {key} "
-                            f"{json_value(started)} (results depend on it at ~1e-5) or pass --rebuild to start over")
-
-
-def json_value(value) -> str:
-    """A config value as the user writes it in YAML (true/false, numbers)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+            was = json.dumps(started)         # as the user writes it in YAML: true/false, numbers
+            raise UserError(f"generate.{key} is {json.dumps(now)} but the store {store.path} was started with "
+                            f"{key} {was} ({done} of {len(keys)} shards done); resume with {key} {was} (results "
+                            f"depend on it at ~1e-5) or pass --rebuild to start over")
 
 
 def delete_store(out_dir: Path, keys: list[str]) -> None:
@@ -167,7 +164,7 @@ class GenerateWorker(ShardWorker):
         if cfg.generate.compile:
             from pipeline.fast_step import compile_blocks
 
-            if not compile_blocks(getattr(self.teacher, "transformer", None) or torch.nn.Module()):
+            if not compile_blocks(getattr(self.teacher, "transformer", None)):
                 raise UserError("generate.compile: this teacher has no `transformer.transformer_blocks` to compile")
 
     def velocity(self, x, sigma, cond):

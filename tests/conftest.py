@@ -55,6 +55,30 @@ def toy_sections(tmp_path) -> dict:
     }
 
 
+def generated_toy(tmp_path_factory, name: str, overrides: dict, file: str = "gen.yaml"):
+    """A module's toy run (`toy_sections` with `overrides` laid over them) and its trajectory store, generated
+    once: (base dir, sections, config)."""
+    from pipeline.cli import run_stage
+    from schemas.config import load_config
+
+    base = tmp_path_factory.mktemp(name)
+    sections = deep_merge(toy_sections(base), overrides)
+    cfg = load_config(write_config(base / file, **sections))
+    run_stage("generate", cfg, "local")
+    return base, sections, cfg
+
+
+def trainer_for(cfg, method: str, **train):
+    """A Trainer of `method` on the run's trajectory store, on the CPU, with `train` settings over the config's."""
+    from pipeline.teachers import load_teacher
+    from pipeline.trainer import Trainer
+    from stages.train import open_store
+
+    if train:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+    return Trainer(cfg, method, load_teacher(cfg), open_store(cfg), "cpu")
+
+
 def fake_export(cfg, name: str, seed: int) -> None:
     """An exported student per training seed of run `name` that is a toy transformer (weights seed 0 = the
     toy teacher's own weights), with its record: what evaluate needs, without training."""

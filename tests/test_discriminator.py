@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import deep_merge, toy_sections, write_config
-from pipeline.cli import run_stage
-from schemas.config import load_config
+from conftest import generated_toy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def store_cfg(tmp_path_factory):
-    base = tmp_path_factory.mktemp("disc")
-    cfg = load_config(write_config(base / "c.yaml", **deep_merge(toy_sections(base), {
-        "generate": {"samples_per_prompt": 16, "shard_size": 16}, "train": {"adversarial": {"disc_blocks": 1}}})))
-    run_stage("generate", cfg, "local")
-    return cfg
+    return generated_toy(tmp_path_factory, "disc", {"generate": {"samples_per_prompt": 16, "shard_size": 16},
+                                                    "train": {"adversarial": {"disc_blocks": 1}}}, "c.yaml")[2]
 
 
 def train_alone(cfg, steps: int, noise: float, **disc_kwargs) -> tuple[float, float, float]:

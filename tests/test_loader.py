@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deep_merge, toy_sections, write_config
-from pipeline.cli import run_stage
+from conftest import generated_toy, trainer_for, write_config
 from pipeline.loader import BatchLoader, LoaderError
 from schemas.config import load_config
 
@@ -24,20 +23,7 @@ TRAIN = {"steps": 6, "batch_size": 4, "online_fraction": 0.5, "adversarial": {"d
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("loader")
-    sections = deep_merge(toy_sections(base), {"train": TRAIN})
-    cfg = load_config(write_config(base / "gen.yaml", **sections))
-    run_stage("generate", cfg, "local")
-    return cfg
-
-
-def trainer_for(cfg, method, **train):
-    from pipeline.teachers import load_teacher
-    from pipeline.trainer import Trainer
-    from stages.train import open_store
-
-    c = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
-    return Trainer(c, method, load_teacher(cfg), open_store(cfg), "cpu")
+    return generated_toy(tmp_path_factory, "loader", {"train": TRAIN})[2]
 
 
 def same(a, b) -> bool:

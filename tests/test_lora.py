@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deep_merge, kill_training_after, toy_sections, write_config
+from conftest import deep_merge, generated_toy, kill_training_after, trainer_for, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
 from pipeline.lora import BASE_LOCK, footprint
 from pipeline.cli import run_stage
@@ -29,19 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def toy_store(tmp_path_factory):
-    base = tmp_path_factory.mktemp("lora")
-    sections = deep_merge(toy_sections(base), {"train": TRAIN})
-    cfg = load_config(write_config(base / "gen.yaml", **sections))
-    run_stage("generate", cfg, "local")
-    return base, sections, cfg
-
-
-def trainer_for(cfg, method):
-    from pipeline.teachers import load_teacher
-    from pipeline.trainer import Trainer
-    from stages.train import open_store
-
-    return Trainer(cfg, method, load_teacher(cfg), open_store(cfg), "cpu")
+    return generated_toy(tmp_path_factory, "lora", {"train": TRAIN})
 
 
 def test_one_copy_of_the_base_weights_for_teacher_student_and_discriminator(toy_store):

@@ -379,15 +379,10 @@ def test_flowsteer_checks_its_config():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A generated toy trajectory store (the generate stage on the toy teacher) and its config."""
-    from conftest import deep_merge, toy_sections, write_config
-    from pipeline.cli import run_stage
-    from schemas.config import load_config
+    from conftest import generated_toy
 
-    base = tmp_path_factory.mktemp("methods")
     train = {"online_fraction": 0.5, "adversarial": {"disc_blocks": 1, "lambda_adv": 0.1, "lambda_fm": 0.1}}
-    cfg = load_config(write_config(base / "toy.yaml", **deep_merge(toy_sections(base), {"train": train})))
-    run_stage("generate", cfg, "local")
-    return cfg
+    return generated_toy(tmp_path_factory, "methods", {"train": train}, "toy.yaml")[2]
 
 
 @pytest.mark.parametrize("name", ["perflow", "ota", "flowsteer"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import deep_merge, toy_sections, write_config
+from conftest import deep_merge, generated_toy, toy_sections, trainer_for, write_config
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import app, run_stage
 from pipeline.runner import write_record
@@ -29,20 +29,8 @@ BF16 = {"teacher": {"dtype": "bfloat16"},
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
     """The toy teacher in bfloat16, its store generated once for the module."""
-    base = tmp_path_factory.mktemp("bf16")
-    cfg = load_config(write_config(base / "bf16.yaml", **deep_merge(toy_sections(base), BF16)))
-    run_stage("generate", cfg, "local")
+    base, _, cfg = generated_toy(tmp_path_factory, "bf16", BF16, "bf16.yaml")
     return base, cfg
-
-
-def trainer_for(cfg, method: str, **train):
-    from pipeline.store import TrajectoryStore
-    from pipeline.teachers import load_teacher
-    from pipeline.trainer import Trainer
-
-    if train:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
-    return Trainer(cfg, method, load_teacher(cfg), TrajectoryStore.open(cfg.stage_dir("generate")), "cpu")
 
 
 # ---------------------------------------------------------------- the teacher at its dtype

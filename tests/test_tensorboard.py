@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import deep_merge, toy_sections, write_config
+from conftest import deep_merge, generated_toy, toy_sections, write_config
 from pipeline.cli import run_stage
 from schemas.config import load_config
 
@@ -25,10 +25,8 @@ def trained(tmp_path_factory):
     """perflow and ota trained in ONE `train` invocation, counting teacher loads."""
     import pipeline.teachers as teachers
 
-    base = tmp_path_factory.mktemp("tb")
-    cfg = load_config(write_config(base / "c.yaml", **deep_merge(toy_sections(base), {
-        "train": {"steps": 4, "checkpoint_every": 2, "log_every": 2, "online_fraction": 0.5}})))
-    run_stage("generate", cfg, "local")
+    base, _, cfg = generated_toy(tmp_path_factory, "tb", {
+        "train": {"steps": 4, "checkpoint_every": 2, "log_every": 2, "online_fraction": 0.5}}, "c.yaml")
     loads = []
     original = teachers.load_teacher
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import deep_merge, kill_training_after, toy_sections, write_config
+from conftest import deep_merge, generated_toy, kill_training_after, write_config
 from pipeline.checkpoint import latest_step, load_checkpoint
-from pipeline.cli import run_stage
 from pipeline.runner import JobFailed, read_record, run_job
 from schemas.config import load_config
 
@@ -24,11 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def toy_store(tmp_path_factory):
     """A generated toy trajectory store (one generate for the whole module) and its run's sections."""
-    base = tmp_path_factory.mktemp("train")
-    sections = deep_merge(toy_sections(base), {"train": TRAIN})
-    cfg = load_config(write_config(base / "gen.yaml", **sections))
-    run_stage("generate", cfg, "local")
-    return base, sections, cfg
+    return generated_toy(tmp_path_factory, "train", {"train": TRAIN})
 
 
 def config_at(toy_store, name: str, **train):

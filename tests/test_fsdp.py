@@ -73,6 +73,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             torch.save({"whole": whole, "again": again, "full": full, "local": local, "out": sharded_out},
                        f"{out}/result.pt")
+        dist.barrier()                    # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
@@ -139,6 +140,7 @@ def _trainer_rank(rank: int, world: int, store_dir: str, port: int, out: str) ->
         resumed.close()
         if rank == 0:
             torch.save({"runs": runs, "again": again, "ema_net": ema_net}, f"{out}/trainer.pt")
+        dist.barrier()                    # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
@@ -212,6 +214,7 @@ def _methods_rank(rank: int, world: int, store_dir: str, port: int, out: str) ->
             states[method] = {"finite": t.weights_finite(), "student": t.state_dict()["student"]}
             t.close()
         torch.save(states, f"{out}/methods{rank}.pt")
+        dist.barrier()                    # no rank tears gloo down while the other still has work in flight
     finally:
         dist.destroy_process_group()
 
